@@ -1,0 +1,655 @@
+"""
+ARPG: autoregressive image generation with randomized parallel decoding, in one file.
+
+Li, Yang, Li, Wang, "Autoregressive Image Generation with Randomized Parallel Decoding"
+(ICLR 2026, arXiv 2503.10568). This file is the model, written to be read top to bottom:
+
+    shape legend -> 2-D RoPE (with the class-token quirk) -> attention -> Pass-1 and Pass-2
+    blocks -> the model: training forward (random-order teacher forcing, paper Sec. 3.1),
+    then `generate` (randomized parallel decoding, Sec. 3.1 and Alg. 1) with zero-shot
+    editing (known tokens, Sec. 3.2) -> checkpoint loading (official files and ours).
+
+It computes exactly what the official implementation computes (tests/test_arpg.py checks
+logits and generations against fixtures made by running it) and loads the released weights.
+
+Quick use:
+    from arpg import ARPG
+    model = ARPG.from_checkpoint("arpg_300m.pt").eval()        # official ARPG-L
+    tokens = model.generate(torch.tensor([207, 360]), steps=64, cfg_scale=5.0)  # (2, 256)
+Train with `python train.py`, sample with `python sample.py`.
+"""
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# -----------------------------------------------------------------------------
+# Shape legend (used in every shape comment below)
+#   B  batch (rows; doubled to 2B when classifier-free guidance is on)
+#   L  image tokens in the grid (rows * cols; 256 for 256x256 ImageNet with VQ-16)
+#   S  decoding steps
+#   T  tokens fed to Pass 1 in one call (L in training, the tokens revealed last step at inference)
+#   N  keys in a cache (everything Pass 1 has seen so far)
+#   K  [MASK] queries in one call (L in training, the tokens to reveal this step at inference)
+#   C  model width (dim), H heads, D head dim = C / H
+#   V  codebook size (vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# Configuration and presets
+
+@dataclass
+class ARPGConfig:
+    dim: int = 1024                    # model width C
+    n_layer: int = 24                  # total blocks: the first half are Pass 1, the second half Pass 2
+    n_head: int = 16                   # attention heads H (head dim D = dim / n_head)
+    vocab_size: int = 16384            # codebook size V of the VQ tokenizer
+    num_classes: int = 1000            # class labels (ImageNet: 1000)
+    block_size: int = 256              # image tokens L of the training grid (a square: 16 x 16)
+    multiple_of: int = 256             # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # optional extra factor on the SwiGLU hidden size
+    rope_base: float = 10000.0         # RoPE frequency base
+    norm_eps: float = 1e-5             # RMSNorm epsilon
+    token_dropout_p: float = 0.1       # dropout on Pass-1 input embeddings (training only)
+    attn_dropout_p: float = 0.0        # dropout on attention probabilities (training only)
+    resid_dropout_p: float = 0.1       # dropout on each attention output projection (training only)
+    ffn_dropout_p: float = 0.1         # dropout on each feed-forward output (training only)
+    class_dropout_prob: float = 0.1    # P(label -> null class) in training, for classifier-free guidance
+
+    def __post_init__(self):
+        if self.dim % self.n_head or (self.dim // self.n_head) % 4:
+            raise ValueError(f"dim {self.dim} must split into {self.n_head} heads whose size is a multiple of 4 "
+                             "(2-D RoPE rotates pairs of channels in two halves)")
+        if self.n_layer % 2:
+            raise ValueError(f"n_layer must be even (half Pass 1, half Pass 2), got {self.n_layer}")
+        if math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ValueError(f"block_size must be a square grid of tokens, got {self.block_size}")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the (square) training grid: 16 for 256 tokens."""
+        return math.isqrt(self.block_size)
+
+
+# Parameter counts: ARPG-L 319,845,376; ARPG-XL 718,997,760; ARPG-XXL 1,302,449,664 (16384 codes,
+# 1000 classes, as released); tiny 1,149,824 (512 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
+ARPG_PRESETS = {
+    "tiny": ARPGConfig(dim=128, n_layer=4, n_head=4, vocab_size=512, num_classes=10, block_size=64),
+    "L": ARPGConfig(dim=1024, n_layer=24, n_head=16),
+    "XL": ARPGConfig(dim=1280, n_layer=36, n_head=20),
+    "XXL": ARPGConfig(dim=1536, n_layer=48, n_head=24),
+}
+
+
+# -----------------------------------------------------------------------------
+# 2-D rotary position embedding (SPEC 4)
+#
+# RoPE tells attention *where* a token is by rotating its query/key channels. In 2-D, the head
+# dim D is split in two: channel pairs in the first half rotate by the token's row, pairs in the
+# second half by its column. A table row holds (cos, sin) for every pair: shape (D/2, 2).
+#
+# The table has one extra slot in front, slot 0, for the class token, and that slot is all
+# ZEROS (cos = sin = 0), not the identity rotation. Rotating by it multiplies a vector by zero,
+# so the class token's query and key vanish: every attention logit against it is 0 and it acts
+# only through its value. That is a quirk of LlamaGen's table, and the released ARPG weights were
+# trained with it, so we keep it. Grid position p (row-major, p = row * cols + col) is slot p + 1.
+
+def build_rope_table(rows: int, cols: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(cos, sin) of every grid position, plus the zero class-token slot: (1 + rows*cols, D/2, 2)."""
+    n_freq = head_dim // 4                                                # frequencies per half
+    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2)[:n_freq].float() / (head_dim // 2))
+    row_angle = torch.outer(torch.arange(rows).float(), freqs)           # (rows, D/4)
+    col_angle = torch.outer(torch.arange(cols).float(), freqs)           # (cols, D/4)
+    angle = torch.cat([row_angle[:, None, :].expand(rows, cols, n_freq),
+                       col_angle[None, :, :].expand(rows, cols, n_freq)], dim=-1)  # (rows, cols, D/2)
+    table = torch.stack([angle.cos(), angle.sin()], dim=-1).flatten(0, 1)  # (rows*cols, D/2, 2)
+    class_slot = torch.zeros(1, head_dim // 2, 2)                         # the zero slot (see above)
+    return torch.cat([class_slot, table])                                 # (1 + rows*cols, D/2, 2)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2k, 2k+1) of x (B, T, H, D) by rope (B or 1, T, D/2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)                      # (B, T, H, D/2, 2)
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]            # (B, T, 1, D/2) each
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)  # (B, T, H, D/2, 2)
+    return rotated.flatten(-2).type_as(x)                                 # (B, T, H, D); math in fp32
+
+
+# -----------------------------------------------------------------------------
+# Llama-style building blocks: RMSNorm and the SwiGLU feed-forward (SPEC 3)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()  # normalise in fp32 even under bf16 autocast, as the official code does
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden = 2/3 of 4*dim rounded up (2816 for dim 1024)."""
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        hidden = int(2 * 4 * config.dim / 3)
+        if config.ffn_dim_multiplier is not None:
+            hidden = int(config.ffn_dim_multiplier * hidden)
+        hidden = find_multiple(hidden, config.multiple_of)
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.dropout = nn.Dropout(config.ffn_dropout_p)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+# -----------------------------------------------------------------------------
+# Attention. Masks are always explicit arguments: a boolean (queries, keys) tensor where True
+# means "may attend", or None for "everything". Training passes a causal mask; inference passes
+# None on purpose (SPEC 6). Nothing here looks at `self.training` to decide what is visible.
+
+def attend(q, k, v, mask, dropout_p):
+    """Scaled dot-product attention; q (B, H, K, D), k and v (B, H, N, D) -> (B, K, H*D)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, K, D)
+    return rearrange(out, "b h k d -> b k (h d)")
+
+
+class SelfAttention(nn.Module):
+    """Pass-1 attention: image tokens attend to the tokens revealed so far (and to themselves).
+
+    With a cache (inference), the new keys/values are appended to the cached ones and the grown
+    cache is returned, so Pass 1 only ever processes the tokens revealed in the previous step.
+    """
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout_p = config.attn_dropout_p
+        self.to_q = nn.Linear(config.dim, config.dim, bias=False)
+        self.to_k = nn.Linear(config.dim, config.dim, bias=False)
+        self.to_v = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj_dropout = nn.Dropout(config.resid_dropout_p)
+
+    def forward(self, x, rope, mask=None, cache=None):
+        # x (B, T, C); rope (B or 1, T, D/2, 2): each token is rotated by its own grid position
+        q, k, v = (rearrange(f(x), "b t (h d) -> b t h d", h=self.n_head) for f in (self.to_q, self.to_k, self.to_v))
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, T, D)
+        if cache is not None:
+            k = torch.cat([cache[0], k], dim=2)                           # (B, H, N+T, D)
+            v = torch.cat([cache[1], v], dim=2)
+        out = attend(q, k, v, mask, self.dropout_p if self.training else 0.0)  # (B, T, C)
+        return self.proj_dropout(self.proj(out)), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Pass-2 attention: [MASK] queries attend to the shared keys/values of Pass 1.
+
+    Only the query projection lives here; keys and values come from the one shared projection
+    after Pass 1 (SPEC 3), already rotated by the position of the token they came from.
+    "Target-aware": the query is rotated by the position it must predict (see `ARPG.forward`).
+    """
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout_p = config.attn_dropout_p
+        self.to_q = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.proj_dropout = nn.Dropout(config.resid_dropout_p)
+
+    def forward(self, x, target_rope, k, v, mask=None):
+        # x (B, K, C); target_rope (B or 1, K, D/2, 2); k, v (B, H, N, D)
+        q = apply_rope(rearrange(self.to_q(x), "b k (h d) -> b k h d", h=self.n_head), target_rope)
+        out = attend(q.transpose(1, 2), k, v, mask, self.dropout_p if self.training else 0.0)  # (B, K, C)
+        return self.proj_dropout(self.proj(out))
+
+
+# -----------------------------------------------------------------------------
+# The two kinds of pre-norm block, and the two-pass decoder that holds them (SPEC 3).
+# Submodule names (self_dec, cross_dec, attn_norm, to_k, ...) are the official checkpoint's keys.
+
+class ContextBlock(nn.Module):
+    """Pass-1 block: causal self-attention over revealed tokens, then SwiGLU."""
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, rope, mask=None, cache=None):
+        attn_out, cache = self.attn(self.attn_norm(x), rope, mask, cache)
+        x = x + attn_out
+        return x + self.ffn(self.ffn_norm(x)), cache
+
+
+class GuidedBlock(nn.Module):
+    """Pass-2 block: [MASK] queries cross-attend to the shared KV, then SwiGLU."""
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = CrossAttention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, target_rope, k, v, mask=None):
+        x = x + self.attn(self.attn_norm(x), target_rope, k, v, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class TwoPassDecoder(nn.Module):
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.self_dec = nn.ModuleList(ContextBlock(config) for _ in range(config.n_layer // 2))   # Pass 1
+        self.cross_dec = nn.ModuleList(GuidedBlock(config) for _ in range(config.n_layer // 2))  # Pass 2
+        # Between the passes: one norm and ONE shared key/value projection that every Pass-2 block
+        # reads. Sharing it is what halves ARPG's KV-cache memory (paper Table 5, "shared KV").
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.to_k = nn.Linear(config.dim, config.dim, bias=False)
+        self.to_v = nn.Linear(config.dim, config.dim, bias=False)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class ARPG(nn.Module):
+    """Class-conditional ARPG. Token space (one embedding table, SPEC 2):
+
+        [0, V)            image codes
+        V                 [MASK]: the content of every Pass-2 query
+        V + 1 + c         class c
+        V + classes + 1   null class (classifier-free guidance)
+        V + classes + 2   unused, kept because the released checkpoints have it
+    """
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.config = config
+        V = config.vocab_size
+        self.mask_id = V
+        self.null_class_id = V + config.num_classes + 1
+        self.embeddings = nn.Embedding(V + config.num_classes + 3, config.dim)
+        self.embed_dropout = nn.Dropout(config.token_dropout_p)
+        self.layers = TwoPassDecoder(config)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, V, bias=False)
+        head_dim = config.dim // config.n_head
+        # Not a parameter and not saved: the official checkpoints do not contain it either.
+        self.register_buffer("rope", build_rope_table(config.grid_size, config.grid_size, head_dim, config.rope_base),
+                             persistent=False)                            # (1 + L, D/2, 2)
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.head.weight)  # start from uniform predictions, as the official recipe
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def class_ids(self, labels):
+        """Class label c -> its token id."""
+        return labels + self.config.vocab_size + 1
+
+    # --- the two passes, as separate calls (the ONNX export cuts the model exactly here) ---
+
+    def context(self, ids, rope, mask=None, caches=None):
+        """Pass 1: tokens in, keys and values out.
+
+        ids (B, T) token ids; rope (B or 1, T, D/2, 2) their positions; caches: None or the list
+        returned by the previous call. Returns the grown list: one (k, v) per Pass-1 layer, then
+        the shared (k, v) that Pass 2 reads, each (B, H, N, D) with N = everything seen so far.
+        """
+        x = self.embed_dropout(self.embeddings(ids))                      # (B, T, C)
+        grown = []
+        for i, block in enumerate(self.layers.self_dec):
+            x, layer_cache = block(x, rope, mask, None if caches is None else caches[i])
+            grown.append(layer_cache)
+        x = self.layers.norm(x)
+        k = apply_rope(rearrange(self.layers.to_k(x), "b t (h d) -> b t h d", h=self.config.n_head), rope)
+        v = rearrange(self.layers.to_v(x), "b t (h d) -> b t h d", h=self.config.n_head)  # values are not rotated
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                       # (B, H, T, D)
+        if caches is not None:
+            k = torch.cat([caches[-1][0], k], dim=2)                      # (B, H, N+T, D)
+            v = torch.cat([caches[-1][1], v], dim=2)
+        return grown + [(k, v)]
+
+    def guided(self, target_rope, shared_kv, mask=None):
+        """Pass 2: one [MASK] query per target position -> logits (B, K, V) for those positions.
+
+        target_rope (B or 1, K, D/2, 2) is the RoPE of the positions to predict; the queries
+        themselves are all the same [MASK] embedding: position is the only thing that differs.
+        """
+        k, v = shared_kv                                                  # (B, H, N, D) each
+        B, K = k.shape[0], target_rope.shape[1]
+        mask_ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=k.device)
+        x = self.embeddings(mask_ids)                                     # (B, K, C); no dropout on queries
+        for block in self.layers.cross_dec:
+            x = block(x, target_rope, k, v, mask)
+        return self.head(self.norm(x)).float()                            # (B, K, V)
+
+    # --- training: random-order teacher forcing (paper Sec. 3.1, SPEC 5) ---
+
+    def forward(self, tokens, labels, order=None):
+        """Teacher-forced logits and loss in a random order.
+
+        tokens (B, L) codes in raster order; labels (B,); order (B, L) 0-based grid positions, a
+        permutation per sample (drawn here when None). logits[b, i] predicts tokens[b, order[b, i]].
+
+        Worked example, 4 tokens, order = [2, 0, 3, 1] (positions), c = class token:
+
+            Pass-1 input   c        x[2]     x[0]     x[3]        (x[1] is never an input)
+            its RoPE       zero     pos 2    pos 0    pos 3
+            Pass-2 query   [MASK]   [MASK]   [MASK]   [MASK]
+            its RoPE       pos 2    pos 0    pos 3    pos 1       <- "target-aware": where to predict
+            predicts       x[2]     x[0]     x[3]     x[1]
+
+        Query i may see keys 0..i (the class token and the i tokens revealed before it), and
+        Pass-1 token j sees tokens 0..j: both passes are causal in this order.
+        """
+        self._check_tokens(tokens, self.config.block_size, "tokens")
+        self._check_labels(labels, tokens.shape[0])
+        B, L = tokens.shape
+        if order is None:
+            order = torch.rand(B, L, device=tokens.device).argsort(dim=1)  # one random order per sample
+        self._check_order(order, (B, L))
+
+        class_ids = self.class_ids(labels)
+        if self.training and self.config.class_dropout_prob > 0:  # drop labels so the model also learns p(x)
+            dropped = torch.rand(B, device=tokens.device) < self.config.class_dropout_prob
+            class_ids = torch.where(dropped, torch.full_like(class_ids, self.null_class_id), class_ids)
+
+        targets = tokens.gather(1, order)                                 # (B, L) tokens in generation order
+        inputs = torch.cat([class_ids[:, None], targets[:, :-1]], dim=1)  # (B, L) class token, then all but the last
+        input_rope = self.rope[torch.cat([torch.zeros_like(order[:, :1]), order[:, :-1] + 1], dim=1)]  # (B, L, D/2, 2)
+        target_rope = self.rope[order + 1]                                # (B, L, D/2, 2)
+        causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()  # (L, L): i sees 0..i
+
+        shared_kv = self.context(inputs, input_rope, mask=causal)[-1]
+        logits = self.guided(target_rope, shared_kv, mask=causal)         # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    # --- inference: randomized parallel decoding (paper Sec. 3.1, Alg. 1; SPEC 6 and 7) ---
+
+    @torch.no_grad()
+    def generate(self, labels, steps=32, cfg_scale=4.0, cfg_schedule="linear", schedule="arccos",
+                 temperature=1.0, top_k=0, top_p=1.0, order=None, generator=None,
+                 known_tokens=None, known_mask=None, grid=None):
+        """Sample image tokens (B, rows*cols) in raster order for class labels (B,).
+
+        steps: decoding steps S; cfg_scale: guidance g (1 = no guidance, and no doubled batch);
+        cfg_schedule "linear" ramps guidance from 1 to g as the canvas fills, "constant" keeps g;
+        schedule "arccos" or "cosine" says how many tokens each step reveals; temperature, top_k,
+        top_p shape the sampling distribution; order: the 0-based generation order (a permutation
+        of all positions, shared by the batch; random when None); generator: a torch.Generator
+        for reproducible orders and samples; grid: (rows, cols) to decode, default the training
+        grid, larger for outpainting or resolution expansion (the RoPE table is rebuilt for it).
+
+        Zero-shot editing (SPEC 7): known_tokens (B, rows*cols) with known_mask (B, rows*cols)
+        True where a token is given. Pass 1 is prefilled with the class token and every known
+        token (each at its own position), then only the unknown positions are decoded, in `order`
+        with the known positions skipped. Known tokens come back unchanged.
+        """
+        rows, cols = grid or (self.config.grid_size,) * 2
+        L = rows * cols
+        device = self.embeddings.weight.device
+        self._check_labels(labels, None)
+        B = labels.shape[0]
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {list(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+        rope = self.rope if (rows, cols) == (self.config.grid_size,) * 2 else \
+            build_rope_table(rows, cols, self.config.dim // self.config.n_head, self.config.rope_base).to(device)
+
+        # 1. Which positions are given, which to decode, and in what order.
+        known_mask = self._check_known(known_tokens, known_mask, B, L)
+        if order is None:
+            order = torch.rand(L, generator=generator, device=generator.device if generator else "cpu").argsort()
+        self._check_order(order, (L,))
+        order = order.to(device)
+        unknown_order = order[~known_mask[0][order]] if known_mask is not None else order  # (U,)
+        U = unknown_order.numel()
+        if not 1 <= steps <= U:
+            raise ValueError(f"steps must be between 1 and the {U} tokens to decode, got {steps}")
+
+        # 2. The first Pass-1 input: the class token (zero RoPE slot), then any known tokens.
+        guided = cfg_scale != 1.0
+        class_ids = self.class_ids(labels.to(device))[:, None]           # (B, 1)
+        tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+        feed_ids, feed_slots = class_ids, torch.zeros(1, dtype=torch.long, device=device)
+        if known_mask is not None:
+            known_pos = known_mask[0].nonzero().squeeze(1)                # (L - U,) in raster order
+            tokens[:, known_pos] = known_tokens[:, known_pos].to(device)
+            feed_ids = torch.cat([class_ids, tokens[:, known_pos]], dim=1)  # (B, 1 + L - U)
+            feed_slots = torch.cat([feed_slots, known_pos + 1])
+        if guided:  # the unconditional half: null class, same revealed tokens
+            feed_ids = torch.cat([feed_ids, feed_ids], dim=0)             # (2B, T)
+            feed_ids[B:, 0] = self.null_class_id
+
+        caches, decoded = None, 0
+        for n_reveal in reveal_counts(U, steps, schedule):
+            # 3. Pass 1 reads only what is new; no mask: tokens fed together see each other.
+            caches = self.context(feed_ids, rope[feed_slots][None], mask=None, caches=caches)
+            # 4. Pass 2: one [MASK] query per target, rotated by the target's position.
+            target_pos = unknown_order[decoded:decoded + n_reveal]       # (K,)
+            logits = self.guided(rope[target_pos + 1][None], caches[-1])  # (B or 2B, K, V)
+            decoded += n_reveal
+            # 5. Classifier-free guidance, scaled by how much of the canvas is known after this step
+            #    (the official loop uses decoded / L; known tokens count as filled when editing).
+            if guided:
+                cond, uncond = logits[:B], logits[B:]
+                filled = (L - U + decoded) / L
+                logits = uncond + (cond - uncond) * CFG_SCHEDULES[cfg_schedule](cfg_scale, filled)
+            # 6. Sample, and write the new tokens to their grid positions.
+            new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K)
+            tokens[:, target_pos] = new_tokens
+            # 7. They are next step's Pass-1 input (both halves when guided).
+            feed_ids = torch.cat([new_tokens, new_tokens]) if guided else new_tokens
+            feed_slots = target_pos + 1
+        return tokens
+
+    # --- loading released and trained weights ---
+
+    @classmethod
+    def from_checkpoint(cls, path_or_state, config=None):
+        """Load an official ARPG file or one of ours, strictly. The config is the argument, else
+        the one saved in the checkpoint (ours), else inferred from the weight shapes (official)."""
+        checkpoint = read_checkpoint(path_or_state)
+        state = unwrap_state_dict(checkpoint)
+        if "embeddings.weight" not in state or "head.weight" not in state:
+            raise ValueError("checkpoint holds no ARPG weights (no embeddings.weight / head.weight); "
+                             "is it a tokenizer checkpoint?")
+        if config is None:
+            saved = checkpoint.get("config")
+            config = ARPGConfig(**saved) if isinstance(saved, dict) else infer_config(state)
+        model = cls(config)
+        load_strict(model, state, "ARPG checkpoint")
+        return model
+
+    # --- input checks: one clear message instead of an index error deep inside ---
+
+    def _check_tokens(self, tokens, length, name):
+        if tokens.dim() != 2 or tokens.shape[1] != length:
+            raise ValueError(f"{name} must have shape (batch, {length}), got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"{name} must be codes in [0, {self.config.vocab_size}), "
+                             f"got values in [{tokens.min().item()}, {tokens.max().item()}]")
+
+    def _check_labels(self, labels, batch):
+        if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
+            raise ValueError(f"labels must have shape ({batch or 'batch'},), got {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.config.num_classes):
+            raise ValueError(f"class ids must be in [0, {self.config.num_classes}), "
+                             f"got {sorted(set(labels.tolist()))}")
+
+    @staticmethod
+    def _check_order(order, shape):
+        expected = torch.arange(shape[-1], device=order.device)
+        if tuple(order.shape) != shape or not (order.sort(dim=-1).values == expected).all():
+            raise ValueError(f"order must be a permutation of the {shape[-1]} grid positions with shape {shape}")
+
+    def _check_known(self, known_tokens, known_mask, batch, length):
+        if known_tokens is None and known_mask is None:
+            return None
+        if known_tokens is None or known_mask is None:
+            raise ValueError("known_tokens and known_mask go together: give both or neither")
+        if tuple(known_mask.shape) != (batch, length):
+            raise ValueError(f"known_mask must have shape ({batch}, {length}), got {tuple(known_mask.shape)}")
+        known_mask = known_mask.bool().to(self.embeddings.weight.device)
+        # One mask for the whole batch keeps every row's Pass-1 cache the same length.
+        if not (known_mask == known_mask[:1]).all():
+            raise ValueError("known_mask must be the same for every row; edit different masks in separate calls")
+        self._check_tokens(known_tokens.masked_fill(~known_mask.to(known_tokens.device), 0), length, "known_tokens")
+        return known_mask
+
+
+# -----------------------------------------------------------------------------
+# Decoding schedules and sampling: small pure functions (SPEC 6)
+
+def mask_ratio(schedule: str, progress: float) -> float:
+    """Fraction of the canvas still masked after a step, at progress = (step + 1) / S."""
+    if schedule == "arccos":  # the recommended one: reveals few tokens early, many late
+        return math.acos(progress) / (math.pi / 2)
+    if schedule == "cosine":
+        return math.cos(math.pi / 2 * progress)
+    raise ValueError(f"schedule must be 'arccos' or 'cosine', got {schedule!r}")
+
+
+def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
+    """How many tokens each of `steps` steps reveals, summing to `length` (the official rule).
+
+    The official rule can ask for 0 tokens when steps is close to length (for example 256 steps
+    on 256 tokens); we keep at least one token per step for the steps still to come, which
+    changes nothing for the settings the paper uses (tests compare with the official counts).
+    """
+    counts, done = [], 0
+    for step in range(steps):
+        if step == steps - 1:
+            n = length - done                                              # the last step takes all that remain
+        else:
+            still_masked = max(1, min(length - done - 1, int(length * mask_ratio(schedule, (step + 1) / steps))))
+            n = min(max(length - done - still_masked, 1), length - done - (steps - step - 1))
+        counts.append(n)
+        done += n
+    return counts
+
+
+CFG_SCHEDULES = {
+    # Guidance g_s for a step after which a fraction `filled` of the canvas is known.
+    "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
+    "constant": lambda scale, filled: scale,
+}
+
+
+def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering."""
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:  # keep the k most likely
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always the top token)
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        drop = (mass_before >= top_p).scatter(-1, sorted_idx, mass_before >= top_p)  # back to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)  # (B*K, 1), as the official loop
+    return flat.view(probs.shape[:-1])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: official files and ours (SPEC 8). Always `weights_only=True`: a checkpoint is
+# data, and loading one must never run pickled code. Loading is strict: a key that is missing,
+# unexpected or of the wrong shape is an error that names it, never a silent skip.
+
+def read_checkpoint(path_or_state):
+    """A checkpoint as a dict: from a path (read safely) or an already loaded dict."""
+    if isinstance(path_or_state, dict):
+        return path_or_state
+    if not os.path.isfile(path_or_state):
+        raise FileNotFoundError(f"checkpoint not found: {path_or_state}")
+    try:
+        return torch.load(path_or_state, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types; say what to do instead
+        raise ValueError(f"cannot read {path_or_state} as a weights-only checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}); re-save it as a plain dict of tensors") from None
+
+
+def unwrap_state_dict(checkpoint):
+    """The state dict inside a checkpoint: under 'state_dict' (released files), 'model' (official
+    training script, and ours), 'module' (DeepSpeed), or the dict itself. The 'module.' prefix
+    of DistributedDataParallel and the '_orig_mod.' prefix of torch.compile are removed."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    state = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_strict(module, state, what="checkpoint"):
+    """load_state_dict that reports every missing, unexpected or misshapen key in one error."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                 for k in sorted(own.keys() & state.keys()) if own[k].shape != state[k].shape]
+    if missing or unexpected or misshapen:
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        problems = [f"{name}: {show(keys)}" for name, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if keys]
+        raise ValueError(f"{what} does not match the model; " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def infer_config(state) -> ARPGConfig:
+    """Recognise a released model (L, XL, XXL or any width they share) from its weight shapes.
+
+    The heads and the grid are not visible in the weights: the head count comes from the preset
+    of the same width, the grid is the released 16 x 16.
+    """
+    n_rows, dim = state["embeddings.weight"].shape
+    vocab_size = state["head.weight"].shape[0]
+    n_layer = 2 * len({k.split(".")[2] for k in state if k.startswith("layers.self_dec.")})
+    heads = {preset.dim: preset.n_head for preset in ARPG_PRESETS.values()}
+    if dim not in heads:
+        raise ValueError(f"cannot infer the head count of a model of width {dim}; pass config=ARPGConfig(...)")
+    return replace(ARPG_PRESETS["L"], dim=dim, n_layer=n_layer, n_head=heads[dim], vocab_size=vocab_size,
+                   num_classes=n_rows - vocab_size - 3)
