@@ -415,8 +415,9 @@ class ARPG(nn.Module):
         device = self.embeddings.weight.device
         self._check_labels(labels, None)
         B = labels.shape[0]
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {list(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+        if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "
+                             f"{list(CFG_SCHEDULES)}, got {schedule!r} and {cfg_schedule!r}")
         rope = self.rope if (rows, cols) == (self.config.grid_size,) * 2 else \
             build_rope_table(rows, cols, self.config.dim // self.config.n_head, self.config.rope_base).to(device)
 
@@ -525,13 +526,11 @@ class ARPG(nn.Module):
 # -----------------------------------------------------------------------------
 # Decoding schedules and sampling: small pure functions (SPEC 6)
 
-def mask_ratio(schedule: str, progress: float) -> float:
-    """Fraction of the canvas still masked after a step, at progress = (step + 1) / S."""
-    if schedule == "arccos":  # the recommended one: reveals few tokens early, many late
-        return math.acos(progress) / (math.pi / 2)
-    if schedule == "cosine":
-        return math.cos(math.pi / 2 * progress)
-    raise ValueError(f"schedule must be 'arccos' or 'cosine', got {schedule!r}")
+MASK_SCHEDULES = {
+    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S.
+    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),  # recommended: few tokens early, many late
+    "cosine": lambda progress: math.cos(math.pi / 2 * progress),
+}
 
 
 def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
@@ -546,7 +545,7 @@ def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
         if step == steps - 1:
             n = length - done                                              # the last step takes all that remain
         else:
-            still_masked = max(1, min(length - done - 1, int(length * mask_ratio(schedule, (step + 1) / steps))))
+            still_masked = max(1, min(length - done - 1, int(length * MASK_SCHEDULES[schedule]((step + 1) / steps))))
             n = min(max(length - done - still_masked, 1), length - done - (steps - step - 1))
         counts.append(n)
         done += n

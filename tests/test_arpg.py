@@ -1,0 +1,276 @@
+"""arpg.py against the official implementation (fixtures in tests/fixtures) and its invariants."""
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from arpg import ARPG, ARPG_PRESETS, ARPGConfig, infer_config, reveal_counts
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REF = np.load(FIXTURES / "arpg_tiny_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def official():
+    """The official tiny model (random weights, non-zero head) in eval mode."""
+    config = ARPGConfig(**json.loads(str(REF["config"])))
+    return ARPG.from_checkpoint(str(FIXTURES / "arpg_tiny_official.pt"), config).eval()
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=64, block_size=16, dim=64, **overrides)
+    model = ARPG(config).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head gives uniform, uninformative logits
+    return model
+
+
+def generate_settings(steps):
+    settings = json.loads(str(REF[f"gen{steps}_settings"]))
+    return torch.tensor(settings["classes"]), dict(
+        steps=settings["steps"], cfg_scale=settings["guidance_scale"], cfg_schedule=settings["cfg_schedule"],
+        schedule=settings["sample_schedule"])
+
+
+def record_guided_calls(model):
+    """Wrap model.guided to record (target positions, batch rows, logits) of every call."""
+    calls, guided = [], model.guided
+
+    def recording(target_rope, shared_kv, mask=None):
+        logits = guided(target_rope, shared_kv, mask)
+        # Each grid position has its own RoPE row: find it to recover the target positions.
+        slot = (model.rope[1:, None] == target_rope[0][None]).flatten(2).all(-1).float().argmax(0)  # (K,)
+        calls.append((slot, shared_kv[0].shape[0], logits))
+        return logits
+
+    model.guided = recording
+    return calls
+
+
+# --- parity with the official implementation ---
+
+def test_teacher_forced_logits_match_official(official):
+    """Random-order teacher forcing gives the official logits (<= 1e-4) and loss for the same order."""
+    logits, loss = official(torch.from_numpy(REF["tokens"]), torch.from_numpy(REF["classes"]),
+                            torch.from_numpy(REF["order"]))
+    diff = (logits - torch.from_numpy(REF["tf_logits"])).abs().max().item()
+    assert diff <= 1e-4, f"max |logit difference| {diff:.2e} > 1e-4"
+    assert abs(loss.item() - REF["tf_loss"].item()) <= 1e-5, f"loss {loss.item()} vs {REF['tf_loss'].item()}"
+
+
+@pytest.mark.parametrize("steps", [8, 32])
+def test_greedy_generation_matches_official(official, steps):
+    """With the official order, schedule and guidance, greedy decoding (top_k=1) gives the official tokens."""
+    labels, settings = generate_settings(steps)
+    tokens = official.generate(labels, **settings, top_k=1, order=torch.from_numpy(REF[f"gen{steps}_order"]))
+    expected = torch.from_numpy(REF[f"gen{steps}_tokens"])
+    assert torch.equal(tokens, expected), f"{(tokens != expected).sum().item()} of {tokens.numel()} tokens differ"
+
+
+@pytest.mark.parametrize("steps", [8, 32])
+def test_sampled_generation_matches_official_random_stream(official, steps):
+    """Full multinomial sampling consumes random numbers as the official loop does, so its samples match.
+
+    The official loop draws one uniform per label (an unused class-dropout check), then the order
+    as argsort of uniforms, then one multinomial per step; we replay the first two here.
+    """
+    labels, settings = generate_settings(steps)
+    torch.manual_seed(int(REF[f"gen{steps}_sampled_seed"]))
+    torch.rand(len(labels))
+    order = torch.rand(256).argsort()
+    tokens = official.generate(labels, **settings, order=order)
+    expected = torch.from_numpy(REF[f"gen{steps}_sampled_tokens"])
+    assert torch.equal(tokens, expected), f"{(tokens != expected).sum().item()} of {tokens.numel()} tokens differ"
+
+
+@pytest.mark.parametrize("schedule", ["arccos", "cosine"])
+@pytest.mark.parametrize("steps", [8, 16, 32, 64])
+def test_reveal_counts_match_official(schedule, steps):
+    """Tokens revealed per step equal the official schedule for 256 tokens."""
+    counts = reveal_counts(256, steps, schedule)
+    assert counts == REF[f"schedule_{schedule}_{steps}"].tolist(), f"{schedule}/{steps}: {counts}"
+
+
+def test_reveal_counts_one_token_per_step_at_most_steps():
+    """Every step reveals at least one token and all are revealed, even with as many steps as tokens."""
+    for length, steps in [(256, 256), (64, 64), (64, 63), (10, 3), (1, 1)]:
+        counts = reveal_counts(length, steps, "cosine")
+        assert sum(counts) == length and min(counts) >= 1 and len(counts) == steps, (length, steps, counts)
+
+
+@pytest.mark.parametrize("size", ["L", "XL", "XXL"])
+def test_preset_state_dict_matches_official_keys_and_shapes(size):
+    """Each preset has exactly the official checkpoint's keys, shapes and parameter count."""
+    reference = json.loads((FIXTURES / "checkpoint_keys.json").read_text())
+    with torch.device("meta"):
+        model = ARPG(ARPG_PRESETS[size])
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == reference[f"ARPG-{size}"], f"{size}: keys/shapes differ from the official checkpoint"
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == reference[f"ARPG-{size} params"], f"{size}: {n_params} parameters"
+    assert infer_config(model.state_dict()) == ARPG_PRESETS[size], f"{size} not recognised from its shapes"
+
+
+# --- invariants of the decoding loop ---
+
+def test_cached_decoding_equals_recomputation_without_cache():
+    """Each step's logits with the KV cache equal a from-scratch pass over everything revealed so far.
+
+    Without a cache, Pass 1 re-reads all tokens fed so far under a block mask (a token sees the
+    tokens fed in its own step and before: exactly what the cached loop lets it see), then Pass 2
+    queries the new targets against all keys.
+    """
+    model = small_model()
+    calls = record_guided_calls(model)
+    labels = torch.tensor([1, 5])
+    tokens = model.generate(labels, steps=5, cfg_scale=1.0, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    feed_ids, feed_slots, feed_step = model.class_ids(labels)[:, None], [0], [0]
+    for step, (targets, _, cached_logits) in enumerate(calls):
+        step_of = torch.tensor(feed_step)
+        block_mask = step_of[None, :] <= step_of[:, None]                # (T, T): same step or earlier
+        rope = model.rope[torch.tensor(feed_slots)][None]
+        shared_kv = model.context(feed_ids, rope, mask=block_mask)[-1]
+        fresh_logits = ARPG.guided(model, model.rope[targets + 1][None], shared_kv)
+        diff = (fresh_logits - cached_logits).abs().max().item()
+        assert diff < 1e-5, f"step {step}: cached and recomputed logits differ by {diff:.2e}"
+        feed_ids = torch.cat([feed_ids, tokens[:, targets]], dim=1)
+        feed_slots += (targets + 1).tolist()
+        feed_step += [step + 1] * len(targets)
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+    """Teacher forcing is causal in the generation order: logits for order[0..k] ignore x[order[k]] onwards."""
+    model = small_model()
+    torch.manual_seed(1)
+    tokens, labels = torch.randint(0, 64, (2, 16)), torch.tensor([0, 3])
+    order = torch.stack([torch.randperm(16), torch.randperm(16)])
+    logits, _ = model(tokens, labels, order)
+    k = 6
+    changed = tokens.clone()
+    for b in range(2):  # change the token the model must predict at index k, and everything after
+        changed[b, order[b, k:]] = (changed[b, order[b, k:]] + 1) % 64
+    changed_logits, _ = model(changed, labels, order)
+    assert torch.equal(logits[:, :k + 1], changed_logits[:, :k + 1]), "a later token leaked into earlier logits"
+    assert not torch.equal(logits[:, k + 1:], changed_logits[:, k + 1:]), "later logits should see the change"
+
+
+def test_training_and_eval_forward_see_the_same_tokens():
+    """The causal mask does not depend on train/eval mode: with dropout off, both give the same logits."""
+    model = small_model(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+    tokens, labels, order = torch.randint(0, 64, (2, 16)), torch.tensor([2, 4]), torch.randperm(16).repeat(2, 1)
+    eval_logits, _ = model.eval()(tokens, labels, order)
+    train_logits, _ = model.train()(tokens, labels, order)
+    assert torch.allclose(eval_logits, train_logits, atol=1e-6), "train and eval forward differ"
+
+
+def test_every_position_is_decoded_exactly_once_in_the_given_order():
+    """The targets of all steps, in sequence, are the given order: each position once."""
+    model = small_model()
+    calls = record_guided_calls(model)
+    order = torch.randperm(16)
+    model.generate(torch.tensor([0, 1, 2]), steps=4, cfg_scale=3.0, order=order)
+    decoded = torch.cat([targets for targets, _, _ in calls])
+    assert torch.equal(decoded, order), f"decoded {decoded.tolist()}, order {order.tolist()}"
+
+
+def test_guidance_scale_one_does_not_double_the_batch():
+    """cfg_scale == 1 runs B rows; any other scale runs 2B (conditional + unconditional)."""
+    model = small_model()
+    calls = record_guided_calls(model)
+    model.generate(torch.tensor([0, 1, 2]), steps=2, cfg_scale=1.0)
+    model.generate(torch.tensor([0, 1, 2]), steps=2, cfg_scale=2.0)
+    assert [rows for _, rows, _ in calls] == [3, 3, 6, 6], f"rows per call: {[rows for _, rows, _ in calls]}"
+
+
+def test_known_tokens_come_back_unchanged_and_only_the_rest_is_decoded():
+    """Inpainting: known tokens are kept, and exactly the unknown positions are decoded, in order."""
+    model = small_model()
+    calls = record_guided_calls(model)
+    known_tokens = torch.randint(0, 64, (2, 16))
+    known_mask = torch.zeros(2, 16, dtype=torch.bool)
+    known_mask[:, [0, 1, 4, 5, 10]] = True
+    order = torch.randperm(16)
+    tokens = model.generate(torch.tensor([3, 3]), steps=3, order=order, known_tokens=known_tokens, known_mask=known_mask)
+    assert torch.equal(tokens[known_mask], known_tokens[known_mask]), "known tokens changed"
+    decoded = torch.cat([targets for targets, _, _ in calls])
+    assert torch.equal(decoded, order[~known_mask[0][order]]), "decoded positions are not the unknown ones in order"
+
+
+def test_larger_rectangular_grid_decodes_every_token():
+    """Outpainting canvas: a 4 x 8 grid on a model trained on 4 x 4 yields 32 valid codes per row."""
+    model = small_model()
+    known_tokens, known_mask = torch.zeros(1, 32, dtype=torch.long), torch.zeros(1, 32, dtype=torch.bool)
+    known_mask.view(4, 8)[:, 2:6] = True
+    known_tokens.view(4, 8)[:, 2:6] = 7
+    tokens = model.generate(torch.tensor([1]), steps=4, grid=(4, 8), known_tokens=known_tokens, known_mask=known_mask)
+    assert tokens.shape == (1, 32), tokens.shape
+    assert (tokens.view(4, 8)[:, 2:6] == 7).all(), "known centre changed"
+    assert tokens.min() >= 0 and tokens.max() < 64, "codes outside the vocabulary"
+
+
+def test_same_generator_seed_gives_same_tokens():
+    """Sampling is reproducible for a seeded generator."""
+    model = small_model()
+    a = model.generate(torch.tensor([1, 2]), steps=4, generator=torch.Generator().manual_seed(3))
+    b = model.generate(torch.tensor([1, 2]), steps=4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b), "same seed, different tokens"
+
+
+# --- bad input and checkpoints ---
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate(torch.tensor([10]), steps=4), "class ids must be in"),
+    (lambda m: m.generate(torch.tensor([-1]), steps=4), "class ids must be in"),
+    (lambda m: m.generate(torch.tensor([1]), steps=0), "steps must be between 1 and"),
+    (lambda m: m.generate(torch.tensor([1]), steps=17), "steps must be between 1 and"),
+    (lambda m: m.generate(torch.tensor([1]), order=torch.zeros(16, dtype=torch.long)), "order must be a permutation"),
+    (lambda m: m.generate(torch.tensor([1]), schedule="linear"), "schedule must be"),
+    (lambda m: m.generate(torch.tensor([1]), known_tokens=torch.zeros(1, 9, dtype=torch.long),
+                          known_mask=torch.ones(1, 9, dtype=torch.bool)), "known_mask must have shape"),
+    (lambda m: m(torch.zeros(2, 15, dtype=torch.long), torch.tensor([0, 1])), "tokens must have shape"),
+    (lambda m: m(torch.full((2, 16), 64), torch.tensor([0, 1])), "tokens must be codes in"),
+    (lambda m: m(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0])), "labels must have shape"),
+    (lambda m: m(torch.zeros(1, 16, dtype=torch.long), torch.tensor([0]), torch.arange(16).flip(0)[None] % 8),
+     "order must be a permutation"),
+])
+def test_bad_input_raises_a_clear_error(call, message):
+    """Out-of-range classes, steps, non-permutation orders and wrong shapes raise ValueError saying so."""
+    with pytest.raises(ValueError, match=message):
+        call(small_model())
+
+
+def test_checkpoint_round_trip_and_official_layouts(tmp_path):
+    """Our checkpoint and the official layouts ('state_dict', 'model', 'module', bare) all load the same weights."""
+    model = small_model()
+    state = model.state_dict()
+    for checkpoint in ({"state_dict": state}, {"model": state}, {"module": state}, dict(state)):
+        loaded = ARPG.from_checkpoint(checkpoint, model.config)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items()), list(checkpoint)[:1]
+    path = tmp_path / "ours.pt"
+    torch.save({"model": state, "config": vars(model.config).copy()}, path)
+    assert ARPG.from_checkpoint(str(path)).config == model.config, "saved config not used"
+
+
+def test_checkpoint_mismatch_names_the_keys():
+    """Missing, unexpected and misshapen keys are named in the error, never skipped."""
+    model = small_model()
+    state = model.state_dict()
+    state["layers.to_q.weight"] = state.pop("layers.to_k.weight")
+    state["head.weight"] = state["head.weight"][:10]
+    with pytest.raises(ValueError, match=r"missing: layers.to_k.weight.*unexpected: layers.to_q.weight.*wrong shape: head"):
+        ARPG.from_checkpoint(state, model.config)
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    """A file that needs arbitrary unpickling (like the official training script's argparse args) is refused."""
+    path = tmp_path / "pickled.pt"
+    torch.save({"model": small_model().state_dict(), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ValueError, match="weights-only"):
+        ARPG.from_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        ARPG.from_checkpoint(str(tmp_path / "missing.pt"))
