@@ -394,7 +394,7 @@ class ARPG(nn.Module):
     @torch.no_grad()
     def generate(self, labels, steps=32, cfg_scale=4.0, cfg_schedule="linear", schedule="arccos",
                  temperature=1.0, top_k=0, top_p=1.0, order=None, generator=None,
-                 known_tokens=None, known_mask=None, grid=None):
+                 known_tokens=None, known_mask=None, grid=None, fast=False, compile=False):
         """Sample image tokens (B, rows*cols) in raster order for class labels (B,).
 
         steps: decoding steps S; cfg_scale: guidance g (1 = no guidance, and no doubled batch);
@@ -409,6 +409,9 @@ class ARPG(nn.Module):
         True where a token is given. Pass 1 is prefilled with the class token and every known
         token (each at its own position), then only the unknown positions are decoded, in `order`
         with the known positions skipped. Known tokens come back unchanged.
+
+        fast=True runs the same loop on preallocated caches (`StaticCachePasses`, below): the same
+        tokens, faster; compile=True also compiles its steps (worth it on GPUs for long runs).
         """
         rows, cols = grid or (self.config.grid_size,) * 2
         L = rows * cols
@@ -446,13 +449,14 @@ class ARPG(nn.Module):
             feed_ids = torch.cat([feed_ids, feed_ids], dim=0)             # (2B, T)
             feed_ids[B:, 0] = self.null_class_id
 
+        passes = StaticCachePasses(self, len(feed_ids), feed_ids.shape[1] + U, compile) if fast else self
         caches, decoded = None, 0
         for n_reveal in reveal_counts(U, steps, schedule):
             # 3. Pass 1 reads only what is new; no mask: tokens fed together see each other.
-            caches = self.context(feed_ids, rope[feed_slots][None], mask=None, caches=caches)
+            caches = passes.context(feed_ids, rope[feed_slots][None], mask=None, caches=caches)
             # 4. Pass 2: one [MASK] query per target, rotated by the target's position.
             target_pos = unknown_order[decoded:decoded + n_reveal]       # (K,)
-            logits = self.guided(rope[target_pos + 1][None], caches[-1])  # (B or 2B, K, V)
+            logits = passes.guided(rope[target_pos + 1][None], caches[-1])  # (B or 2B, K, V)
             decoded += n_reveal
             # 5. Classifier-free guidance, scaled by how much of the canvas is known after this step
             #    (the official loop uses decoded / L; known tokens count as filled when editing).
@@ -573,6 +577,62 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     probs = logits.softmax(dim=-1)
     flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)  # (B*K, 1), as the official loop
     return flat.view(probs.shape[:-1])
+
+
+# -----------------------------------------------------------------------------
+# The fast decoding path: the same tokens, less overhead (used by `generate(fast=True)`)
+#
+# The readable loop above stays the reference. This class gives it a drop-in replacement for
+# `context` and `guided` that computes the same numbers with three changes that only save time:
+#   1. Preallocated caches. Every cache is one (2, rows, H, capacity, D) buffer allocated once;
+#      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
+#      the official sampler does) copies the whole cache every step, which is a third of the CPU
+#      time of the `tiny` model.
+#   2. Fused projections. Each Pass-1 layer's q/k/v and the shared k/v run as one matrix multiply.
+#   3. Optionally compiled steps (torch.compile with dynamic shapes, one graph for every step
+#      size): fewer kernel launches and no Python overhead, which is what limits small batches on
+#      GPUs. Compiling takes a while, so it pays off for long runs (FID), not for one grid.
+# `context` returns views of the filled part of each buffer: exactly what the readable caches hold.
+
+class StaticCachePasses:
+    def __init__(self, model: "ARPG", rows: int, capacity: int, compile: bool = False):
+        config, weight = model.config, model.embeddings.weight
+        self.model = model
+        self.filled = 0                                                   # cache positions written so far
+        n_buffers = config.n_layer // 2 + 1                               # Pass-1 layers, then the shared KV
+        shape = (2, rows, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
+        self.buffers = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(n_buffers)]
+        self.qkv_weights = [torch.cat([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight])
+                            for b in model.layers.self_dec]               # (3C, C) each
+        self.shared_kv_weight = torch.cat([model.layers.to_k.weight, model.layers.to_v.weight])  # (2C, C)
+        self.write_step = torch.compile(static_context_step, dynamic=True) if compile else static_context_step
+        self.guided = torch.compile(model.guided, dynamic=True) if compile else model.guided
+
+    def context(self, ids, rope, mask=None, caches=None):
+        assert mask is None, "the fast path is for inference, which uses no mask"
+        if caches is None:                                                # a new batch of images starts
+            self.filled = 0
+        self.write_step(self.model, self.qkv_weights, self.shared_kv_weight, self.buffers, ids, rope, self.filled)
+        self.filled += ids.shape[1]
+        return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
+
+
+def static_context_step(model, qkv_weights, shared_kv_weight, buffers, ids, rope, start):
+    """Pass 1 for T new tokens, written into the caches at [start, start + T): ARPG.context in place."""
+    n_head = model.config.n_head
+    x = model.embeddings(ids)                                             # (B, T, C)
+    B, T, C = x.shape
+    end = start + T
+    for block, qkv_weight, buffer in zip(model.layers.self_dec, qkv_weights, buffers):
+        q, k, v = F.linear(block.attn_norm(x), qkv_weight).view(B, T, 3, n_head, C // n_head).unbind(2)  # (B, T, H, D)
+        buffer[0, :, :, start:end] = apply_rope(k, rope).transpose(1, 2)  # (B, H, T, D) into the cache
+        buffer[1, :, :, start:end] = v.transpose(1, 2)
+        out = attend(apply_rope(q, rope).transpose(1, 2), buffer[0, :, :, :end], buffer[1, :, :, :end], None, 0.0)
+        x = x + block.attn.proj(out)                                      # (B, T, C)
+        x = x + block.ffn(block.ffn_norm(x))
+    k, v = F.linear(model.layers.norm(x), shared_kv_weight).view(B, T, 2, n_head, C // n_head).unbind(2)
+    buffers[-1][0, :, :, start:end] = apply_rope(k, rope).transpose(1, 2)
+    buffers[-1][1, :, :, start:end] = v.transpose(1, 2)
 
 
 # -----------------------------------------------------------------------------
