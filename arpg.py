@@ -19,6 +19,7 @@ Quick use:
 Train with `python train.py`, sample with `python sample.py`.
 """
 
+import functools
 import math
 import os
 import tempfile
@@ -273,6 +274,19 @@ class TwoPassDecoder(nn.Module):
 # -----------------------------------------------------------------------------
 # The model
 
+def in_eval_mode(method):
+    """Run a sampling method with dropout off, then restore train/eval mode (train.py samples mid-training)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        was_training = self.training
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+    return wrapper
+
+
 class ARPG(nn.Module):
     """Class-conditional ARPG. Token space (one embedding table, SPEC 2):
 
@@ -392,6 +406,7 @@ class ARPG(nn.Module):
     # --- inference: randomized parallel decoding (paper Sec. 3.1, Alg. 1; SPEC 6 and 7) ---
 
     @torch.no_grad()
+    @in_eval_mode
     def generate(self, labels, steps=32, cfg_scale=4.0, cfg_schedule="linear", schedule="arccos",
                  temperature=1.0, top_k=0, top_p=1.0, order=None, generator=None,
                  known_tokens=None, known_mask=None, grid=None, fast=False, compile=False):

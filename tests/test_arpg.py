@@ -287,3 +287,12 @@ def test_fast_path_gives_the_readable_path_tokens(cfg_scale, known):
         readable = model.generate(torch.tensor([0, 3, 5, 9]), generator=torch.Generator().manual_seed(seed), **kwargs)
         fast = model.generate(torch.tensor([0, 3, 5, 9]), generator=torch.Generator().manual_seed(seed), fast=True, **kwargs)
         assert torch.equal(readable, fast), f"seed {seed}: {(readable != fast).sum().item()} tokens differ"
+
+
+def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode():
+    """generate() ignores dropout even on a model in training mode, and leaves the mode as it was."""
+    model = small_model(token_dropout_p=0.5, resid_dropout_p=0.5, ffn_dropout_p=0.5)
+    expected = model.eval().generate(torch.tensor([1, 2]), steps=4, generator=torch.Generator().manual_seed(0))
+    tokens = model.train().generate(torch.tensor([1, 2]), steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, expected), "dropout changed the samples"
+    assert model.training, "generate() did not restore training mode"
