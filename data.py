@@ -1,0 +1,226 @@
+"""
+The built-in dataset: ten classes of flat geometric shapes, drawn on the fly, no download.
+
+ARPG is trained on ImageNet (SPEC section 8), which nobody wants to fetch just to see the
+method work. This file draws a class-conditional toy dataset instead: one flat-coloured shape
+(circle, square, triangle, ...) per 64x64 image, on a flat background, at a random position,
+size and rotation, in colours drawn from two small palettes. Every image is different, the
+class is plain to the eye, and the images are clean enough that a tiny VQ tokenizer trained
+for a few minutes on a laptop CPU reconstructs them well (tokenizer.py) and a tiny ARPG learns
+them in a few more minutes.
+
+Why so plain: a VQ tokenizer with an 8x8 token grid and a few hundred codes has to describe
+every 8x8 patch with one code. Flat colours from small palettes and no textures keep the
+number of distinct patches small, so the codebook spends its codes on shape edges.
+
+Look at it:
+    python data.py --out out/builtin_dataset.png        # 8 samples per class, one row per class
+
+Use it:
+    from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
+    images, labels = make_builtin_dataset(5000, seed=0)  # uint8 (5000, 64, 64, 3), int64 (5000,)
+"""
+import argparse
+import math
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# -----------------------------------------------------------------------------
+# Classes and palettes
+
+# Class id = index in this list. Each shape looks different from every other one at any
+# rotation (a rotated square is still a square, not a hexagon or a cross).
+CLASS_NAMES = [
+    "circle", "square", "triangle", "star", "cross",
+    "ring", "heart", "hexagon", "crescent", "arrow",
+]
+
+# Backgrounds: a few dark and a few light colours. Foregrounds: saturated colours. A pair is
+# accepted only if its luminance contrast is large (see _pick_colours), so the shape always
+# stands out. Small palettes are deliberate: they keep the number of distinct 8x8 patches, and
+# so the codebook the tokenizer needs, small.
+BACKGROUNDS = np.array([
+    [20, 24, 38], [44, 44, 44], [24, 54, 40],              # dark navy, dark grey, dark green
+    [236, 232, 220], [200, 214, 230], [245, 224, 200],     # cream, pale blue, pale peach
+], dtype=np.float64)
+FOREGROUNDS = np.array([
+    [220, 40, 40], [250, 150, 20], [245, 215, 30], [40, 170, 70],   # red, orange, yellow, green
+    [30, 110, 220], [140, 60, 200], [240, 240, 240], [30, 30, 30],  # blue, purple, white, black
+], dtype=np.float64)
+MIN_LUMA_CONTRAST = 70.0  # on the 0..255 scale; below this a shape blends into its background
+
+SUPERSAMPLE = 4  # draw at 4x the size, then box-downscale: cheap anti-aliased edges
+
+
+def _luma(rgb):
+    """Perceived brightness (ITU-R BT.601 weights) of an RGB colour in 0..255."""
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+def _pick_colours(rng):
+    """Draw a (background, foreground) pair from the palettes with enough luminance contrast."""
+    while True:
+        bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+        fg = FOREGROUNDS[rng.integers(len(FOREGROUNDS))]
+        if abs(_luma(bg) - _luma(fg)) >= MIN_LUMA_CONTRAST:
+            return tuple(int(c) for c in bg), tuple(int(c) for c in fg)
+
+
+# -----------------------------------------------------------------------------
+# Shapes as polygons in unit coordinates (centre 0, fits in the unit circle)
+
+def _regular_polygon(n_sides):
+    angles = 2 * math.pi * np.arange(n_sides) / n_sides - math.pi / 2  # first vertex on top
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (n_sides, 2)
+
+
+def _star(n_points=5, inner=0.45):
+    angles = 2 * math.pi * np.arange(2 * n_points) / (2 * n_points) - math.pi / 2
+    radii = np.where(np.arange(2 * n_points) % 2 == 0, 1.0, inner)  # alternate tip / notch
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)  # (2n, 2)
+
+
+def _cross(arm=0.33):
+    a = arm  # half the arm width; arms reach the unit square's edge (corners at radius ~1.05)
+    return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
+                     [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]]) * 0.95
+
+
+def _heart(n=96):
+    # The classic parametric heart curve, flipped so the point is at the bottom (y grows
+    # downwards in image coordinates) and scaled into the unit circle.
+    t = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return np.stack([x, y + 2.5], axis=1) / 17.0  # (n, 2)
+
+
+def _arrow():
+    # Pointing right: a shaft and a triangular head.
+    return np.array([[-1, -0.25], [0.1, -0.25], [0.1, -0.65], [1, 0],
+                     [0.1, 0.65], [0.1, 0.25], [-1, 0.25]])
+
+
+_CIRCLE = _regular_polygon(96)
+# Each class is a list of (polygon, colour role) layers drawn in order: "fg" fills with the
+# shape colour, "bg" cuts a hole by painting the background colour back.
+_SHAPES = {
+    "circle": [(_CIRCLE, "fg")],
+    "square": [(_regular_polygon(4) * 1.0, "fg")],
+    "triangle": [(_regular_polygon(3) * 1.0 + [0, 0.2], "fg")],  # re-centre its visual mass
+    "star": [(_star(), "fg")],
+    "cross": [(_cross(), "fg")],
+    "ring": [(_CIRCLE, "fg"), (_CIRCLE * 0.55, "bg")],
+    "heart": [(_heart(), "fg")],
+    "hexagon": [(_regular_polygon(6), "fg")],
+    "crescent": [(_CIRCLE, "fg"), (_CIRCLE * 0.85 + [0.45, -0.2], "bg")],
+    "arrow": [(_arrow(), "fg")],
+}
+assert list(_SHAPES) == CLASS_NAMES
+
+
+# -----------------------------------------------------------------------------
+# Drawing one image, then many
+
+def _draw(class_id, rng, image_size):
+    """Draw one image of class `class_id` with random pose and colours; returns uint8 (H, W, 3)."""
+    big = image_size * SUPERSAMPLE
+    bg, fg = _pick_colours(rng)
+    # Pose: radius 0.24-0.42 of the image side (the bounding circle spans ~50-85% of it, the
+    # shape itself a little less), centre anywhere that keeps that circle inside, any rotation.
+    radius = rng.uniform(0.24, 0.42) * big
+    cx, cy = rng.uniform(radius, big - radius, size=2)
+    angle = rng.uniform(0, 2 * math.pi)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+    canvas = Image.new("RGB", (big, big), bg)
+    draw = ImageDraw.Draw(canvas)
+    for polygon, role in _SHAPES[CLASS_NAMES[class_id]]:
+        points = polygon @ rot.T * radius + [cx, cy]  # (n, 2) in supersampled pixels
+        draw.polygon([tuple(p) for p in points], fill=fg if role == "fg" else bg)
+    # Box filter = mean of each SUPERSAMPLE x SUPERSAMPLE block: exact area anti-aliasing.
+    return np.asarray(canvas.resize((image_size, image_size), Image.BOX))
+
+
+def make_builtin_dataset(n, seed=0, image_size=64):
+    """
+    Draw `n` labelled shape images.
+
+    Returns (images uint8 (n, image_size, image_size, 3), labels int64 (n,)). Labels cycle
+    through the classes (0, 1, ..., 9, 0, 1, ...), so every class has n // 10 or n // 10 + 1
+    images. The same (n, seed, image_size) always gives the same arrays; different seeds give
+    different images. Use a different seed for held-out evaluation than for training.
+    """
+    if n < 0 or image_size < 8:
+        raise ValueError(f"need n >= 0 and image_size >= 8, got n={n}, image_size={image_size}")
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % len(CLASS_NAMES)
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    for i, class_id in enumerate(labels):
+        images[i] = _draw(int(class_id), rng, image_size)
+    return images, labels
+
+
+# -----------------------------------------------------------------------------
+# A labelled image grid, written atomically (training and sampling scripts reuse it)
+
+def save_image_grid(images, row_labels, path, pad=2):
+    """
+    Save a grid of uint8 images as one PNG: images (R, C, H, W, 3), row r labelled row_labels[r].
+
+    row_labels may be None (no label column). The file is written to a temporary name in the
+    same folder and moved into place with os.replace, so a reader never sees half a PNG.
+    """
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images of shape (rows, cols, H, W, 3), "
+                         f"got {images.dtype} {images.shape}")
+    rows, cols, h, w, _ = images.shape
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+
+    font = ImageFont.load_default()
+    labels = [str(s) for s in row_labels] if row_labels is not None else []
+    # Label column just wide enough for the longest label (plus a margin).
+    label_w = max((int(font.getlength(s)) for s in labels), default=-pad) + 2 * pad
+    grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, rows * (h + pad) + pad), (255,) * 3)
+    draw = ImageDraw.Draw(grid)
+    for r in range(rows):
+        top = pad + r * (h + pad)
+        if labels:
+            draw.text((pad, top + h // 2), labels[r], fill=(0, 0, 0), font=font, anchor="lm")
+        for c in range(cols):
+            grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (w + pad), top))
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            grid.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Preview: python data.py --out out/builtin_dataset.png
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Save a preview grid of the built-in dataset.")
+    parser.add_argument("--out", default="out/builtin_dataset.png", help="PNG file to write")
+    parser.add_argument("--per-class", type=int, default=8, help="images shown per class (columns)")
+    parser.add_argument("--image-size", type=int, default=64, help="side of each image in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the dataset")
+    args = parser.parse_args()
+
+    n_classes = len(CLASS_NAMES)
+    images, labels = make_builtin_dataset(n_classes * args.per_class, args.seed, args.image_size)
+    # Labels cycle through the classes, so image i * n_classes + c has class c.
+    grid = images.reshape(args.per_class, n_classes, *images.shape[1:]).swapaxes(0, 1)  # (R, C, H, W, 3)
+    save_image_grid(grid, CLASS_NAMES, args.out)
+    print(f"wrote {args.out}: {n_classes} classes x {args.per_class} images")

@@ -1,0 +1,82 @@
+"""Tests of the built-in shape dataset and the image-grid helper (data.py)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
+
+
+def test_same_seed_gives_identical_dataset():
+    """Determinism: the same (n, seed, image_size) always gives the same images and labels."""
+    a_img, a_lab = make_builtin_dataset(40, seed=3)
+    b_img, b_lab = make_builtin_dataset(40, seed=3)
+    assert np.array_equal(a_img, b_img), "same seed gave different images"
+    assert np.array_equal(a_lab, b_lab), "same seed gave different labels"
+
+
+def test_different_seeds_give_different_images():
+    """Different seeds draw different images (labels cycle, so only the images differ)."""
+    a, _ = make_builtin_dataset(20, seed=0)
+    b, _ = make_builtin_dataset(20, seed=1)
+    differing = sum(not np.array_equal(x, y) for x, y in zip(a, b))
+    assert differing == 20, f"only {differing}/20 images differ between seeds 0 and 1"
+
+
+@pytest.mark.parametrize("image_size", [64, 32])
+def test_shapes_and_dtypes(image_size):
+    """Images are uint8 (n, S, S, 3), labels int64 (n,) with values in [0, n_classes)."""
+    images, labels = make_builtin_dataset(13, seed=0, image_size=image_size)
+    assert images.shape == (13, image_size, image_size, 3), f"images shape {images.shape}"
+    assert images.dtype == np.uint8, f"images dtype {images.dtype}"
+    assert labels.shape == (13,) and labels.dtype == np.int64, f"labels {labels.dtype} {labels.shape}"
+    assert labels.min() >= 0 and labels.max() < len(CLASS_NAMES), "label out of range"
+
+
+def test_all_classes_present_and_balanced():
+    """At least 10 classes; every class appears, and counts differ by at most one."""
+    assert len(CLASS_NAMES) >= 10, f"only {len(CLASS_NAMES)} classes"
+    assert len(set(CLASS_NAMES)) == len(CLASS_NAMES), "duplicate class names"
+    _, labels = make_builtin_dataset(3 * len(CLASS_NAMES) + 4, seed=0)
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES))
+    assert counts.min() >= 3, f"some class is missing or rare: {counts}"
+    assert counts.max() - counts.min() <= 1, f"classes not balanced: {counts}"
+
+
+def test_no_two_images_identical_in_1000():
+    """Random pose and colours make every image unique (checked on a sample of 1000)."""
+    images, _ = make_builtin_dataset(1000, seed=0)
+    distinct = len({img.tobytes() for img in images})
+    assert distinct == 1000, f"{1000 - distinct} duplicate images among 1000"
+
+
+def test_shape_contrasts_with_background():
+    """Each image holds a visible shape: its pixels are not all one colour, corners are background."""
+    images, _ = make_builtin_dataset(50, seed=0)
+    for i, img in enumerate(images):
+        spread = int(img.astype(int).max(axis=(0, 1)).sum() - img.astype(int).min(axis=(0, 1)).sum())
+        assert spread > 60, f"image {i} is nearly flat (colour spread {spread})"
+
+
+def test_save_image_grid_writes_png_of_the_right_size(tmp_path):
+    """save_image_grid writes a readable PNG holding every tile, and leaves no temp file behind."""
+    images, _ = make_builtin_dataset(6, seed=0, image_size=32)
+    grid = images.reshape(2, 3, 32, 32, 3)
+    path = tmp_path / "grid.png"
+    save_image_grid(grid, ["first", "second"], str(path))
+    with Image.open(path) as im:
+        w, h = im.size
+        assert im.format == "PNG", f"wrote {im.format}"
+    assert h == 2 * (32 + 2) + 2, f"grid height {h}"
+    assert w > 3 * (32 + 2), f"grid width {w} cannot hold 3 tiles plus labels"
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"], "temporary file left behind"
+
+    save_image_grid(grid, None, str(tmp_path / "nolabels.png"))  # labels are optional
+
+
+def test_save_image_grid_rejects_bad_input(tmp_path):
+    """A clear ValueError for a wrong layout or a wrong number of labels."""
+    images, _ = make_builtin_dataset(4, seed=0, image_size=16)
+    with pytest.raises(ValueError, match="rows, cols"):
+        save_image_grid(images, None, str(tmp_path / "x.png"))  # (N, H, W, 3): missing a grid axis
+    with pytest.raises(ValueError, match="row labels"):
+        save_image_grid(images.reshape(2, 2, 16, 16, 3), ["only one"], str(tmp_path / "x.png"))
