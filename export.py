@@ -1,0 +1,322 @@
+"""
+Export ARPG to ONNX: Pass 1, Pass 2 and the tokenizer's decoder as three graphs for ONNX Runtime.
+
+ARPG's two passes (paper Sec. 3.1, Fig. 3; SPEC 3 and 6) make a natural cut. Each decoding
+step is Pass 1 on the tokens revealed last step (which grows the KV caches), then Pass 2 on
+[MASK] queries at the next target positions (which reads the shared K/V). So one graph per
+pass serves every step, and a small loop outside the graphs (onnx_sampler.py, numpy only)
+does the rest: order, schedule, guidance, sampling.
+
+    context.onnx     ids (B, T) int64, slots (T,) int64,
+                     past_kv (layers, 2, B, H, N, D), past_shared_kv (2, B, H, N, D)
+                     -> kv (layers, 2, B, H, N+T, D), shared_kv (2, B, H, N+T, D)
+    guided.onnx      target_slots (K,) int64, shared_kv (2, B, H, N, D) -> logits (B, K, V) float32
+    vq_decoder.onnx  codes (B, h, w) int64 -> images (B, 3, h*f, w*f) float32 in [-1, 1]
+    arpg_onnx.json   config, token ids ([MASK], classes, null class), grid, dtype, class names,
+                     parity figures, and the export id stamped into every graph
+
+B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
+of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's zero
+slot, slot p + 1 = grid position p): the table is a constant inside the graphs, built for the
+training grid or for --grid (outpainting, resolution expansion), and recorded in the JSON.
+
+Each graph passes onnx.checker and is compared with PyTorch on fresh inputs (max |difference|
+is printed; fp32 must be <= 1e-4 or nothing is written). Files are written in a temporary
+folder and moved into place, the JSON last.
+
+    python export.py                                   # out/arpg.pt + out/tokenizer.pt -> out/onnx/ (seconds)
+    python onnx_sampler.py                             # sample with ONNX Runtime -> out/onnx_samples.png
+    python export.py --ckpt arpg_300m.pt --vq-ckpt vq_ds16_c2i.pt --out out/onnx_l      # official ARPG-L
+    python export.py --ckpt arpg_300m.pt --vq-ckpt vq_ds16_c2i.pt --out out/onnx_l16 --fp16   # for GPUs
+
+From Python (bench.py does this): export_onnx(model, vq_or_None, "out/onnx", fp16=False).
+"""
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import asdict
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from arpg import ARPG, build_rope_table, read_checkpoint
+from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
+from tokenizer import VQModel
+
+OPSET = 18              # supported by every onnxruntime since 1.14
+FP32_TOLERANCE = 1e-4   # max |ONNX - PyTorch| allowed for an fp32 graph
+
+
+# -----------------------------------------------------------------------------
+# The three graphs, as modules that call the model's own methods (nothing re-implemented)
+
+class ContextGraph(nn.Module):
+    """Pass 1 for one decoding step: `ARPG.context` with its caches packed into two tensors."""
+
+    def __init__(self, model: ARPG, rope: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("rope", rope)                                # (1 + rows*cols, D/2, 2), a graph constant
+
+    def forward(self, ids, slots, past_kv, past_shared_kv):
+        # ids (B, T); slots (T,); past_kv (layers, 2, B, H, N, D); past_shared_kv (2, B, H, N, D)
+        caches = [(layer[0], layer[1]) for layer in past_kv] + [(past_shared_kv[0], past_shared_kv[1])]
+        grown = self.model.context(ids, self.rope[slots][None], mask=None, caches=caches)  # rope (1, T, D/2, 2)
+        kv = torch.stack([torch.stack(layer) for layer in grown[:-1]])   # (layers, 2, B, H, N+T, D)
+        return kv, torch.stack(grown[-1])                                 # and (2, B, H, N+T, D)
+
+
+class GuidedGraph(nn.Module):
+    """Pass 2: `ARPG.guided`, one [MASK] query per target slot against the shared K/V."""
+
+    def __init__(self, model: ARPG, rope: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("rope", rope)
+
+    def forward(self, target_slots, shared_kv):
+        # target_slots (K,); shared_kv (2, B, H, N, D) -> logits (B, K, V), float32 in every dtype
+        return self.model.guided(self.rope[target_slots][None], (shared_kv[0], shared_kv[1]))
+
+
+class VQDecoderGraph(nn.Module):
+    """The tokenizer's decoder: `VQModel.decode`, codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+
+    def __init__(self, vq: VQModel):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, codes):
+        return self.vq.decode(codes)
+
+
+# -----------------------------------------------------------------------------
+# Exporting one graph: trace, stamp the export id, one weights file beside it, check
+
+def export_graph(module, example, input_names, output_names, dynamic_axes, folder, name, export_id, dynamo):
+    """Write {folder}/{name}.onnx and {name}.onnx.data; returns the graph's path."""
+    raw_folder = os.path.join(folder, f"raw-{name}")                     # whatever the exporter writes
+    os.makedirs(raw_folder)
+    # Footgun: a new nn.Module starts in training mode, and the exporter puts the module back in
+    # the mode it found it in, recursively. Without this, the wrapped model would come back from
+    # the export in training mode, with dropout on.
+    module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter (the default: about 1 s for the tiny model, against 10-30 s for
+        # the torch.export-based one on these CPUs) is deprecated since PyTorch 2.9 and says so
+        # on every call. VQModel.decode's range check on the codes is a Python `if` that the
+        # tracer runs once on valid example codes and leaves out of the graph, which is right
+        # (the runner's codes come from ARPG), but it warns about it.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*will be removed.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(module, example, os.path.join(raw_folder, "graph.onnx"), input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
+                          dynamo=dynamo, verbose=False)
+    graph = onnx.load(os.path.join(raw_folder, "graph.onnx"))           # with its weights, wherever they went
+    onnx.helper.set_model_props(graph, {EXPORT_ID_KEY: export_id})
+    path = os.path.join(folder, f"{name}.onnx")
+    # Weights always go to one file beside the graph: a protobuf cannot exceed 2 GB (ARPG-XXL's
+    # Pass 1 in fp32 does), and one layout for every model size is the layout the tests check.
+    onnx.save(graph, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=f"{name}.onnx.data")
+    shutil.rmtree(raw_folder)
+    onnx.checker.check_model(path, full_check=True)                      # by path: works past 2 GB
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Parity: every graph against PyTorch, on inputs the trace never saw
+
+def max_diff(onnx_output, torch_output):
+    return float(np.abs(onnx_output.astype(np.float32) - torch_output.float().cpu().numpy()).max())
+
+
+@torch.no_grad()
+def measure_parity(graphs, model, vq, rope, grid, dtype):
+    """Max |ONNX Runtime (CPU) - PyTorch fp32| per graph, over a two-step decode and a VQ decode.
+
+    Step 1 starts from empty caches (N = 0) with a class token and 4 tokens, step 2 adds 2
+    tokens to those caches, then 6 [MASK] queries read the shared K/V: the shapes the sampler
+    uses, none of them the traced ones.
+    """
+    sessions = {name: ort.InferenceSession(path, providers=["CPUExecutionProvider"]) for name, path in graphs.items()}
+    device, config = model.embeddings.weight.device, model.config
+    generator = torch.Generator().manual_seed(1234)
+    L, B = grid[0] * grid[1], 3
+    positions = torch.randperm(L, generator=generator)[:12]
+    codes = torch.randint(0, config.vocab_size, (B, 6), generator=generator)
+    labels = torch.randint(0, config.num_classes, (B, 1), generator=generator)
+    steps = [(torch.cat([model.class_ids(labels), codes[:, :4]], dim=1), torch.cat([torch.zeros(1, dtype=torch.long), positions[:4] + 1])),
+             (codes[:, 4:], positions[4:6] + 1)]                          # (ids (B, T), slots (T,)) per step
+
+    diffs = {"context": 0.0}
+    layers, heads, head_dim = config.n_layer // 2, config.n_head, config.dim // config.n_head
+    caches = None
+    past_kv = np.zeros((layers, 2, B, heads, 0, head_dim), dtype)        # what the sampler starts from
+    past_shared_kv = np.zeros((2, B, heads, 0, head_dim), dtype)
+    for ids, slots in steps:
+        caches = model.context(ids.to(device), rope[slots.to(device)][None], mask=None, caches=caches)
+        kv, shared_kv = sessions["context"].run(None, {"ids": ids.numpy(), "slots": slots.numpy(),
+                                                        "past_kv": past_kv, "past_shared_kv": past_shared_kv})
+        torch_kv = torch.stack([torch.stack(layer) for layer in caches[:-1]])  # (layers, 2, B, H, N+T, D)
+        diffs["context"] = max(diffs["context"], max_diff(kv, torch_kv), max_diff(shared_kv, torch.stack(caches[-1])))
+        # The next step starts from PyTorch's caches, so each step is measured on its own.
+        past_kv, past_shared_kv = torch_kv.cpu().numpy().astype(dtype), torch.stack(caches[-1]).cpu().numpy().astype(dtype)
+
+    target_slots = positions[6:] + 1                                      # (K,) = (6,)
+    logits = sessions["guided"].run(None, {"target_slots": target_slots.numpy(), "shared_kv": past_shared_kv})[0]
+    diffs["guided"] = max_diff(logits, model.guided(rope[target_slots.to(device)][None], caches[-1]))
+
+    if "vq_decoder" in sessions:
+        codes = torch.randint(0, config.vocab_size, (2, *grid), generator=generator)
+        images = sessions["vq_decoder"].run(None, {"codes": codes.numpy()})[0]
+        diffs["vq_decoder"] = max_diff(images, vq.decode(codes.to(vq.device)))
+    return diffs
+
+
+# -----------------------------------------------------------------------------
+# The whole export
+
+def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dynamo=False):
+    """Export `model` (and `vq`'s decoder unless None) to out_dir; returns the metadata written.
+
+    fp16: ARPG graphs with fp16 weights and caches (logits stay fp32), for GPUs; the VQ decoder
+    stays fp32 (GroupNorm over large activations is fragile in fp16, and it runs once per image).
+    grid: (rows, cols) the graphs' RoPE table covers; default the training grid.
+    """
+    start = time.perf_counter()
+    config = model.config
+    rows, cols = grid or (config.grid_size,) * 2
+    if vq is not None and vq.config.codebook_size != config.vocab_size:
+        raise ValueError(f"the tokenizer has {vq.config.codebook_size} codes but ARPG was trained on "
+                         f"{config.vocab_size}; pass the tokenizer ARPG was trained with")
+    device = model.embeddings.weight.device
+    dtype = torch.float16 if fp16 else torch.float32
+    # Export copies in eval mode: tracing must not switch the caller's models to eval or fp16.
+    reference = copy.deepcopy(model).eval().float()                       # fp32 PyTorch, for the parity check
+    exported = reference if not fp16 else copy.deepcopy(reference).half()
+    vq = copy.deepcopy(vq).eval() if vq is not None else None
+    rope = reference.rope if (rows, cols) == (config.grid_size,) * 2 else \
+        build_rope_table(rows, cols, config.dim // config.n_head, config.rope_base).to(device)  # (1 + rows*cols, D/2, 2)
+    export_id = uuid.uuid4().hex
+    os.makedirs(out_dir, exist_ok=True)
+    work = tempfile.mkdtemp(dir=out_dir, prefix=".export-")              # same file system: os.replace is atomic
+    try:
+        # Example inputs for tracing: sizes that differ from each other and from 0 and 1, so no
+        # dimension is mistaken for a constant.
+        B, T, N, K = 2, 3, 4, 5
+        layers, heads, head_dim = config.n_layer // 2, config.n_head, config.dim // config.n_head
+        ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+        slots = torch.arange(1, T + 1, device=device)
+        past_kv = torch.randn(layers, 2, B, heads, N, head_dim, device=device, dtype=dtype)
+        past_shared_kv = torch.randn(2, B, heads, N, head_dim, device=device, dtype=dtype)
+        graphs = {
+            "context": export_graph(
+                ContextGraph(exported, rope.to(dtype)), (ids, slots, past_kv, past_shared_kv),
+                ["ids", "slots", "past_kv", "past_shared_kv"], ["kv", "shared_kv"],
+                {"ids": {0: "batch", 1: "new"}, "slots": {0: "new"}, "past_kv": {2: "batch", 4: "past"},
+                 "past_shared_kv": {1: "batch", 3: "past"}, "kv": {2: "batch", 4: "past_plus_new"},
+                 "shared_kv": {1: "batch", 3: "past_plus_new"}}, work, "context", export_id, dynamo),
+            "guided": export_graph(
+                GuidedGraph(exported, rope.to(dtype)), (torch.arange(1, K + 1, device=device), past_shared_kv),
+                ["target_slots", "shared_kv"], ["logits"],
+                {"target_slots": {0: "queries"}, "shared_kv": {1: "batch", 3: "past"},
+                 "logits": {0: "batch", 1: "queries"}}, work, "guided", export_id, dynamo),
+        }
+        if vq is not None:
+            codes = torch.randint(0, config.vocab_size, (B, rows, cols), device=vq.device)
+            graphs["vq_decoder"] = export_graph(
+                VQDecoderGraph(vq), (codes,), ["codes"], ["images"],
+                {"codes": {0: "batch", 1: "rows", 2: "cols"}, "images": {0: "batch", 2: "height", 3: "width"}},
+                work, "vq_decoder", export_id, dynamo)
+
+        parity = measure_parity(graphs, reference, vq, rope, (rows, cols), np.float16 if fp16 else np.float32)
+        for name, diff in parity.items():
+            print(f"{name + '.onnx':>16}: max |ONNX Runtime - PyTorch fp32| = {diff:.2e}"
+                + ("" if fp16 and name != "vq_decoder" else f" (limit {FP32_TOLERANCE:.0e})"))
+        too_far = {name: diff for name, diff in parity.items()
+                   if diff > FP32_TOLERANCE and not (fp16 and name != "vq_decoder")}
+        if too_far:
+            raise ValueError(f"ONNX graphs differ from PyTorch by more than {FP32_TOLERANCE}: {too_far}; "
+                             "nothing was written (please report this with your onnxruntime and torch versions)")
+
+        metadata = {
+            "format": METADATA_FORMAT,
+            "export_id": export_id,
+            "arpg_config": asdict(config),
+            "vq_config": asdict(vq.config) if vq is not None else None,
+            "grid": [rows, cols],
+            "mask_id": model.mask_id,
+            "first_class_id": config.vocab_size + 1,                       # class c is first_class_id + c
+            "null_class_id": model.null_class_id,
+            "class_names": list(class_names) if class_names is not None else None,
+            "dtype": "float16" if fp16 else "float32",                     # of the caches and the ARPG weights
+            "cache": {"pass1_layers": layers, "heads": heads, "head_dim": head_dim},
+            "graphs": {name: os.path.basename(path) for name, path in graphs.items()},
+            "parity_max_abs_diff": parity,
+            "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET,
+                              "exporter": "dynamo" if dynamo else "torchscript"},
+        }
+        with open(os.path.join(work, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=1)
+        # Install: graphs and weights first, the JSON last. A reader that catches the folder
+        # half-way sees an old JSON whose export id the new graphs do not carry, and refuses.
+        for name in graphs:
+            for suffix in (".onnx.data", ".onnx"):
+                os.replace(os.path.join(work, name + suffix), os.path.join(out_dir, name + suffix))
+        os.replace(os.path.join(work, METADATA_FILE), os.path.join(out_dir, METADATA_FILE))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    sizes = {name: sum(os.path.getsize(os.path.join(out_dir, name + s)) for s in (".onnx", ".onnx.data")) / 1e6
+             for name in graphs}
+    print(f"wrote {out_dir}: " + ", ".join(f"{name}.onnx {mb:.1f} MB" for name, mb in sizes.items())
+        + f", {METADATA_FILE} ({metadata['dtype']}, grid {rows}x{cols}) in {time.perf_counter() - start:.1f} s")
+    return metadata
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main():
+    parser = argparse.ArgumentParser(description="Export ARPG (Pass 1, Pass 2) and the VQ decoder to ONNX.")
+    parser.add_argument("--ckpt", default="out/arpg.pt", help="ARPG checkpoint: ours (train.py) or an official arpg_*.pt")
+    parser.add_argument("--vq-ckpt", default="out/tokenizer.pt", help="tokenizer checkpoint: ours or LlamaGen's vq_ds16_c2i.pt")
+    parser.add_argument("--out", default="out/onnx", help="folder for the graphs and arpg_onnx.json")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="export the trained weights even when the checkpoint also holds EMA weights")
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights and caches (for GPUs; logits stay fp32)")
+    parser.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
+                        help="token grid the graphs cover (default: the training grid; larger for outpainting)")
+    parser.add_argument("--dynamo", action="store_true",
+                        help="use the torch.export-based exporter (slower; the TorchScript one is deprecated)")
+    args = parser.parse_args()
+
+    checkpoint = read_checkpoint(args.ckpt)
+    use_ema = isinstance(checkpoint.get("ema"), dict) and not args.raw_weights
+    model = ARPG.from_checkpoint({"model": checkpoint["ema"], "config": checkpoint["config"]} if use_ema else checkpoint)
+    vq = VQModel.from_checkpoint(args.vq_ckpt)
+    print(f"exporting {args.ckpt} ({'EMA' if use_ema else 'trained'} weights, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) and {args.vq_ckpt}")
+    export_onnx(model.eval(), vq.eval(), args.out, fp16=args.fp16, grid=args.grid,
+                class_names=checkpoint.get("class_names"), dynamo=args.dynamo)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,317 @@
+"""
+Sample ARPG images with ONNX Runtime, without PyTorch: numpy, onnxruntime and pillow only.
+
+`export.py` cuts a trained ARPG into two ONNX graphs at the seam of the paper's two passes
+(Sec. 3.1, Fig. 3), plus the tokenizer's decoder:
+
+    context.onnx     Pass 1, one decoding step: the tokens revealed last step go in, every
+                     Pass-1 layer's self-attention cache and the shared K/V come out, grown
+    guided.onnx      Pass 2: [MASK] queries at the target positions read the shared K/V -> logits
+    vq_decoder.onnx  codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]
+    arpg_onnx.json   what a runner needs: config, token ids, grid, dtype, class names
+
+This file is the runner: the randomized parallel decoding loop of `ARPG.generate` (Sec. 3.1,
+Alg. 1; SPEC 6) rewritten in numpy around those graphs. It imports no torch, so a deployment
+needs only this file, data.py (the PNG grid writer) and the export folder:
+
+    pip install numpy onnxruntime pillow           # or onnxruntime-gpu on a CUDA machine
+    python onnx_sampler.py                         # out/onnx -> out/onnx_samples.png (CPU: seconds)
+    python onnx_sampler.py --classes 0 3 --per-class 8 --steps 64 --cfg 4.5 --seed 1
+    python onnx_sampler.py --onnx-dir out/onnx_l16 --device cuda   # CUDA, caches stay on the GPU
+
+From Python (bench.py times exactly this):
+    from onnx_sampler import OnnxSampler
+    sampler = OnnxSampler("out/onnx")                          # CUDA when it works, else CPU
+    tokens = sampler.generate(np.array([0, 1]), steps=32, cfg_scale=4.0, seed=0)  # (2, L) int64
+    images = sampler.decode(tokens)                            # uint8 (2, H, W, 3)
+
+With the same order and greedy decoding (top_k=1) it gives exactly the tokens of
+`ARPG.generate` in fp32 (tests/test_export.py checks it). Sampled tokens follow the same
+distribution but not the same stream of random numbers: numpy's generator is not torch's.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+from data import save_image_grid
+
+METADATA_FILE = "arpg_onnx.json"
+METADATA_FORMAT = "arpg-onnx/1"
+EXPORT_ID_KEY = "arpg_export_id"   # stored in every graph's metadata_props and in the JSON
+
+
+# -----------------------------------------------------------------------------
+# Schedules and sampling, in numpy (SPEC 6)
+#
+# These mirror `MASK_SCHEDULES`, `reveal_counts`, `CFG_SCHEDULES` and `sample_tokens` of arpg.py
+# line for line. They are repeated here only because arpg.py imports torch; tests/test_export.py
+# checks that both give the same counts, the same guidance and the same sampling distribution.
+
+MASK_SCHEDULES = {
+    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S.
+    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),
+    "cosine": lambda progress: math.cos(math.pi / 2 * progress),
+}
+
+CFG_SCHEDULES = {
+    # Guidance g_s for a step after which a fraction `filled` of the canvas is known.
+    "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
+    "constant": lambda scale, filled: scale,
+}
+
+
+def reveal_counts(length, steps, schedule="arccos"):
+    """How many tokens each of `steps` steps reveals, summing to `length` (as arpg.reveal_counts)."""
+    counts, done = [], 0
+    for step in range(steps):
+        if step == steps - 1:
+            n = length - done                                              # the last step takes all that remain
+        else:
+            still_masked = max(1, min(length - done - 1, int(length * MASK_SCHEDULES[schedule]((step + 1) / steps))))
+            n = min(max(length - done - still_masked, 1), length - done - (steps - step - 1))
+        counts.append(n)
+        done += n
+    return counts
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))        # -inf -> probability 0
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def sample_tokens(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
+    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering."""
+    logits = logits.astype(np.float32) / max(temperature, 1e-5)
+    if top_k > 0:  # keep the k most likely
+        rank = logits.shape[-1] - min(top_k, logits.shape[-1])           # where the k-th largest sits when sorted
+        kth = np.partition(logits, rank, axis=-1)[..., rank, None]       # (..., 1)
+        logits = np.where(logits < kth, -np.inf, logits)
+    if top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always the top token)
+        by_rank = np.argsort(-logits, axis=-1, kind="stable")            # (..., V) token ids, most likely first
+        sorted_probs = softmax(np.take_along_axis(logits, by_rank, axis=-1))
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        drop = np.zeros(logits.shape, dtype=bool)
+        np.put_along_axis(drop, by_rank, mass_before >= top_p, axis=-1)  # back to vocab order
+        logits = np.where(drop, -np.inf, logits)
+    # Inverse-CDF sampling: the first token whose cumulative probability reaches u, u in (0, 1].
+    # u in (0, 1] (not [0, 1)) so a zero-probability first token can never be drawn.
+    cdf = np.cumsum(softmax(logits), axis=-1)                            # (..., V)
+    u = (1.0 - rng.random(cdf.shape[:-1] + (1,))) * cdf[..., -1:]
+    return np.minimum((cdf < u).sum(axis=-1), cdf.shape[-1] - 1)          # (...,) int64
+
+
+# -----------------------------------------------------------------------------
+# Loading an export folder: metadata, graphs, execution provider
+
+def read_metadata(folder):
+    """The export's arpg_onnx.json, after checking the folder holds a complete export."""
+    path = os.path.join(folder, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {METADATA_FILE} in {folder}: export the model first with python export.py")
+    with open(path) as f:
+        metadata = json.load(f)
+    if metadata.get("format") != METADATA_FORMAT:
+        raise ValueError(f"{path} is not an ARPG ONNX export ({METADATA_FORMAT}); re-export with python export.py")
+    for graph_file in metadata["graphs"].values():
+        if not os.path.isfile(os.path.join(folder, graph_file)):
+            raise FileNotFoundError(f"{graph_file} is missing from {folder}; re-export the folder with python export.py")
+    return metadata
+
+
+def start_sessions(folder, graphs, device):
+    """An InferenceSession per graph, on CUDA when asked for and really available; and the device used.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even where CUDA or cuDNN is missing; a session
+    then falls back to the CPU after printing a long complaint. So we ask for CUDA with ORT's
+    logging silenced, look at the providers the sessions actually got, and say it in one line.
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    wants_cuda = device != "cpu"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
+    if wants_cuda:
+        ort.set_default_logger_severity(4)                               # fatal only, while CUDA is tried
+    try:
+        sessions = {name: ort.InferenceSession(os.path.join(folder, graph_file), providers=providers)
+                    for name, graph_file in graphs.items()}
+    finally:
+        ort.set_default_logger_severity(2)                               # back to ORT's default (warnings)
+    on_cuda = all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions.values())
+    if wants_cuda and not on_cuda:
+        if device == "cuda":
+            raise ValueError("the CUDA execution provider is not available here (it needs onnxruntime-gpu, an "
+                             "NVIDIA GPU, CUDA and cuDNN); use --device cpu or --device auto")
+        print("onnx_sampler: CUDA execution provider not available, running ONNX Runtime on the CPU", file=sys.stderr)
+    return sessions, "cuda" if on_cuda else "cpu"
+
+
+class OnnxSampler:
+    """Randomized parallel decoding with ONNX Runtime: the loop of `ARPG.generate`, in numpy.
+
+    device: 'auto' (CUDA if its provider really works, else CPU, said in one line), 'cuda' (an
+    error if unavailable) or 'cpu'. Every step runs through IO binding: the caches a step
+    returns stay where ONNX Runtime put them (GPU memory under CUDA) and are bound as the next
+    step's input, so they never cross to the host; only token ids go in and logits come out.
+    """
+
+    def __init__(self, folder="out/onnx", device="auto"):
+        self.metadata = read_metadata(folder)
+        self.sessions, self.device = start_sessions(folder, self.metadata["graphs"], device)
+        # Every graph carries the id of the export that wrote it: files of two exports (another
+        # model, another config, another dtype) must never be run together.
+        for name, session in self.sessions.items():
+            found = session.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY)
+            if found != self.metadata["export_id"]:
+                raise ValueError(f"{self.metadata['graphs'][name]} comes from another export than {METADATA_FILE} "
+                                 f"in {folder} (export id {found} vs {self.metadata['export_id']}); re-export the "
+                                 "whole folder with python export.py")
+        config, cache = self.metadata["arpg_config"], self.metadata["cache"]
+        self.rows, self.cols = self.metadata["grid"]
+        self.num_classes = config["num_classes"]
+        self.cache_dtype = np.dtype(self.metadata["dtype"])
+        self.cache_layout = (cache["pass1_layers"], cache["heads"], cache["head_dim"])
+
+    # --- one step of each pass, through IO binding ---
+
+    def _context(self, ids, slots, kv, shared_kv):
+        """Pass 1 on the new tokens ids (B, T) at RoPE slots (T,); returns the grown caches (on the device)."""
+        binding = self.sessions["context"].io_binding()
+        binding.bind_cpu_input("ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("slots", np.ascontiguousarray(slots, dtype=np.int64))
+        binding.bind_ortvalue_input("past_kv", kv)
+        binding.bind_ortvalue_input("past_shared_kv", shared_kv)
+        binding.bind_output("kv", self.device)                           # stays on the device for the next step
+        binding.bind_output("shared_kv", self.device)
+        self.sessions["context"].run_with_iobinding(binding)
+        kv, shared_kv = binding.get_outputs()
+        return kv, shared_kv
+
+    def _guided(self, target_slots, shared_kv):
+        """Pass 2: logits (B, K, V) on the host for the [MASK] queries at target_slots (K,)."""
+        binding = self.sessions["guided"].io_binding()
+        binding.bind_cpu_input("target_slots", np.ascontiguousarray(target_slots, dtype=np.int64))
+        binding.bind_ortvalue_input("shared_kv", shared_kv)
+        binding.bind_output("logits", "cpu")                             # sampling happens in numpy
+        self.sessions["guided"].run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _empty_caches(self, batch):
+        """The first step's caches: zero keys long (N = 0), in the export's dtype, on the device."""
+        layers, heads, head_dim = self.cache_layout
+        kv = np.zeros((layers, 2, batch, heads, 0, head_dim), self.cache_dtype)   # (layers, k|v, B, H, N=0, D)
+        shared_kv = np.zeros((2, batch, heads, 0, head_dim), self.cache_dtype)    # (k|v, B, H, N=0, D)
+        return (ort.OrtValue.ortvalue_from_numpy(kv, self.device, 0),
+                ort.OrtValue.ortvalue_from_numpy(shared_kv, self.device, 0))
+
+    # --- the decoding loop: ARPG.generate, step for step ---
+
+    def generate(self, labels, steps=32, cfg_scale=4.0, cfg_schedule="linear", schedule="arccos",
+                 temperature=1.0, top_k=0, top_p=1.0, order=None, seed=None):
+        """Sample image tokens (B, rows*cols) int64 in raster order for class labels (B,).
+
+        Arguments as `ARPG.generate`; order: a permutation of the grid positions (random when
+        None); seed: for numpy's random generator (order and samples).
+        """
+        labels = np.asarray(labels, dtype=np.int64)
+        L = self.rows * self.cols
+        if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"labels must be a non-empty 1-D array of class ids in [0, {self.num_classes}), got {labels.tolist()}")
+        if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "
+                             f"{list(CFG_SCHEDULES)}, got {schedule!r} and {cfg_schedule!r}")
+        if not 1 <= steps <= L:
+            raise ValueError(f"steps must be between 1 and the {L} tokens to decode, got {steps}")
+        rng = np.random.default_rng(seed)
+        # 1. The generation order: one random permutation for the whole batch.
+        order = rng.permutation(L) if order is None else np.asarray(order, dtype=np.int64)
+        if order.shape != (L,) or not np.array_equal(np.sort(order), np.arange(L)):
+            raise ValueError(f"order must be a permutation of the {L} grid positions")
+
+        # 2. The first Pass-1 input: the class token at RoPE slot 0 (the zero slot). With guidance
+        #    the batch is doubled: conditional rows, then the same rows with the null class.
+        B = labels.shape[0]
+        guided = cfg_scale != 1.0
+        feed_ids = (labels + self.metadata["first_class_id"])[:, None]  # (B, 1)
+        if guided:
+            feed_ids = np.concatenate([feed_ids, np.full_like(feed_ids, self.metadata["null_class_id"])])  # (2B, 1)
+        feed_slots = np.zeros(1, dtype=np.int64)
+        tokens = np.zeros((B, L), dtype=np.int64)
+        kv, shared_kv = self._empty_caches(len(feed_ids))
+        decoded = 0
+        for n_reveal in reveal_counts(L, steps, schedule):
+            # 3. Pass 1 reads only what is new; the graph appends it to every cache.
+            kv, shared_kv = self._context(feed_ids, feed_slots, kv, shared_kv)
+            # 4. Pass 2: one [MASK] query per target, at the target's RoPE slot (position + 1).
+            target_pos = order[decoded:decoded + n_reveal]                # (K,)
+            logits = self._guided(target_pos + 1, shared_kv)              # (B or 2B, K, V)
+            decoded += n_reveal
+            # 5. Classifier-free guidance, scaled by how much of the canvas is known after this step.
+            if guided:
+                cond, uncond = logits[:B], logits[B:]
+                logits = uncond + (cond - uncond) * np.float32(CFG_SCHEDULES[cfg_schedule](cfg_scale, decoded / L))
+            # 6. Sample, and write the new tokens to their grid positions.
+            new_tokens = sample_tokens(logits, rng, temperature, top_k, top_p)  # (B, K)
+            tokens[:, target_pos] = new_tokens
+            # 7. They are next step's Pass-1 input (both halves when guided).
+            feed_ids = np.concatenate([new_tokens, new_tokens]) if guided else new_tokens
+            feed_slots = target_pos + 1
+        return tokens
+
+    def decode(self, tokens):
+        """Tokens (B, rows*cols) -> uint8 images (B, H, W, 3) through vq_decoder.onnx."""
+        if "vq_decoder" not in self.sessions:
+            raise ValueError("this export has no vq_decoder.onnx; export again with --vq-ckpt to decode images")
+        codes = np.asarray(tokens, dtype=np.int64).reshape(-1, self.rows, self.cols)  # (B, rows, cols)
+        images = self.sessions["vq_decoder"].run(None, {"codes": codes})[0]  # (B, 3, H, W) in [-1, 1]
+        # The same mapping as tokenizer.tensor_to_images: +128 then truncation rounds to the nearest level.
+        pixels = np.clip(127.5 * images.astype(np.float32) + 128.0, 0, 255).astype(np.uint8)
+        return pixels.transpose(0, 2, 3, 1)                              # (B, H, W, 3)
+
+
+# -----------------------------------------------------------------------------
+# Command line: a PNG grid like sample.py's, one row per class
+
+def main():
+    parser = argparse.ArgumentParser(description="Sample ARPG images with ONNX Runtime (no PyTorch needed).")
+    parser.add_argument("--onnx-dir", default="out/onnx", help="folder written by export.py")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class ids, one grid row each (default: all)")
+    parser.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
+    parser.add_argument("--steps", type=int, default=32, help="decoding steps (the paper uses 32 or 64)")
+    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES), help="how guidance ramps up")
+    parser.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES), help="tokens revealed per step")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (order and samples)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="ONNX Runtime execution provider: auto = CUDA when it really works, else CPU")
+    parser.add_argument("--out", default="out/onnx_samples.png", help="PNG grid to write")
+    args = parser.parse_args()
+
+    sampler = OnnxSampler(args.onnx_dir, args.device)
+    classes = args.classes if args.classes is not None else list(range(sampler.num_classes))
+    labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
+    tokens = sampler.generate(labels, steps=args.steps, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
+                              schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    images = sampler.decode(tokens)                                       # (R*C, H, W, 3)
+    names = sampler.metadata["class_names"] or [f"class {c}" for c in range(sampler.num_classes)]
+    save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
+                    [names[c] for c in classes], args.out)
+    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, "
+          f"ONNX Runtime on {sampler.device}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

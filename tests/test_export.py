@@ -1,0 +1,274 @@
+"""export.py and onnx_sampler.py: the ONNX graphs equal PyTorch, and the torch-free loop equals ARPG.generate."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import arpg
+import onnx_sampler
+from arpg import ARPG, ARPG_PRESETS, ARPGConfig
+from export import export_onnx
+from onnx_sampler import OnnxSampler
+from tokenizer import VQ_PRESETS, VQModel
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def run(*args, env=None):
+    """Run a command from the repo root; returns (exit code, stdout + stderr)."""
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def caches_as_tensors(caches):
+    """ARPG.context's cache list -> the graphs' (layers, 2, B, H, N, D) and (2, B, H, N, D) tensors."""
+    return torch.stack([torch.stack(layer) for layer in caches[:-1]]), torch.stack(caches[-1])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny ARPG checkpoint (EMA weights differ from the trained ones) and a small tokenizer,
+    exported with the command line. Returns (folder, the EMA model, the tokenizer)."""
+    folder = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    ema = ARPG(ARPG_PRESETS["tiny"]).eval()
+    torch.nn.init.normal_(ema.head.weight, std=0.02)   # a zero head makes every logit equal
+    trained = {k: v + 0.01 * torch.randn_like(v) for k, v in ema.state_dict().items()}
+    torch.save({"model": trained, "ema": ema.state_dict(), "config": asdict(ema.config), "step": 1},
+               folder / "arpg.pt")
+    vq = VQModel(VQ_PRESETS["small"]).eval()
+    torch.save({"model": vq.state_dict(), "config": asdict(vq.config)}, folder / "tokenizer.pt")
+    code, output = run("export.py", "--ckpt", str(folder / "arpg.pt"), "--vq-ckpt", str(folder / "tokenizer.pt"),
+                       "--out", str(folder / "onnx"))
+    assert code == 0, output
+    return folder / "onnx", ema, vq
+
+
+# --- the export itself ---
+
+def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
+    """The three graphs pass onnx.checker, carry the JSON's export id, have dynamic batch / cache /
+    query axes, and the export reports per-graph parity within 1e-4; no temporary file is left."""
+    folder, _, _ = exported
+    metadata = json.loads((folder / "arpg_onnx.json").read_text())
+    assert sorted(os.listdir(folder)) == sorted(
+        ["arpg_onnx.json"] + [f"{g}.onnx{s}" for g in ("context", "guided", "vq_decoder") for s in ("", ".data")]), \
+        f"unexpected files: {os.listdir(folder)}"
+    for name in ("context", "guided", "vq_decoder"):
+        onnx.checker.check_model(str(folder / f"{name}.onnx"))
+        props = {p.key: p.value for p in onnx.load(str(folder / f"{name}.onnx"), load_external_data=False).metadata_props}
+        assert props[onnx_sampler.EXPORT_ID_KEY] == metadata["export_id"], f"{name}.onnx lacks the export id"
+        assert metadata["parity_max_abs_diff"][name] <= 1e-4, f"{name}: {metadata['parity_max_abs_diff'][name]}"
+    session = ort.InferenceSession(str(folder / "context.onnx"), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
+    assert shapes["past_kv"] == [2, 2, "batch", 4, "past", 32], f"context signature {shapes}"
+    assert shapes["ids"] == ["batch", "new"] and shapes["slots"] == ["new"], f"context signature {shapes}"
+    assert metadata["mask_id"] == 512 and metadata["null_class_id"] == 512 + 10 + 1, "token ids in the JSON"
+
+
+@pytest.mark.parametrize("batch, new, past", [(1, 1, 0), (4, 5, 0), (3, 2, 7), (1, 3, 60)])
+def test_context_graph_equals_arpg_context(exported, batch, new, past):
+    """context.onnx = ARPG.context (the EMA weights) within 1e-4 for any batch, new-token count and
+    cache length, the empty first-step cache (N = 0) included."""
+    folder, model, _ = exported
+    session = ort.InferenceSession(str(folder / "context.onnx"), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(batch * 100 + past)
+    slots = torch.randperm(65, generator=generator)[:past + new]        # RoPE rows, the class slot 0 allowed
+    ids = torch.randint(0, 512, (batch, past + new), generator=generator)
+    with torch.no_grad():
+        caches = model.context(ids[:, :past], model.rope[slots[:past]][None]) if past else None
+        expected = caches_as_tensors(model.context(ids[:, past:], model.rope[slots[past:]][None], caches=caches))
+    past_kv, past_shared_kv = caches_as_tensors(caches) if past else (torch.zeros(2, 2, batch, 4, 0, 32),
+                                                                      torch.zeros(2, batch, 4, 0, 32))
+    outputs = session.run(None, {"ids": ids[:, past:].numpy(), "slots": slots[past:].numpy(),
+                                 "past_kv": past_kv.numpy(), "past_shared_kv": past_shared_kv.numpy()})
+    for name, got, want in zip(("kv", "shared_kv"), outputs, expected):
+        assert got.shape == tuple(want.shape), f"{name} shape {got.shape} vs {tuple(want.shape)}"
+        assert np.abs(got - want.numpy()).max() <= 1e-4, f"{name} differs by {np.abs(got - want.numpy()).max():.2e}"
+
+
+@pytest.mark.parametrize("batch, queries, past", [(1, 1, 1), (6, 9, 33)])
+def test_guided_graph_equals_arpg_guided(exported, batch, queries, past):
+    """guided.onnx = ARPG.guided within 1e-4 for any batch, query count and cache length."""
+    folder, model, _ = exported
+    session = ort.InferenceSession(str(folder / "guided.onnx"), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(queries)
+    with torch.no_grad():
+        shared_kv = model.context(torch.randint(0, 512, (batch, past), generator=generator),
+                                  model.rope[torch.randperm(65, generator=generator)[:past]][None])[-1]
+        target_slots = torch.randperm(64, generator=generator)[:queries] + 1
+        expected = model.guided(model.rope[target_slots][None], shared_kv).numpy()
+    logits = session.run(None, {"target_slots": target_slots.numpy(), "shared_kv": torch.stack(shared_kv).numpy()})[0]
+    assert logits.shape == expected.shape and np.abs(logits - expected).max() <= 1e-4, \
+        f"logits differ by {np.abs(logits - expected).max():.2e}"
+
+
+def test_vq_decoder_graph_equals_vq_decode(exported):
+    """vq_decoder.onnx = VQModel.decode within 1e-4, and OnnxSampler.decode gives tensor_to_images' pixels."""
+    folder, _, vq = exported
+    codes = torch.randint(0, 512, (3, 8, 8), generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(str(folder / "vq_decoder.onnx"), providers=["CPUExecutionProvider"])
+    expected = vq.decode(codes)
+    images = session.run(None, {"codes": codes.numpy()})[0]
+    assert np.abs(images - expected.numpy()).max() <= 1e-4, f"images differ by {np.abs(images - expected.numpy()).max():.2e}"
+    pixels = OnnxSampler(str(folder), device="cpu").decode(codes.reshape(3, 64).numpy())
+    from tokenizer import tensor_to_images
+    assert np.abs(pixels.astype(int) - tensor_to_images(expected).astype(int)).max() <= 1, "uint8 pixels differ"
+
+
+# --- the numpy loop equals ARPG.generate ---
+
+@pytest.mark.parametrize("steps, cfg_scale, cfg_schedule, schedule", [
+    (8, 4.0, "linear", "arccos"), (16, 2.5, "constant", "cosine"), (24, 1.0, "linear", "arccos")])
+def test_greedy_onnx_runtime_loop_gives_arpg_generate_tokens(exported, steps, cfg_scale, cfg_schedule, schedule):
+    """With the same order and greedy decoding, OnnxSampler.generate returns exactly ARPG.generate's tokens
+    (guided and unguided, both schedules and both guidance schedules)."""
+    folder, model, _ = exported
+    labels, order = torch.tensor([0, 3, 9, 3]), torch.randperm(64, generator=torch.Generator().manual_seed(steps))
+    settings = dict(steps=steps, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, schedule=schedule, top_k=1)
+    expected = model.generate(labels, order=order, **settings).numpy()
+    tokens = OnnxSampler(str(folder), device="cpu").generate(labels.numpy(), order=order.numpy(), **settings)
+    assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
+
+
+@pytest.mark.parametrize("steps", [8, 32])
+def test_onnx_runtime_loop_gives_the_official_greedy_tokens(tmp_path, steps):
+    """Exported from the official implementation's tiny model (16x16 grid), the ONNX Runtime loop
+    reproduces the official greedy generations token for token."""
+    reference = np.load(FIXTURES / "arpg_tiny_reference.npz")
+    config = ARPGConfig(**json.loads(str(reference["config"])))
+    model = ARPG.from_checkpoint(str(FIXTURES / "arpg_tiny_official.pt"), config).eval()
+    export_onnx(model, None, str(tmp_path))
+    settings = json.loads(str(reference[f"gen{steps}_settings"]))
+    tokens = OnnxSampler(str(tmp_path), device="cpu").generate(
+        np.array(settings["classes"]), steps=steps, cfg_scale=settings["guidance_scale"],
+        cfg_schedule=settings["cfg_schedule"], schedule=settings["sample_schedule"], top_k=settings["top_k"],
+        order=reference[f"gen{steps}_order"])
+    expected = reference[f"gen{steps}_tokens"]
+    assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
+
+
+def test_fp16_and_larger_grid_exports_decode_like_pytorch(tmp_path, exported):
+    """An fp16 export runs with fp16 caches (logits within 1e-2 of fp32 PyTorch); an export for a
+    larger, non-square grid (--grid) gives ARPG.generate(grid=...)'s greedy tokens."""
+    _, model, _ = exported
+    export_onnx(model, None, str(tmp_path / "fp16"), fp16=True)
+    metadata = json.loads((tmp_path / "fp16" / "arpg_onnx.json").read_text())
+    assert metadata["dtype"] == "float16" and metadata["parity_max_abs_diff"]["guided"] <= 1e-2, metadata
+    tokens = OnnxSampler(str(tmp_path / "fp16"), device="cpu").generate(np.array([1, 2]), steps=8, seed=0)
+    assert tokens.shape == (2, 64) and tokens.min() >= 0 and tokens.max() < 512, "fp16 loop gives no valid tokens"
+
+    export_onnx(model, None, str(tmp_path / "wide"), grid=(6, 12))
+    labels, order = torch.tensor([4, 5]), torch.randperm(72, generator=torch.Generator().manual_seed(0))
+    expected = model.generate(labels, steps=12, top_k=1, order=order, grid=(6, 12)).numpy()
+    tokens = OnnxSampler(str(tmp_path / "wide"), device="cpu").generate(labels.numpy(), steps=12, top_k=1,
+                                                                       order=order.numpy())
+    assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
+
+
+# --- the numpy copies of arpg.py's schedules and sampler ---
+
+def test_numpy_schedules_equal_arpg_schedules():
+    """reveal_counts and the guidance schedules of onnx_sampler.py give arpg.py's values."""
+    for length in (16, 64, 256, 1024):
+        for steps in (1, 2, 7, 16, 32, 64, length):
+            for schedule in ("arccos", "cosine"):
+                if steps <= length:
+                    assert onnx_sampler.reveal_counts(length, steps, schedule) == arpg.reveal_counts(length, steps, schedule), \
+                        f"reveal_counts({length}, {steps}, {schedule}) differ"
+    for name in ("linear", "constant"):
+        for filled in (0.1, 0.5, 1.0):
+            assert onnx_sampler.CFG_SCHEDULES[name](4.5, filled) == arpg.CFG_SCHEDULES[name](4.5, filled), name
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.6), (1.0, 4, 0.8)])
+def test_numpy_sampler_draws_from_the_same_distribution_as_arpg(temperature, top_k, top_p):
+    """onnx_sampler.sample_tokens and arpg.sample_tokens keep the same tokens after top-k / top-p and
+    draw them with the same frequencies (20,000 draws each, within 0.02)."""
+    logits = np.array([2.0, 1.5, 1.2, 0.3, -0.5, -1.0, 0.9, 1.6], dtype=np.float32)
+    draws = 20000
+    ours = onnx_sampler.sample_tokens(np.tile(logits, (draws, 1)), np.random.default_rng(0), temperature, top_k, top_p)
+    theirs = arpg.sample_tokens(torch.from_numpy(logits).repeat(draws, 1), temperature, top_k, top_p,
+                                torch.Generator().manual_seed(0)).numpy()
+    ours_freq, theirs_freq = (np.bincount(t, minlength=len(logits)) / draws for t in (ours, theirs))
+    assert np.array_equal(ours_freq > 0, theirs_freq > 0), f"kept tokens differ: {ours_freq} vs {theirs_freq}"
+    assert np.abs(ours_freq - theirs_freq).max() < 0.02, f"frequencies differ: {ours_freq} vs {theirs_freq}"
+
+
+# --- deployment without torch, and bad input ---
+
+BLOCK_TORCH = """
+import sys
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+"""
+
+
+def test_sampler_runs_where_importing_torch_fails(exported, tmp_path):
+    """With a sitecustomize that makes `import torch` raise, the sampler still imports, generates,
+    decodes and writes a PNG grid from the command line, and torch is never loaded."""
+    folder, _, _ = exported
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    code, output = run("-c", "import torch", env=env)
+    assert code != 0 and "torch is blocked" in output, f"the hook does not block torch: {output}"
+    code, output = run("-c", f"""
+import sys, numpy as np
+from onnx_sampler import OnnxSampler
+sampler = OnnxSampler({str(folder)!r}, device="cpu")
+images = sampler.decode(sampler.generate(np.array([1, 2]), steps=4, seed=0))
+assert images.shape == (2, 64, 64, 3), images.shape
+assert "torch" not in sys.modules
+""", env=env)
+    assert code == 0, output
+    png = tmp_path / "grid.png"
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--classes", "0", "5", "--per-class", "3",
+                       "--steps", "4", "--device", "cpu", "--out", str(png), env=env)
+    assert code == 0 and png.stat().st_size > 0, output
+    assert "2 classes x 3 images" in output, output
+
+
+def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
+    """A missing checkpoint, a missing graph, graphs mixed from two exports and an explicit but
+    unavailable CUDA provider each end with one 'error:' line and exit code 2."""
+    folder, model, _ = exported
+    code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x"))
+    assert code == 2 and output.strip().splitlines()[-1].startswith("error: checkpoint not found"), output
+    assert not (tmp_path / "x").exists(), "a failed export left a folder behind"
+
+    missing = tmp_path / "missing"
+    shutil.copytree(folder, missing)
+    os.remove(missing / "guided.onnx")
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(missing), "--device", "cpu")
+    assert code == 2 and output.strip() == f"error: guided.onnx is missing from {missing}; " \
+                                            "re-export the folder with python export.py", output
+
+    other = tmp_path / "other"
+    export_onnx(model, None, str(other))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    for suffix in (".onnx", ".onnx.data"):
+        shutil.copy(other / f"context{suffix}", mixed / f"context{suffix}")
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(mixed), "--device", "cpu")
+    assert code == 2 and "context.onnx comes from another export" in output and len(output.strip().splitlines()) == 1, output
+
+    with pytest.raises(ValueError, match="class ids"):
+        OnnxSampler(str(folder), device="cpu").generate(np.array([10]))
+    if "CUDAExecutionProvider" not in ort.InferenceSession(str(folder / "guided.onnx"), providers=[
+            "CUDAExecutionProvider", "CPUExecutionProvider"]).get_providers():
+        code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cuda")
+        assert code == 2 and output.strip().startswith("error: the CUDA execution provider is not available"), output
