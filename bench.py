@@ -1,0 +1,175 @@
+"""
+Benchmark ARPG token generation and training, following the paper's speed protocol.
+
+Paper protocol (Table 1 / SPEC 9): one GPU, batch 64 images (128 rows with guidance), bf16,
+token generation only (no VQ decoding), random weights are fine since speed does not depend on
+them. We time, on whatever device this runs on, with warm-up and several repeats:
+  - the readable `generate`, the fast path (`generate(fast=True)`, compiled on GPU), and the
+    ONNX Runtime sampler (export.py) at 16 / 32 / 64 steps;
+  - one token per step in raster order (L steps), the classic autoregressive baseline;
+  - training throughput (images/s of forward + backward + AdamW step).
+It prints a markdown table and writes it to --out.
+
+    python bench.py                               # tiny on this machine (CPU here: ~2 minutes)
+    python bench.py --size L --batch 64           # the paper's setting, on a GPU (bf16)
+    python bench.py --profile                     # where one decoding call spends its time
+"""
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from arpg import ARPG, ARPG_PRESETS
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--size", default="tiny", choices=list(ARPG_PRESETS), help="model preset (random weights)")
+parser.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="images per batch (default: 64 on GPU as in the paper, 16 and 64 on CPU)")
+parser.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64], help="parallel decoding step counts")
+parser.add_argument("--tokens", type=int, default=None,
+                    help="image tokens per sample (a square number; default: the preset's, 64 for tiny, 256 for L)")
+parser.add_argument("--cfg", type=float, default=4.0, help="guidance scale (not 1, so rows are doubled as in the paper)")
+parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (after one warm-up call)")
+parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime sampler")
+parser.add_argument("--no-train", action="store_true", help="skip the training-throughput row")
+parser.add_argument("--profile", action="store_true", help="only print a profile of one fast decoding call")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+parser.add_argument("--out", default="out/bench.md", help="where to write the markdown table")
+args = parser.parse_args()
+
+device = torch.device(args.device)
+on_gpu = device.type == "cuda"
+dtype = torch.bfloat16 if on_gpu else torch.float32   # the paper's bf16 on GPU; fp32 on CPU
+batches = args.batch or ([64] if on_gpu else [16, 64])
+torch.manual_seed(0)
+config = replace(ARPG_PRESETS[args.size], block_size=args.tokens or ARPG_PRESETS[args.size].block_size)
+model = ARPG(config).eval()
+torch.nn.init.normal_(model.head.weight, std=0.02)   # a zero head would make every sample the same token
+if not args.no_onnx and not args.profile:
+    from export import export_onnx                   # only when asked: exporting needs onnx
+    from onnx_sampler import OnnxSampler
+    onnx_dir = tempfile.mkdtemp(prefix="arpg-bench-onnx-")
+    export_onnx(model, None, onnx_dir, fp16=on_gpu)  # from the fp32 weights, as a deployer would
+    onnx_sampler = OnnxSampler(onnx_dir, device="cuda" if on_gpu else "cpu")
+model = model.to(device, dtype)
+
+
+def synchronize():
+    if on_gpu:
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats):
+    """Median seconds of `repeats` calls after one warm-up call, and peak GPU memory in GB."""
+    fn()
+    synchronize()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if on_gpu else float("nan")
+    return sorted(times)[len(times) // 2], peak
+
+
+# -----------------------------------------------------------------------------
+# Profile mode: where does one decoding call spend its time?
+
+if args.profile:
+    labels = torch.arange(batches[0], device=device) % config.num_classes
+    model.generate(labels, steps=32, cfg_scale=args.cfg, fast=True)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        model.generate(labels, steps=32, cfg_scale=args.cfg, fast=True)
+        synchronize()
+    sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(profile.key_averages().table(sort_by=sort_key, row_limit=15))
+    raise SystemExit
+
+# -----------------------------------------------------------------------------
+# Token generation
+
+rows = []   # (path, batch, steps, img/s, peak GB)
+L = config.block_size
+for batch in batches:
+    labels = torch.arange(batch, device=device) % config.num_classes
+    samplers = {
+        "readable": lambda steps, order=None: model.generate(labels, steps=steps, cfg_scale=args.cfg, order=order),
+        "fast": lambda steps, order=None: model.generate(labels, steps=steps, cfg_scale=args.cfg, order=order,
+                                                         fast=True, compile=on_gpu),
+    }
+    if not args.no_onnx:
+        samplers["onnx runtime"] = lambda steps, order=None: onnx_sampler.generate(
+            labels.cpu().numpy(), steps=steps, cfg_scale=args.cfg, order=None if order is None else order.cpu().numpy())
+    for name, sample in samplers.items():
+        for steps in args.steps:
+            seconds, peak = timed(lambda: sample(steps), args.repeats)
+            rows.append((name, batch, steps, batch / seconds, peak))
+            print(f"{name:>13}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {peak:.2f} GB")
+        raster = torch.arange(L, device=device)   # one token per step, left to right, top to bottom
+        seconds, peak = timed(lambda: sample(L, raster), 1)
+        rows.append((f"{name}, raster", batch, L, batch / seconds, peak))
+        print(f"{name + ', raster':>13}  batch {batch:3d}  {L:3d} steps  {batch / seconds:8.1f} img/s  peak {peak:.2f} GB")
+
+# -----------------------------------------------------------------------------
+# Training throughput: forward + backward + AdamW step, as train.py runs it
+
+train_row = None
+if not args.no_train:
+    train_model = ARPG(config).to(device).train()
+    optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+    batch = batches[0]
+    tokens = torch.randint(0, config.vocab_size, (batch, L), device=device)
+    labels = torch.arange(batch, device=device) % config.num_classes
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            _, loss = train_model(tokens, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, peak = timed(train_step, args.repeats)
+    train_row = (batch, batch / seconds, peak)
+    print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {peak:.2f} GB")
+
+# -----------------------------------------------------------------------------
+# The table
+
+try:
+    import onnxruntime
+    ort_version = onnxruntime.__version__
+except ImportError:
+    ort_version = "not installed"
+device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+lines = [
+    f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
+    f"with {config.block_size} tokens per image "
+    f"(random weights), {'bf16' if on_gpu else 'fp32'}, guidance {args.cfg} (rows doubled), token generation only.",
+    "",
+    "| sampler | batch | steps | img/s | peak GPU memory (GB) |",
+    "|---|---|---|---|---|",
+]
+lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {'n/a' if peak != peak else f'{peak:.2f}'} |"
+          for name, batch, steps, ips, peak in rows]
+if train_row:
+    batch, ips, peak = train_row
+    lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, AdamW): batch {batch}, {ips:.1f} img/s"
+              + ("" if peak != peak else f", peak {peak:.2f} GB") + "."]
+table = "\n".join(lines)
+print("\n" + table)
+os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+with open(args.out, "w") as f:
+    f.write(table + "\n")
+print(f"\nwrote {args.out}")
