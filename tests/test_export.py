@@ -245,7 +245,7 @@ assert "torch" not in sys.modules
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     """A missing checkpoint, a missing graph, graphs mixed from two exports and an explicit but
     unavailable CUDA provider each end with one 'error:' line and exit code 2."""
-    folder, model, _ = exported
+    folder, _, _ = exported
     code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x"))
     assert code == 2 and output.strip().splitlines()[-1].startswith("error: checkpoint not found"), output
     assert not (tmp_path / "x").exists(), "a failed export left a folder behind"
@@ -257,12 +257,10 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     assert code == 2 and output.strip() == f"error: guided.onnx is missing from {missing}; " \
                                             "re-export the folder with python export.py", output
 
-    other = tmp_path / "other"
-    export_onnx(model, None, str(other))
-    mixed = tmp_path / "mixed"
+    mixed = tmp_path / "mixed"                                            # the JSON of another export
     shutil.copytree(folder, mixed)
-    for suffix in (".onnx", ".onnx.data"):
-        shutil.copy(other / f"context{suffix}", mixed / f"context{suffix}")
+    metadata = json.loads((mixed / "arpg_onnx.json").read_text())
+    (mixed / "arpg_onnx.json").write_text(json.dumps({**metadata, "export_id": "another export"}))
     code, output = run("onnx_sampler.py", "--onnx-dir", str(mixed), "--device", "cpu")
     assert code == 2 and "context.onnx comes from another export" in output and len(output.strip().splitlines()) == 1, output
 
