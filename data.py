@@ -201,6 +201,7 @@ def save_image_grid(images, row_labels, path, pad=2):
     try:
         with os.fdopen(fd, "wb") as f:
             grid.save(f, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a picture is for everyone to open
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
