@@ -1,0 +1,219 @@
+"""train.py: the loss falls, resume is bit-exact, torchrun keeps the ranks identical, both code
+layouts load, the data order is a pure function of the step, and bad input is refused cleanly."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from arpg import ARPG, ARPG_PRESETS
+from tokenizer import VQ_PRESETS, VQModel
+from train import StepSampler, build_dataset, main, parse_args
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB, LENGTH = 32, 16                     # small codes: a 4 x 4 grid of 32 codes keeps every run fast
+FAST = ["--vocab-size", str(VOCAB), "--batch-size", "8", "--log-every", "1", "--device", "cpu"]
+
+
+def write_codes(root, n_classes=3, per_class=5, n_aug=2, llamagen_layout=False, high=VOCAB, seed=0):
+    """Random codes {root}/{class}/{index}.npy of shape (n_aug, L), or LlamaGen's (1, n_aug, L)."""
+    rng = np.random.default_rng(seed)
+    for c in range(n_classes):
+        os.makedirs(root / str(c), exist_ok=True)
+        for i in range(per_class):
+            codes = rng.integers(0, high, size=(n_aug, LENGTH), dtype=np.int64)
+            np.save(root / str(c) / f"{i}.npy", codes[None] if llamagen_layout else codes)
+    return root
+
+
+# One thread per process: these models are tiny, and two threads that share two busy cores with
+# other processes spin-wait for each other (10x slower on a loaded machine).
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_train(*args, env=None, timeout=180):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**ONE_THREAD, **(env or {})})
+
+
+def logged_losses(stdout):
+    return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if "| loss " in line]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, what):
+    """Every tensor in two nested checkpoint structures is bitwise equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{what} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{what}: keys differ"
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{what}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{what}[{i}]")
+
+
+# --- training works ---
+
+def test_loss_falls_on_builtin_data(tmp_path):
+    """A few steps on the built-in shapes (through a tokenizer) lower the loss from ln(V), and the
+    default outputs appear: a checkpoint that loads with weights_only and a sample grid."""
+    torch.manual_seed(0)
+    tokenizer = tmp_path / "tokenizer.pt"  # untrained: training it is tokenizer.py's test
+    torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"])}, tokenizer)
+    result = run_train("--tokenizer", str(tokenizer), "--num-images", "100", "--max-steps", "25",
+                       "--batch-size", "16", "--lr", "3e-3", "--log-every", "5", "--sample-columns", "2",
+                       "--sample-steps", "4", "--out", str(tmp_path / "arpg.pt"))
+    assert result.returncode == 0, result.stderr
+    losses = logged_losses(result.stdout)
+    vocab = VQ_PRESETS["small"].codebook_size
+    assert len(losses) == 5, f"expected a log line every 5 steps:\n{result.stdout}"
+    assert losses[0] < math.log(vocab) + 0.01, f"a zero head starts at ln(V) = {math.log(vocab):.3f}, got {losses}"
+    assert losses[-1] < losses[0] - 0.5, f"the loss did not fall: {losses}"
+    checkpoint = load(tmp_path / "arpg.pt")
+    assert checkpoint["step"] == 25 and checkpoint["config"]["vocab_size"] == vocab, "checkpoint contents"
+    assert (tmp_path / "samples.png").is_file(), "no sample grid written"
+
+
+def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
+    """Ctrl-C saves a checkpoint; --resume then ends with exactly the weights, EMA and optimizer
+    state of a run that was never stopped (data order, orders, label and token dropout restored)."""
+    data = write_codes(tmp_path / "codes", per_class=4)  # 12 images, batch 8: epochs end mid-batch
+    common = ["--data", str(data), *FAST, "--max-steps", "30", "--ema", "0.9", "--save-every", "0"]
+    straight = run_train(*common, "--out", str(tmp_path / "straight.pt"))
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "stopped.pt"
+    process = subprocess.Popen([sys.executable, "train.py", *common, "--out", str(out)], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=ONE_THREAD)
+    for line in process.stdout:  # like Ctrl-C in a terminal: the signal goes to the whole process group
+        if line.startswith("step 3/"):
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == 130, "an interrupted run exits with 130"
+    stopped_at = load(out)["step"]
+    assert 3 <= stopped_at < 30, f"the run should have stopped early and saved, saved step {stopped_at}"
+
+    resumed = run_train(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load(tmp_path / "straight.pt"), load(out)
+    assert a["step"] == b["step"] == 30, "both runs end at the last step"
+    for key in ("model", "ema", "optimizer"):
+        assert_same_tensors(a[key], b[key], key)
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU) trains, checks both ranks hold identical weights,
+    and writes one checkpoint."""
+    data = write_codes(tmp_path / "codes")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", "--data", str(data), *FAST, "--max-steps", "4", "--out",
+                             str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 2 processes" in result.stdout, result.stdout
+    assert load(tmp_path / "arpg.pt")["step"] == 4, "rank 0 saved the final step"
+
+
+# --- data ---
+
+@pytest.mark.parametrize("llamagen_layout", [False, True])
+def test_code_folders_load_in_both_layouts(tmp_path, llamagen_layout):
+    """(n_aug, L) and (1, n_aug, L) files load as (L,) codes; `draw` picks the augmentation;
+    class folders named by number sort numerically (folder 10 is class 10)."""
+    data = write_codes(tmp_path, n_classes=11, per_class=2, n_aug=3, llamagen_layout=llamagen_layout)
+    dataset = build_dataset(parse_args(["--data", str(data), "--vocab-size", str(VOCAB)]), None,
+                            ARPG_PRESETS["tiny"], "cpu")
+    assert len(dataset) == 22 and dataset.length == LENGTH, "22 grids of 16 tokens"
+    assert dataset.class_names[10] == "10" and dataset.labels[20] == 10, "numeric class order"
+    stored = np.load(data / "10" / "0.npy").reshape(3, LENGTH)
+    for draw in range(3):
+        codes, label = dataset[(20, draw)]
+        assert codes.dtype == torch.int64 and codes.shape == (LENGTH,), "codes (L,) int64"
+        assert torch.equal(codes, torch.from_numpy(stored[draw])) and label == 10, f"augmentation {draw}"
+
+
+def test_data_order_is_a_pure_function_of_the_step():
+    """A sampler started at step s yields exactly what one started at 0 yields from s on; ranks
+    split each global batch without overlap; every epoch visits every image once."""
+    def batches(start, n, rank=0, world=1, accum=1):
+        iterator = iter(StepSampler(10, 8, seed=3, start_step=start, rank=rank, world_size=world, accum=accum))
+        return [next(iterator) for _ in range(n)]
+
+    assert batches(0, 6)[2:] == batches(2, 4), "resuming at step 2 replays the same batches"
+    full = batches(0, 5)
+    ranks = [batches(0, 5 * 2, rank=r, world=2, accum=2) for r in range(2)]
+    for step in range(5):  # rank r, micro-batches 2 step and 2 step + 1 = its half of the global batch
+        pieces = [item for r in range(2) for item in ranks[r][2 * step] + ranks[r][2 * step + 1]]
+        assert pieces == full[step], f"step {step}: the ranks' micro-batches do not make up the global batch"
+    indices = [index for batch in full for index, _ in batch]  # 40 samples = 4 epochs of 10
+    for epoch in range(4):
+        assert sorted(indices[10 * epoch:10 * epoch + 10]) == list(range(10)), f"epoch {epoch} is not a permutation"
+
+
+# --- bad input: one line, a non-zero exit, nothing written ---
+
+def vocabulary_mismatch(tmp_path):
+    """A checkpoint trained on 32 codes, resumed with a 512-code tokenizer."""
+    data = write_codes(tmp_path / "codes")
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
+    torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1}, tmp_path / "arpg.pt")
+    torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"])},
+               tmp_path / "tokenizer.pt")
+    return ["--data", str(data), "--tokenizer", str(tmp_path / "tokenizer.pt"), "--resume"], "the model has 32 codes"
+
+
+def empty_folder(tmp_path):
+    os.makedirs(tmp_path / "empty" / "cat")  # a class folder with nothing in it
+    return ["--data", str(tmp_path / "empty")], "no training data"
+
+
+BAD_INPUTS = {
+    "missing folder": lambda tmp: (["--data", str(tmp / "nowhere")], "data folder not found"),
+    "empty folder": empty_folder,
+    "codes outside the vocabulary": lambda tmp: (["--data", str(write_codes(tmp / "codes", high=VOCAB + 5, seed=1)),
+                                                  "--vocab-size", str(VOCAB)], "outside the vocabulary"),
+    "tokenizer/model vocabulary mismatch": vocabulary_mismatch,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
+    """Each bad input raises ValueError / FileNotFoundError naming the problem (the command line
+    prints it as one 'error:' line, next test) and leaves the checkpoint as it was."""
+    args, message = BAD_INPUTS[case](tmp_path)
+    out = tmp_path / "arpg.pt"
+    before = out.read_bytes() if out.exists() else None
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        main([*args, "--out", str(out), "--max-steps", "2", "--device", "cpu"])
+    assert (out.read_bytes() if out.exists() else None) == before, f"{case}: the checkpoint was touched"
+    assert not (tmp_path / "samples.png").exists(), f"{case}: wrote samples"
+
+
+def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
+    """From the shell, bad input is one 'error: ...' line on stderr and exit code 2."""
+    result = run_train("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "arpg.pt"))
+    assert result.returncode == 2, f"exit code {result.returncode}\n{result.stderr}"
+    assert result.stderr == f"error: data folder not found: {tmp_path / 'nowhere'}\n", repr(result.stderr)
+    assert not any(tmp_path.iterdir()), "nothing may be written"
+
+
+def test_global_batch_must_split_over_processes(tmp_path, monkeypatch):
+    """A global batch that the processes (x accumulation steps) cannot share evenly is refused
+    before any process group or file exists."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)  # what torchrun --nproc_per_node 2 sets
+    with pytest.raises(ValueError, match="does not split evenly over 2 processes"):
+        main(["--batch-size", "6", "--grad-accum", "2", "--out", str(tmp_path / "arpg.pt")])
+    assert not any(tmp_path.iterdir()), "nothing may be written"

@@ -1,0 +1,616 @@
+"""
+Train ARPG: random-order teacher forcing with the paper's recipe, from a laptop CPU to many GPUs.
+
+Paper: Sec. 3.1, training (every image gets its own random generation order; Pass 1 reads the
+class token and the tokens revealed so far, Pass 2 asks one [MASK] query per target position;
+the loss itself is `ARPG.forward` in arpg.py) and the recipe of Sec. 4.1 / SPEC 5: AdamW
+(0.9, 0.95), weight decay 0.05 on matrices only, lr 1e-4 per 256 images of global batch, linear
+warm-up then cosine decay to 1e-5, gradient clipping at 1.0, bf16 autocast, label dropout 0.1
+(so classifier-free guidance works at sampling time), EMA weights.
+
+With no arguments it does everything on a CPU with no download (about 10 minutes on 2 cores):
+draws the built-in shapes dataset (data.py), trains the small VQ tokenizer (tokenizer.py) unless
+out/tokenizer.pt exists, tokenizes the images, trains the `tiny` ARPG and writes out/arpg.pt
+and out/samples.png (one row per class; a grid every --sample-every steps in out/samples/).
+
+    python train.py                                   # CPU: built-in shapes, about 10 minutes
+    python train.py --max-steps 300                   # quicker and rougher (the schedule shrinks with it)
+    python train.py --minutes 3                       # stop (and save) after 3 minutes; --resume continues
+    python train.py --resume                          # continue out/arpg.pt exactly where it stopped
+    python train.py --size L --data /data/imagenet_codes --tokenizer vq_ds16_c2i.pt     # one GPU
+    torchrun --nproc_per_node 8 train.py --size L --data /data/imagenet_codes --tokenizer vq_ds16_c2i.pt
+    python train.py --data my_images --tokenizer out/tokenizer.pt   # an image folder, one subfolder per class
+
+Data (--data): a folder with one subfolder per class. Either pre-tokenized codes,
+{class}/{index}.npy holding (n_aug, L) or LlamaGen's (1, n_aug, L) integer arrays, one
+augmentation picked per read (RandAR's ImageNet codes, or `python tokenizer.py --tokenize`),
+or images ({class}/{name}.png/.jpg/...), tokenized once at start by --tokenizer. Without
+--data: the built-in shapes. Class ids follow the sorted subfolder names (numerically when
+they are all numbers, so ImageNet's 0..999 keep their ids).
+
+Checkpoints (--out, written to a temporary file, then renamed): model, EMA, optimizer, config
+(a plain dict), step and seed; loadable with torch.load(weights_only=True). The data order and
+every random number of a step are a pure function of (seed, step), so that is all the state a
+resume needs: Ctrl-C saves and exits, and --resume ends with the same weights, bit for bit, as
+a run that was never stopped.
+"""
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from arpg import ARPG, ARPG_PRESETS, ARPGConfig, load_strict, read_checkpoint, save_atomic
+from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
+from tokenizer import VQ_PRESETS, VQModel, images_to_tensor, tensor_to_images, train_tokenizer
+
+# -----------------------------------------------------------------------------
+# Recipes: the defaults that depend on the model size. Every flag that defaults to None takes
+# its value from here. L / XL / XXL follow the paper (SPEC 5); `tiny` is tuned for the default
+# CPU run: a fixed number of steps so the result is the same on every machine, just slower or
+# faster (--minutes caps the wall time instead).
+
+RECIPES = {
+    "tiny": dict(batch_size=64, lr=2e-3, warmup=0.05, max_steps=600, epochs=None, ema=0.0,
+                 log_every=25, sample_every=200, save_every=200),
+    "paper": dict(batch_size=1024, lr=None, warmup=0.25, max_steps=None, epochs=400, ema=0.9999,
+                  log_every=100, sample_every=5000, save_every=5000),
+}
+PAPER_LR_PER_256 = 1e-4     # SPEC 5: lr scales with the global batch (ARPG-L: batch 1024 -> 4e-4)
+ADAM_BETAS = (0.9, 0.95)    # SPEC 5
+BUILTIN_TOKENIZER = "out/tokenizer.pt"  # the small tokenizer the default run trains
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--size", default="tiny", choices=list(ARPG_PRESETS),
+                      help="model preset; vocab_size, num_classes and block_size come from the data")
+    what.add_argument("--data", default=None,
+                      help="folder of {class}/{index}.npy codes or {class}/{image} images (default: built-in shapes)")
+    what.add_argument("--tokenizer", default=None,
+                      help="VQ checkpoint: tokenizes an image folder and decodes sample grids (built-in "
+                           f"shapes: default {BUILTIN_TOKENIZER}, trained first if missing)")
+    what.add_argument("--vocab-size", type=int, default=None,
+                      help="codebook size of pre-tokenized codes (default: the tokenizer's when given, "
+                           "else the preset's)")
+    what.add_argument("--num-images", type=int, default=5000, help="built-in dataset size (tokenized once at start)")
+    what.add_argument("--image-size", type=int, default=None,
+                      help="image folders are resized and centre-cropped to this side (default: the preset's "
+                           "grid x the tokenizer's downsampling: 16 x 16 for L with VQ-16, 8 x 8 for tiny)")
+    what.add_argument("--tokenizer-steps", type=int, default=None,
+                      help="steps to train the small tokenizer when it is missing (default: tokenizer.py's)")
+    what.add_argument("--out", default="out/arpg.pt", help="checkpoint path; sample grids go beside it")
+    what.add_argument("--resume", action="store_true",
+                      help="continue from --out: same weights, optimizer, data order and random numbers")
+
+    recipe = parser.add_argument_group("recipe (None: the paper's for L/XL/XXL, the tuned CPU one for tiny)")
+    recipe.add_argument("--batch-size", type=int, default=None,
+                        help="GLOBAL batch in images per optimizer step (all processes and accumulation steps)")
+    recipe.add_argument("--grad-accum", type=int, default=1,
+                        help="split each process's share of the batch into this many micro-batches")
+    recipe.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (paper: 1e-4 per 256 images of global batch)")
+    recipe.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    recipe.add_argument("--warmup", type=float, default=None, help="linear warm-up, as a fraction of --max-steps")
+    recipe.add_argument("--max-steps", type=int, default=None,
+                        help="optimizer steps; the cosine schedule spans them (paper: 400 epochs of the data)")
+    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on >= 2-dim tensors")
+    recipe.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    recipe.add_argument("--ema", type=float, default=None, help="EMA decay of a weight copy saved as 'ema' (0: off)")
+    recipe.add_argument("--seed", type=int, default=0, help="seeds the model init, data order, orders and dropout")
+
+    run = parser.add_argument_group("how to run")
+    run.add_argument("--minutes", type=float, default=None,
+                     help="stop after this many minutes of training (saved; --resume continues)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
+    run.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                     help="autocast dtype for forward passes (default: bf16 on CUDA, fp32 on CPU)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training forward/backward")
+    run.add_argument("--workers", type=int, default=None,
+                     help="DataLoader processes reading .npy files (default: 4 per GPU, up to the CPU count)")
+    run.add_argument("--log-every", type=int, default=None, help="print a progress line every N steps")
+    run.add_argument("--save-every", type=int, default=None, help="write the checkpoint every N steps (0: at the end)")
+    run.add_argument("--sample-every", type=int, default=None,
+                     help="write a sample grid every N steps (0: only at the end); needs the tokenizer")
+    run.add_argument("--sample-steps", type=int, default=16, help="decoding steps of the sample grids")
+    run.add_argument("--sample-cfg", type=float, default=4.0, help="classifier-free guidance scale of the sample grids")
+    run.add_argument("--sample-columns", type=int, default=8, help="samples per class in a grid")
+    return parser.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Data: token grids and labels, from code folders, image folders or the built-in shapes
+
+class TokenGrids(Dataset):
+    """Token grids with their class labels. An item is (index, draw) -> (codes (L,) int64, label).
+
+    grids[i] is a path to an .npy file (read on access, so ImageNet never sits in memory) or an
+    array already in memory; either holds (n_aug, L) or LlamaGen's (1, n_aug, L) codes, and
+    `draw` (a random integer from the sampler) picks one augmentation per read.
+    """
+
+    def __init__(self, grids, labels, class_names, vocab_size, length):
+        self.grids, self.labels = grids, labels
+        self.class_names, self.vocab_size, self.length = list(class_names), vocab_size, length
+
+    def __len__(self):
+        return len(self.grids)
+
+    def __getitem__(self, item):
+        index, draw = item
+        grid = self.grids[index]
+        codes = np.load(grid) if isinstance(grid, str) else grid
+        where = grid if isinstance(grid, str) else f"image {index}"
+        if codes.ndim not in (1, 2, 3) or codes.shape[-1] != self.length or not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"{where}: expected integer codes of shape (n_aug, {self.length}) or "
+                             f"(1, n_aug, {self.length}), got {codes.dtype} {codes.shape}")
+        codes = codes.reshape(-1, self.length)                            # (n_aug, L)
+        codes = codes[draw % len(codes)]                                  # (L,): one augmentation per read
+        if codes.min() < 0 or codes.max() >= self.vocab_size:
+            raise ValueError(f"{where}: codes outside the vocabulary [0, {self.vocab_size}) "
+                             f"(min {codes.min()}, max {codes.max()}); pass the tokenizer that made "
+                             f"them (--tokenizer) or its codebook size (--vocab-size)")
+        return torch.from_numpy(codes.astype(np.int64)), self.labels[index]
+
+
+def scan_class_folders(root):
+    """{root}/{class}/{file} -> (class names in label order, files per class, 'codes' or 'images')."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder not found: {root}")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if names and all(name.isdigit() for name in names):
+        names.sort(key=int)                       # ImageNet codes are in folders 0..999: "10" is class 10, not 2
+    files = [sorted(os.listdir(os.path.join(root, name))) for name in names]
+    codes = [[f for f in class_files if f.endswith(".npy")] for class_files in files]
+    images = [[f for f in class_files if f.lower().endswith(IMAGE_EXTENSIONS)] for class_files in files]
+    kind, files = ("codes", codes) if any(codes) else ("images", images)  # codes win if a folder has both
+    if not any(files):
+        raise ValueError(f"no training data in {root}: expected one subfolder per class holding .npy code "
+                         f"files or images ({', '.join(IMAGE_EXTENSIONS)})")
+    return names, [[os.path.join(root, name, f) for f in class_files] for name, class_files in zip(names, files)], kind
+
+
+def load_image(path, size):
+    """An image file -> uint8 (size, size, 3): shorter side resized to `size`, then centre-cropped."""
+    from PIL import Image
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+@torch.no_grad()
+def tokenize(vq, images, device, batch_size=256):
+    """uint8 images (n, H, W, 3) -> codes (n, h*w) int64 with the tokenizer, in batches."""
+    codes = [vq.encode(images_to_tensor(images[i:i + batch_size]).to(device)).flatten(1).cpu()  # (b, h*w)
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(codes).numpy()
+
+
+def build_dataset(args, vq, preset, device):
+    """The training set as TokenGrids, from --data or the built-in shapes (SPEC 8 layouts)."""
+    if args.data is None:
+        images, labels = make_builtin_dataset(args.num_images, seed=args.seed)
+        codes = tokenize(vq, images, device)                              # (n, L)
+        return TokenGrids(codes[:, None], labels, CLASS_NAMES, vq.config.codebook_size, codes.shape[1])
+
+    names, files, kind = scan_class_folders(args.data)
+    labels = np.concatenate([np.full(len(class_files), c, dtype=np.int64) for c, class_files in enumerate(files)])
+    paths = [path for class_files in files for path in class_files]
+    if kind == "images":
+        if vq is None:
+            raise ValueError(f"{args.data} holds images: pass the tokenizer checkpoint that turns them into "
+                             f"codes with --tokenizer")
+        size = args.image_size or preset.grid_size * vq.downsample  # tiny: 8 x 8 tokens * 8 = 64 pixels
+        images = np.stack([load_image(path, size) for path in paths])  # (n, size, size, 3)
+        # Two augmentations per image, as RandAR's ImageNet codes: as is, and mirrored.
+        codes = np.stack([tokenize(vq, images, device), tokenize(vq, images[:, :, ::-1].copy(), device)], axis=1)
+        return TokenGrids(codes, labels, names, vq.config.codebook_size, codes.shape[-1])  # codes (n, 2, L)
+
+    first = np.load(paths[0])
+    vocab_size = args.vocab_size or (vq.config.codebook_size if vq is not None else preset.vocab_size)
+    dataset = TokenGrids(paths, labels, names, vocab_size, first.shape[-1] if first.ndim else 0)
+    first_of_class = np.cumsum([0] + [len(class_files) for class_files in files[:-1]])
+    for index, class_files in zip(first_of_class, files):  # check one file per class now, not hours into a run
+        if class_files:
+            dataset[(int(index), 0)]
+    return dataset
+
+
+class StepSampler(Sampler):
+    """The data order as a pure function of (seed, step): nothing to save, nothing to drift.
+
+    Global sample number g = step * batch + i walks through the data epoch by epoch; epoch e is a
+    permutation drawn from (seed, e), and every sample also gets a random `draw` that picks its
+    augmentation. So resuming at step s replays exactly the batches an uninterrupted run draws,
+    and every process agrees on the global batch. This process yields its slice of each global
+    batch as `accum` micro-batches of (index, draw) pairs, forever (the loop counts steps).
+    """
+
+    def __init__(self, n_items, batch_size, seed, start_step, rank=0, world_size=1, accum=1):
+        self.n_items, self.batch_size, self.seed, self.start_step = n_items, batch_size, seed, start_step
+        self.rank, self.world_size, self.accum = rank, world_size, accum
+        self.epoch, self.order, self.draws = None, None, None
+
+    def epoch_order(self, epoch):
+        if epoch != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.epoch = epoch
+            self.order = torch.randperm(self.n_items, generator=generator)               # (n,)
+            self.draws = torch.randint(0, 2 ** 31, (self.n_items,), generator=generator)  # (n,)
+        return self.order, self.draws
+
+    def global_batch(self, step):
+        """The (index, draw) pairs of the whole global batch of `step`."""
+        items = []
+        for g in range(step * self.batch_size, (step + 1) * self.batch_size):
+            order, draws = self.epoch_order(g // self.n_items)
+            position = g % self.n_items
+            items.append((order[position].item(), draws[position].item()))
+        return items
+
+    def __iter__(self):
+        share = self.batch_size // self.world_size
+        micro = share // self.accum
+        step = self.start_step
+        while True:
+            mine = self.global_batch(step)[self.rank * share:(self.rank + 1) * share]
+            for i in range(self.accum):
+                yield mine[i * micro:(i + 1) * micro]
+            step += 1
+
+
+def ignore_ctrl_c(_worker_id):
+    # Ctrl-C reaches every process in the terminal's group; the main process handles it (it saves
+    # a checkpoint first), so a DataLoader worker must not die of it and break the last batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` is a world of one
+
+def world_from_environment():
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_distributed(device_name):
+    rank, world_size, local_rank = world_from_environment()
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def check_ranks_agree(model, device):
+    """DDP keeps the replicas identical; check it (one float64 sum per tensor, gathered from every rank)."""
+    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)  # (tensors,)
+    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("the processes' weights differ: distributed training went out of sync")
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, learning rate, EMA (SPEC 5)
+
+def make_optimizer(model, lr, weight_decay, device):
+    # Weight decay on matrices and embeddings (>= 2 dims) only, never on norm weights.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=device.type == "cuda")
+
+
+def learning_rate(step, max_steps, peak, minimum, warmup_steps):
+    """Linear warm-up to `peak`, then cosine decay to `minimum` at max_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return minimum + 0.5 * (peak - minimum) * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay, step):
+    # Early on, a fixed decay of 0.9999 would average mostly the random init: use (1 + t) / (10 + t)
+    # until it catches up (0.9 at step 80, 0.99 at step 890, 0.999 at step 8990).
+    decay = min(decay, (1 + step) / (10 + step))
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+
+
+def step_seed(seed, step, rank):
+    """The seed of one process's step: orders, label dropout and dropout masks depend only on it."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints (plain types only, so torch.load(weights_only=True) reads them)
+
+def save_checkpoint(path, model, ema, optimizer, step, loss, args, class_names):
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": asdict(model.config),
+        "step": step,                 # with args["seed"], this is the whole data and RNG state
+        "loss": loss,                 # mean training loss of the last logged steps
+        "args": vars(args),
+        "class_names": list(class_names),
+        "tokenizer": args.tokenizer,  # the decoder for sample.py
+    }
+    if ema is not None:
+        checkpoint["ema"] = ema.state_dict()
+    save_atomic(checkpoint, path)
+
+
+def check_matches_data(config, dataset):
+    problems = []
+    if config.vocab_size != dataset.vocab_size:
+        problems.append(f"vocabulary: the model has {config.vocab_size} codes, the tokenizer/data "
+                        f"{dataset.vocab_size}")
+    if config.num_classes != len(dataset.class_names):
+        problems.append(f"classes: the model has {config.num_classes}, the data {len(dataset.class_names)}")
+    if config.block_size != dataset.length:
+        problems.append(f"tokens per image: the model has {config.block_size}, the data {dataset.length}")
+    if problems:
+        raise ValueError("the checkpoint does not match the data (" + "; ".join(problems) + "): use the "
+                         "tokenizer and data it was trained with, or start afresh without --resume")
+
+
+# -----------------------------------------------------------------------------
+# Sample grids: one row per class, decoded by the tokenizer
+
+def save_sample_grid(model, vq, class_names, path, args, device):
+    n_classes = len(class_names)
+    # A thousand rows is no picture: beyond 16 classes, show 8 spread over the range.
+    classes = list(range(n_classes)) if n_classes <= 16 else [round(i * (n_classes - 1) / 7) for i in range(8)]
+    labels = torch.tensor(classes, device=device).repeat_interleave(args.sample_columns)  # (R*C,)
+    generator = torch.Generator(device).manual_seed(args.seed)  # the same noise every time: grids are comparable
+    tokens = model.generate(labels, steps=args.sample_steps, cfg_scale=args.sample_cfg, generator=generator)  # (R*C, L)
+    grid = model.config.grid_size
+    images = tensor_to_images(vq.decode(tokens.view(-1, grid, grid)))  # (R*C, H, W, 3)
+    images = images.reshape(len(classes), args.sample_columns, *images.shape[1:])  # (R, C, H, W, 3)
+    save_image_grid(images, [class_names[c] for c in classes], path)
+
+
+# -----------------------------------------------------------------------------
+# Stopping cleanly
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (sent by torchrun and cluster schedulers) asks the loop to stop
+    after the current step and save; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self.previous[signum])
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size, device):
+    """Run optimizer steps from start_step to args.max_steps (or until stopped); returns the last step."""
+    is_main, distributed = rank == 0, world_size > 1
+    train_model = DistributedDataParallel(model) if distributed else model
+    train_model = torch.compile(train_model) if args.compile else train_model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    sampler = StepSampler(len(dataset), args.batch_size, args.seed, start_step, rank, world_size, args.grad_accum)
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
+                             worker_init_fn=ignore_ctrl_c))
+    warmup_steps = round(args.warmup * args.max_steps)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    sampling = vq is not None and is_main
+    ema_or_model = ema if ema is not None else model
+
+    stop = StopRequest()
+    started = interval_start = time.perf_counter()
+    loss_sum, loss_count, last_loss = torch.zeros((), device=device), 0, float("nan")
+    step = start_step
+    try:
+        while step < args.max_steps:
+            # Every random number of this step comes from (seed, step, rank): see step_seed.
+            torch.manual_seed(step_seed(args.seed, step, rank))
+            lr = learning_rate(step, args.max_steps, args.lr, args.min_lr, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(args.grad_accum):
+                tokens, labels = next(loader)                             # (B/world/accum, L), (B/world/accum,)
+                tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                # DDP averages gradients across processes on the last micro-batch's backward only.
+                sync = nullcontext() if not distributed or micro == args.grad_accum - 1 else train_model.no_sync()
+                with sync:
+                    with autocast:
+                        _, loss = train_model(tokens, labels)
+                    (loss / args.grad_accum).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, model, args.ema, step)
+            step += 1
+
+            # Stop together: every process must leave the loop at the same step.
+            stopping = stop.requested or (args.minutes is not None and time.perf_counter() - started > 60 * args.minutes)
+            if distributed:
+                flag = torch.tensor(float(stopping), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+
+            if step % args.log_every == 0 or step == args.max_steps or stopping:
+                if distributed:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+                    loss_count *= world_size
+                last_loss = loss_sum.item() / loss_count
+                elapsed = time.perf_counter() - interval_start
+                n_steps = loss_count / args.grad_accum / world_size
+                ms_per_step = 1000 * elapsed / n_steps
+                eta = (args.max_steps - step) * ms_per_step / 1000
+                if is_main:
+                    print(f"step {step}/{args.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
+                          f"{ms_per_step:.0f} ms/step | {args.batch_size * n_steps / elapsed:.0f} img/s | "
+                          f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+                loss_sum.zero_()
+                loss_count, interval_start = 0, time.perf_counter()
+            if stopping:
+                break
+            if is_main and args.save_every and step % args.save_every == 0 and step < args.max_steps:
+                save_checkpoint(args.out, model, ema, optimizer, step, last_loss, args, dataset.class_names)
+                interval_start = time.perf_counter()
+            if sampling and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
+                save_sample_grid(ema_or_model, vq, dataset.class_names,
+                                 os.path.join(folder, "samples", f"step_{step:06d}.png"), args, device)
+                interval_start = time.perf_counter()
+    finally:
+        stop.restore()
+    if distributed:
+        check_ranks_agree(model, device)
+    if is_main:
+        save_checkpoint(args.out, model, ema, optimizer, step, last_loss, args, dataset.class_names)
+    return step, last_loss, stop.requested
+
+
+# -----------------------------------------------------------------------------
+# Putting it together
+
+def fill_in_defaults(args, world_size, dataset, device):
+    """Resolve every None flag from the recipe of --size and check the batch arithmetic."""
+    recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
+    for key in ("batch_size", "warmup", "ema", "log_every", "sample_every", "save_every"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+    if args.lr is None:
+        args.lr = recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
+    if args.max_steps is None:
+        args.max_steps = recipe["max_steps"] or math.ceil(recipe["epochs"] * len(dataset) / args.batch_size)
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    if args.workers is None:  # worker processes pay off for reading files, not for arrays in memory
+        on_disk = isinstance(dataset.grids, list)
+        args.workers = min(4, max(1, (os.cpu_count() or 1) // world_size)) if on_disk else 0
+
+
+def check_batch(args, world_size):
+    if args.batch_size is not None and args.batch_size % (world_size * args.grad_accum):
+        raise ValueError(f"global batch {args.batch_size} does not split evenly over {world_size} processes x "
+                         f"{args.grad_accum} accumulation steps: pick a multiple of {world_size * args.grad_accum}")
+    if args.resume and not os.path.isfile(args.out):
+        raise FileNotFoundError(f"nothing to resume: {args.out} not found (drop --resume to start afresh)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, _ = world_from_environment()
+    check_batch(args, world_size)                       # before any process group or file exists
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    preset = ARPG_PRESETS[args.size]
+
+    # 1. The tokenizer: trained on the built-in shapes when there is none (by one process).
+    if args.data is None:
+        args.tokenizer = args.tokenizer or BUILTIN_TOKENIZER
+        if not os.path.isfile(args.tokenizer):
+            if is_main:
+                images, _ = make_builtin_dataset(args.num_images, seed=args.seed)
+                log(f"no tokenizer at {args.tokenizer}: training the small one on {len(images)} built-in images")
+                train_tokenizer(images, VQ_PRESETS["small"], args.tokenizer, max_steps=args.tokenizer_steps,
+                                seed=args.seed, device=device.type)
+            if world_size > 1:
+                dist.barrier()
+    vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
+    if vq is not None and args.vocab_size is not None and args.vocab_size != vq.config.codebook_size:
+        raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer {args.tokenizer} "
+                         f"({vq.config.codebook_size} codes)")
+
+    # 2. The data, as token grids.
+    started = time.perf_counter()
+    dataset = build_dataset(args, vq, preset, device)
+    fill_in_defaults(args, world_size, dataset, device)
+    log(f"data: {len(dataset)} images of {dataset.length} tokens, {len(dataset.class_names)} classes, "
+        f"codes < {dataset.vocab_size} ({time.perf_counter() - started:.1f}s)")
+
+    # 3. The model: the preset with the data's vocabulary, classes and grid, or the checkpoint's.
+    if args.resume:
+        checkpoint = read_checkpoint(args.out)
+        config = ARPGConfig(**checkpoint["config"])
+        check_matches_data(config, dataset)
+    else:
+        config = replace(preset, vocab_size=dataset.vocab_size, num_classes=len(dataset.class_names),
+                         block_size=dataset.length)
+    torch.manual_seed(args.seed)
+    model = ARPG(config).to(device)
+    ema = ARPG(config).to(device).requires_grad_(False) if args.ema > 0 else None
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    start_step = 0
+    if args.resume:
+        load_strict(model, checkpoint["model"], f"model in {args.out}")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        if ema is not None:
+            load_strict(ema, checkpoint.get("ema", checkpoint["model"]), f"EMA in {args.out}")
+    elif ema is not None:
+        ema.load_state_dict(model.state_dict())
+    log(f"model: {config}")
+    log(f"{sum(p.numel() for p in model.parameters()):,} parameters; training: " + ", ".join(
+        f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "min_lr", "warmup", "max_steps",
+                                            "weight_decay", "grad_clip", "ema", "precision", "seed")) +
+        f"; {world_size} process(es) on {device.type}")
+    if start_step:
+        log(f"resuming {args.out} at step {start_step}")
+
+    # 4. Train, save, and show samples.
+    started = time.perf_counter()
+    step, loss, interrupted = train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size, device)
+    minutes = (time.perf_counter() - started) / 60
+    if world_size > 1:
+        log(f"weights identical on all {world_size} processes")
+        dist.destroy_process_group()
+    if step < args.max_steps:
+        log(f"stopped at step {step}/{args.max_steps} after {minutes:.1f} min; saved {args.out} "
+            f"(continue with --resume)")
+        return 130 if interrupted else 0
+    log(f"done: {step} steps, {minutes:.1f} min of training, final loss {loss:.4f}; saved {args.out}")
+    if vq is not None and is_main:
+        path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "samples.png")
+        save_sample_grid(ema if ema is not None else model, vq, dataset.class_names, path, args, device)
+        log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as error:
+        # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
+        print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        sys.exit(2)
