@@ -174,7 +174,8 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
         torch_kv = torch.stack([torch.stack(layer) for layer in caches[:-1]])  # (layers, 2, B, H, N+T, D)
         diffs["context"] = max(diffs["context"], max_diff(kv, torch_kv), max_diff(shared_kv, torch.stack(caches[-1])))
         # The next step starts from PyTorch's caches, so each step is measured on its own.
-        past_kv, past_shared_kv = torch_kv.cpu().numpy().astype(dtype), torch.stack(caches[-1]).cpu().numpy().astype(dtype)
+        past_kv = torch_kv.cpu().numpy().astype(dtype)
+        past_shared_kv = torch.stack(caches[-1]).cpu().numpy().astype(dtype)
 
     target_slots = positions[6:] + 1                                      # (K,) = (6,)
     logits = sessions["guided"].run(None, {"target_slots": target_slots.numpy(), "shared_kv": past_shared_kv})[0]
@@ -210,7 +211,8 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     exported = reference if not fp16 else copy.deepcopy(reference).half()
     vq = copy.deepcopy(vq).eval() if vq is not None else None
     rope = reference.rope if (rows, cols) == (config.grid_size,) * 2 else \
-        build_rope_table(rows, cols, config.dim // config.n_head, config.rope_base).to(device)  # (1 + rows*cols, D/2, 2)
+        build_rope_table(rows, cols, config.dim // config.n_head, config.rope_base).to(device)
+    # rope: (1 + rows*cols, D/2, 2), slot 0 the class token's zero slot
     export_id = uuid.uuid4().hex
     # Work in a temporary folder beside out_dir (same file system, so os.replace is atomic): a
     # failed export leaves nothing behind, not even an empty out_dir.
@@ -297,8 +299,10 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
 
 def main():
     parser = argparse.ArgumentParser(description="Export ARPG (Pass 1, Pass 2) and the VQ decoder to ONNX.")
-    parser.add_argument("--ckpt", default="out/arpg.pt", help="ARPG checkpoint: ours (train.py) or an official arpg_*.pt")
-    parser.add_argument("--vq-ckpt", default="out/tokenizer.pt", help="tokenizer checkpoint: ours or LlamaGen's vq_ds16_c2i.pt")
+    parser.add_argument("--ckpt", default="out/arpg.pt",
+                        help="ARPG checkpoint: ours (train.py) or an official arpg_*.pt")
+    parser.add_argument("--vq-ckpt", default="out/tokenizer.pt",
+                        help="tokenizer checkpoint: ours or LlamaGen's vq_ds16_c2i.pt")
     parser.add_argument("--out", default="out/onnx", help="folder for the graphs and arpg_onnx.json")
     parser.add_argument("--raw-weights", action="store_true",
                         help="export the trained weights even when the checkpoint also holds EMA weights")
@@ -309,9 +313,13 @@ def main():
                         help="use the torch.export-based exporter (slower; the TorchScript one is deprecated)")
     args = parser.parse_args()
 
+    for path, how in ((args.ckpt, "python train.py"), (args.vq_ckpt, "python train.py (it trains the tokenizer first)")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}; make one with {how} or pass its path")
     checkpoint = read_checkpoint(args.ckpt)
     use_ema = isinstance(checkpoint.get("ema"), dict) and not args.raw_weights
-    model = ARPG.from_checkpoint({"model": checkpoint["ema"], "config": checkpoint.get("config")} if use_ema else checkpoint)
+    model = ARPG.from_checkpoint({"model": checkpoint["ema"], "config": checkpoint.get("config")} if use_ema
+                                 else checkpoint)
     vq = VQModel.from_checkpoint(args.vq_ckpt)
     print(f"exporting {args.ckpt} ({'EMA' if use_ema else 'trained'} weights, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) and {args.vq_ckpt}")

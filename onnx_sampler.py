@@ -120,7 +120,8 @@ def read_metadata(folder):
         raise ValueError(f"{path} is not an ARPG ONNX export ({METADATA_FORMAT}); re-export with python export.py")
     for graph_file in metadata["graphs"].values():
         if not os.path.isfile(os.path.join(folder, graph_file)):
-            raise FileNotFoundError(f"{graph_file} is missing from {folder}; re-export the folder with python export.py")
+            raise FileNotFoundError(f"{graph_file} is missing from {folder}; "
+                                    "re-export the folder with python export.py")
     return metadata
 
 
@@ -163,6 +164,10 @@ class OnnxSampler:
     error if unavailable) or 'cpu'. Every step runs through IO binding: the caches a step
     returns stay where ONNX Runtime put them (GPU memory under CUDA) and are bound as the next
     step's input, so they never cross to the host; only token ids go in and logits come out.
+
+    Footgun (GPU, untested here): the logits (2B, K, V) still come to the host every step and
+    guidance and sampling run in numpy. For ARPG-L (V = 16384, 128 rows) that host work, not
+    the graphs, will likely bound img/s; moving guidance and sampling into a graph is the fix.
     """
 
     def __init__(self, folder="out/onnx", device="auto"):
@@ -226,7 +231,8 @@ class OnnxSampler:
         labels = np.asarray(labels, dtype=np.int64)
         L = self.rows * self.cols
         if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"labels must be a non-empty 1-D array of class ids in [0, {self.num_classes}), got {labels.tolist()}")
+            raise ValueError(f"labels must be a non-empty 1-D array of class ids in [0, {self.num_classes}), "
+                             f"got {labels.tolist()}")
         if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "
                              f"{list(CFG_SCHEDULES)}, got {schedule!r} and {cfg_schedule!r}")
@@ -285,7 +291,8 @@ class OnnxSampler:
 def main():
     parser = argparse.ArgumentParser(description="Sample ARPG images with ONNX Runtime (no PyTorch needed).")
     parser.add_argument("--onnx-dir", default="out/onnx", help="folder written by export.py")
-    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class ids, one grid row each (default: all)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="class ids, one grid row each (default: all)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps (the paper uses 32 or 64)")
     parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")

@@ -17,9 +17,10 @@ import torch
 import arpg
 import onnx_sampler
 from arpg import ARPG, ARPG_PRESETS, ARPGConfig
+from data import CLASS_NAMES
 from export import export_onnx
 from onnx_sampler import OnnxSampler
-from tokenizer import VQ_PRESETS, VQModel
+from tokenizer import VQ_PRESETS, VQModel, tensor_to_images
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -45,8 +46,8 @@ def exported(tmp_path_factory):
     ema = ARPG(ARPG_PRESETS["tiny"]).eval()
     torch.nn.init.normal_(ema.head.weight, std=0.02)   # a zero head makes every logit equal
     trained = {k: v + 0.01 * torch.randn_like(v) for k, v in ema.state_dict().items()}
-    torch.save({"model": trained, "ema": ema.state_dict(), "config": asdict(ema.config), "step": 1},
-               folder / "arpg.pt")
+    torch.save({"model": trained, "ema": ema.state_dict(), "config": asdict(ema.config), "step": 1,
+                "class_names": CLASS_NAMES}, folder / "arpg.pt")
     vq = VQModel(VQ_PRESETS["small"]).eval()
     torch.save({"model": vq.state_dict(), "config": asdict(vq.config)}, folder / "tokenizer.pt")
     code, output = run("export.py", "--ckpt", str(folder / "arpg.pt"), "--vq-ckpt", str(folder / "tokenizer.pt"),
@@ -59,15 +60,18 @@ def exported(tmp_path_factory):
 
 def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
     """The three graphs pass onnx.checker, carry the JSON's export id, have dynamic batch / cache /
-    query axes, and the export reports per-graph parity within 1e-4; no temporary file is left."""
+    query axes, and the export reports per-graph parity within 1e-4; the JSON has the token ids
+    and the checkpoint's class names; no temporary file is left."""
     folder, _, _ = exported
     metadata = json.loads((folder / "arpg_onnx.json").read_text())
     assert sorted(os.listdir(folder)) == sorted(
         ["arpg_onnx.json"] + [f"{g}.onnx{s}" for g in ("context", "guided", "vq_decoder") for s in ("", ".data")]), \
         f"unexpected files: {os.listdir(folder)}"
+    assert not [p for p in os.listdir(folder.parent) if p.startswith(".onnx-export-")], "work folder left behind"
     for name in ("context", "guided", "vq_decoder"):
         onnx.checker.check_model(str(folder / f"{name}.onnx"))
-        props = {p.key: p.value for p in onnx.load(str(folder / f"{name}.onnx"), load_external_data=False).metadata_props}
+        graph = onnx.load(str(folder / f"{name}.onnx"), load_external_data=False)
+        props = {p.key: p.value for p in graph.metadata_props}
         assert props[onnx_sampler.EXPORT_ID_KEY] == metadata["export_id"], f"{name}.onnx lacks the export id"
         assert metadata["parity_max_abs_diff"][name] <= 1e-4, f"{name}: {metadata['parity_max_abs_diff'][name]}"
     session = ort.InferenceSession(str(folder / "context.onnx"), providers=["CPUExecutionProvider"])
@@ -75,6 +79,7 @@ def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
     assert shapes["past_kv"] == [2, 2, "batch", 4, "past", 32], f"context signature {shapes}"
     assert shapes["ids"] == ["batch", "new"] and shapes["slots"] == ["new"], f"context signature {shapes}"
     assert metadata["mask_id"] == 512 and metadata["null_class_id"] == 512 + 10 + 1, "token ids in the JSON"
+    assert metadata["class_names"] == CLASS_NAMES, f"class names {metadata['class_names']}"
 
 
 @pytest.mark.parametrize("batch, new, past", [(1, 1, 0), (4, 5, 0), (3, 2, 7), (1, 3, 60)])
@@ -121,9 +126,9 @@ def test_vq_decoder_graph_equals_vq_decode(exported):
     session = ort.InferenceSession(str(folder / "vq_decoder.onnx"), providers=["CPUExecutionProvider"])
     expected = vq.decode(codes)
     images = session.run(None, {"codes": codes.numpy()})[0]
-    assert np.abs(images - expected.numpy()).max() <= 1e-4, f"images differ by {np.abs(images - expected.numpy()).max():.2e}"
+    diff = np.abs(images - expected.numpy()).max()
+    assert diff <= 1e-4, f"images differ by {diff:.2e}"
     pixels = OnnxSampler(str(folder), device="cpu").decode(codes.reshape(3, 64).numpy())
-    from tokenizer import tensor_to_images
     assert np.abs(pixels.astype(int) - tensor_to_images(expected).astype(int)).max() <= 1, "uint8 pixels differ"
 
 
@@ -185,7 +190,8 @@ def test_numpy_schedules_equal_arpg_schedules():
         for steps in (1, 2, 7, 16, 32, 64, length):
             for schedule in ("arccos", "cosine"):
                 if steps <= length:
-                    assert onnx_sampler.reveal_counts(length, steps, schedule) == arpg.reveal_counts(length, steps, schedule), \
+                    ours = onnx_sampler.reveal_counts(length, steps, schedule)
+                    assert ours == arpg.reveal_counts(length, steps, schedule), \
                         f"reveal_counts({length}, {steps}, {schedule}) differ"
     for name in ("linear", "constant"):
         for filled in (0.1, 0.5, 1.0):
@@ -262,7 +268,8 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     metadata = json.loads((mixed / "arpg_onnx.json").read_text())
     (mixed / "arpg_onnx.json").write_text(json.dumps({**metadata, "export_id": "another export"}))
     code, output = run("onnx_sampler.py", "--onnx-dir", str(mixed), "--device", "cpu")
-    assert code == 2 and "context.onnx comes from another export" in output and len(output.strip().splitlines()) == 1, output
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    assert output.startswith("error: context.onnx comes from another export"), output
 
     with pytest.raises(ValueError, match="class ids"):
         OnnxSampler(str(folder), device="cpu").generate(np.array([10]))
