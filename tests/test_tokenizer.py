@@ -1,0 +1,266 @@
+"""tokenizer.py against the official LlamaGen-style VQ (fixtures in tests/fixtures) and its invariants."""
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenizer import (VQ_PRESETS, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
+                       tensor_to_images, train_tokenizer)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REF = np.load(FIXTURES / "vq_tiny_reference.npz")
+REF_CONFIG = VQConfig(**json.loads(str(REF["config"])))
+# A very small tokenizer for fast tests: 4x downsampling, 64 codes.
+TINY = VQConfig(codebook_size=64, codebook_embed_dim=4, z_channels=8, ch=8, ch_mult=(1, 2, 2),
+                encoder_num_res_blocks=1, decoder_num_res_blocks=1, norm_groups=4)
+
+
+@pytest.fixture(scope="module")
+def official():
+    """The official tiny VQ (random weights) in eval mode."""
+    return VQModel.from_checkpoint(str(FIXTURES / "vq_tiny_official.pt"), REF_CONFIG).eval()
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return VQModel(TINY).eval()
+
+
+def random_images(n, h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# Parity with the official implementation
+
+def test_codes_match_official(official):
+    """encode() picks exactly the official nearest codes for the fixture images."""
+    codes = official.encode(torch.from_numpy(REF["images"]))
+    assert codes.dtype == torch.int64, f"codes dtype {codes.dtype}"
+    assert torch.equal(codes, torch.from_numpy(REF["codes"])), \
+        f"{int((codes != torch.from_numpy(REF['codes'])).sum())} codes differ from the official ones"
+
+
+def test_latents_and_decoding_match_official(official):
+    """Code lookup gives the official quantised latents, and the decoder the official images (1e-4)."""
+    codes = torch.from_numpy(REF["codes"])
+    with torch.no_grad():
+        latents = official.codes_to_latents(codes)
+        decoded = official.decode_latents(latents)
+    latent_diff = (latents - torch.from_numpy(REF["quant"])).abs().max().item()
+    decoded_diff = (decoded - torch.from_numpy(REF["decoded"])).abs().max().item()
+    assert latent_diff < 1e-5, f"quantised latents differ by {latent_diff}"
+    assert decoded_diff < 1e-4, f"decoded images differ by {decoded_diff}"
+    clamped = official.decode(codes)
+    assert torch.equal(clamped, decoded.clamp(-1, 1)), "decode() is not the clamped decoder output"
+
+
+def test_vq16_state_dict_matches_released_checkpoint():
+    """VQ-16 has exactly the keys, shapes and parameter count of LlamaGen's vq_ds16_c2i.pt (built on meta)."""
+    expected = json.loads((FIXTURES / "checkpoint_keys.json").read_text())
+    with torch.device("meta"):
+        vq = VQModel(VQ_PRESETS["VQ-16"])
+    shapes = {k: list(v.shape) for k, v in vq.state_dict().items()}
+    missing = sorted(expected["VQ-16"].keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected["VQ-16"].keys())
+    assert not missing and not unexpected, f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+    wrong = [k for k in shapes if shapes[k] != expected["VQ-16"][k]]
+    assert not wrong, f"wrong shapes: {wrong[:5]}"
+    n_params = sum(p.numel() for p in vq.parameters())
+    assert n_params == expected["VQ-16 params"], f"{n_params} parameters, expected {expected['VQ-16 params']}"
+    assert vq.downsample == 16, f"VQ-16 downsamples by {vq.downsample}"
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def test_own_checkpoint_round_trip(tmp_path):
+    """A {"model", "config", "step"} checkpoint loads with weights_only=True, config taken from the file."""
+    vq = tiny_model()
+    path = tmp_path / "vq.pt"
+    torch.save({"model": vq.state_dict(), "config": asdict(TINY), "step": 7}, path)
+    assert torch.load(path, weights_only=True)["step"] == 7, "checkpoint is not weights-only loadable"
+    loaded = VQModel.from_checkpoint(str(path)).eval()
+    assert loaded.config == TINY, f"config {loaded.config} != {TINY}"
+    images = images_to_tensor(random_images(2, 16, 16))
+    assert torch.equal(loaded.encode(images), vq.encode(images)), "loaded tokenizer encodes differently"
+
+
+def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
+    """A renamed key or the wrong architecture raises ValueError naming the key; a missing file, FileNotFoundError."""
+    state = tiny_model().state_dict()
+    state["quantize.codebook"] = state.pop("quantize.embedding.weight")
+    with pytest.raises(ValueError, match="quantize.embedding.weight"):
+        VQModel.from_checkpoint({"model": state}, TINY)
+    with pytest.raises(ValueError, match="does not match"):
+        VQModel.from_checkpoint({"model": tiny_model().state_dict()})  # no config -> VQ-16, wrong shapes
+    with pytest.raises(FileNotFoundError, match="not found"):
+        VQModel.from_checkpoint(str(tmp_path / "absent.pt"))
+
+
+# -----------------------------------------------------------------------------
+# The interface: shapes, ranges, errors
+
+def test_uint8_tensor_round_trip_is_exact():
+    """images_to_tensor maps uint8 into [-1, 1] and tensor_to_images(images_to_tensor(u)) == u."""
+    images = random_images(3, 8, 12)
+    images[0, 0, 0] = 0
+    images[0, 0, 1] = 255
+    tensor = images_to_tensor(images)
+    assert tensor.shape == (3, 3, 8, 12) and tensor.dtype == torch.float32, f"{tensor.dtype} {tuple(tensor.shape)}"
+    assert tensor.min() == -1.0 and tensor.max() == 1.0, f"range {tensor.min()}..{tensor.max()}"
+    assert np.array_equal(tensor_to_images(tensor), images), "uint8 -> tensor -> uint8 is not the identity"
+    assert np.array_equal(images_to_tensor(torch.from_numpy(images)), tensor), "torch input differs from numpy"
+    out_of_range = tensor_to_images(torch.tensor([-3.0, 3.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2))
+    assert out_of_range.min() == 0 and out_of_range.max() == 255, "tensor_to_images does not clamp"
+
+
+@pytest.mark.parametrize("height,width", [(16, 16), (8, 20)])
+def test_encode_decode_shapes_and_ranges(height, width):
+    """Any H, W divisible by f: codes (B, H/f, W/f) int64 in [0, V); decode gives (B, 3, H, W) in [-1, 1]."""
+    vq = tiny_model()
+    f = vq.downsample
+    codes = vq.encode(images_to_tensor(random_images(2, height, width)))
+    assert codes.shape == (2, height // f, width // f) and codes.dtype == torch.int64, \
+        f"codes {codes.dtype} {tuple(codes.shape)}"
+    assert codes.min() >= 0 and codes.max() < TINY.codebook_size, "codes out of range"
+    images = vq.decode(codes)
+    assert images.shape == (2, 3, height, width), f"decoded shape {tuple(images.shape)}"
+    assert images.min() >= -1 and images.max() <= 1, f"decoded range {images.min()}..{images.max()}"
+    assert torch.equal(vq.codes_to_latents(codes), vq.quantize.lookup(codes)), "codes_to_latents is not the lookup"
+
+
+def test_bad_inputs_give_clear_errors():
+    """Wrong channel count, sizes not divisible by f, uint8 tensors and out-of-range codes are ValueErrors."""
+    vq = tiny_model()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        vq.encode(torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="not divisible"):
+        vq.encode(torch.zeros(1, 3, 18, 16))
+    with pytest.raises(ValueError, match="float"):
+        vq.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        vq.decode(torch.full((1, 2, 2), 64))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        vq.decode(torch.full((1, 2, 2), -1))
+    with pytest.raises(ValueError, match=r"\(B, h, w\)"):
+        vq.decode(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="uint8"):
+        images_to_tensor(np.zeros((1, 8, 8, 3), dtype=np.float32))
+
+
+# -----------------------------------------------------------------------------
+# Training pieces
+
+def test_straight_through_gradients_reach_the_encoder():
+    """The reconstruction loss alone gives the encoder a gradient, through the non-differentiable argmin."""
+    vq = tiny_model().train()
+    images = images_to_tensor(random_images(2, 16, 16))
+    recon, codes, codebook_loss, commitment_loss = vq(images)
+    torch.nn.functional.mse_loss(recon, images).backward()
+    grad = vq.encoder.conv_in.weight.grad
+    assert grad is not None and grad.abs().sum() > 0, "no gradient reached the encoder"
+    assert codebook_loss.item() >= 0 and commitment_loss.item() >= 0, "negative VQ losses"
+
+
+def test_dead_codes_are_restarted_onto_latents():
+    """Codes absent from the usage window move onto (normalised) batch latents; used codes stay put."""
+    vq = tiny_model().train()
+    quantizer = vq.quantize
+    quantizer.record_usage(torch.tensor([[[3, 5]]]))  # only codes 3 and 5 were ever used
+    before = quantizer.embedding.weight.detach().clone()
+    latents = torch.randn(1, TINY.codebook_embed_dim, 4, 4)
+    moved = quantizer.restart_dead_codes(latents)
+    after = quantizer.embedding.weight.detach()
+    assert moved == TINY.codebook_size - 2, f"{moved} codes restarted, expected {TINY.codebook_size - 2}"
+    assert torch.equal(after[[3, 5]], before[[3, 5]]), "a used code was moved"
+    candidates = quantizer.normalize(latents).permute(0, 2, 3, 1).reshape(-1, TINY.codebook_embed_dim)
+    distance = torch.cdist(after[0:1], candidates).min().item()
+    assert distance < 1e-6, f"a restarted code is {distance} away from every latent"
+
+
+def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
+    """A few training steps write an atomic checkpoint (weights-only) and a reconstruction grid."""
+    images = random_images(12, 16, 16)
+    path = tmp_path / "vq.pt"
+    vq = train_tokenizer(images, TINY, str(path), max_steps=3, batch_size=4, seed=0, log_dir=str(tmp_path / "log"))
+    assert not vq.training, "train_tokenizer should return the model in eval mode"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["step"] == 3 and checkpoint["config"] == asdict(TINY), f"stored {checkpoint['step']}, config"
+    loaded = VQModel.from_checkpoint(str(path)).eval()
+    x = images_to_tensor(images[:2])
+    assert torch.equal(loaded.encode(x), vq.encode(x)), "checkpoint does not hold the returned model"
+    assert (tmp_path / "log" / "vq_recon.png").is_file(), "no reconstruction grid written"
+    metrics = evaluate_tokenizer(vq, images)
+    assert set(metrics) == {"psnr", "code_usage"}, f"metrics {metrics}"
+    assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
+
+
+def test_evaluate_tokenizer_psnr_is_infinite_free_and_exact():
+    """evaluate_tokenizer's PSNR is the mean per-image PSNR of the uint8 round trip."""
+    vq = tiny_model()
+    images = random_images(3, 8, 8)
+    recon = tensor_to_images(vq.decode(vq.encode(images_to_tensor(images))))
+    mse = ((recon.astype(float) - images.astype(float)) ** 2).mean(axis=(1, 2, 3))
+    expected = np.mean(10 * np.log10(255.0 ** 2 / mse))
+    got = evaluate_tokenizer(vq, images, batch_size=2)["psnr"]
+    assert abs(got - expected) < 1e-9, f"psnr {got} != {expected}"
+
+
+# -----------------------------------------------------------------------------
+# Pre-tokenizing an image folder
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Two classes ("b_dogs" sorts after "a_cats"), images of mixed sizes and formats."""
+    rng = np.random.default_rng(0)
+    for name, sizes in (("a_cats", [(40, 24), (20, 20)]), ("b_dogs", [(16, 30)])):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.{'png' if i else 'jpg'}")
+    (tmp_path / "images" / "a_cats" / "notes.txt").write_text("not an image")
+    ckpt = tmp_path / "vq.pt"
+    torch.save({"model": tiny_model().state_dict(), "config": asdict(TINY)}, ckpt)
+    return tmp_path / "images", ckpt
+
+
+def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
+    """CLI --tokenize writes {out}/{class_id}/{index}.npy, int64 (2, h*w): the centre crop, then its flip."""
+    images, ckpt = image_folder
+    out = tmp_path / "codes"
+    main(["--tokenize", str(images), "--out", str(out), "--vq-ckpt", str(ckpt), "--image-size", "16",
+          "--batch-size", "2", "--num-workers", "0", "--device", "cpu"])
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.npy"))
+    assert written == ["0/0.npy", "0/1.npy", "1/0.npy"], f"wrote {written}"
+    codes = np.load(out / "0" / "0.npy")
+    assert codes.dtype == np.int64 and codes.shape == (2, 16), f"codes {codes.dtype} {codes.shape}"
+
+    # Row 0 is the centre crop, row 1 its mirror image.
+    from tokenizer import centre_crop
+    vq = tiny_model()
+    with Image.open(images / "a_cats" / "0.jpg") as image:
+        crop = np.asarray(centre_crop(image.convert("RGB"), 16))[None]
+    expected = vq.encode(images_to_tensor(np.concatenate([crop, crop[:, :, ::-1]])))
+    assert np.array_equal(codes, expected.flatten(1).numpy()), "codes are not those of the crop and its flip"
+
+
+@pytest.mark.parametrize("problem", ["missing folder", "no images", "size not divisible"])
+def test_tokenize_cli_bad_input_is_one_line_and_nonzero_exit(problem, image_folder, tmp_path, capsys):
+    """Bad input ends the CLI with a non-zero exit and a one-line error on stderr."""
+    images, ckpt = image_folder
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    source, size = {"missing folder": (tmp_path / "absent", "16"), "no images": (tmp_path / "empty", "16"),
+                    "size not divisible": (images, "18")}[problem]
+    with pytest.raises(SystemExit) as stop:
+        main(["--tokenize", str(source), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(ckpt),
+              "--image-size", size, "--num-workers", "0", "--device", "cpu"])
+    message = str(stop.value.code)
+    assert stop.value.code != 0 and message.startswith("error: "), f"exit {stop.value.code!r}"
+    assert "\n" not in message, f"error is not one line: {message!r}"
+    assert not list((tmp_path / "codes").rglob("*.npy")), "code files written despite the error"

@@ -1,0 +1,694 @@
+"""
+The image tokenizer: LlamaGen's VQ-16, rebuilt, loadable from `vq_ds16_c2i.pt`, and trainable on a CPU.
+
+ARPG never sees pixels. A VQ tokenizer (SPEC section 8; LlamaGen, Sun et al. 2024, which
+follows VQGAN, Esser et al. 2021) turns an image into a grid of integers, ARPG models that grid,
+and the same tokenizer turns generated grids back into pixels:
+
+    image (B, 3, H, W) in [-1, 1] --encoder--> (B, z, h, w) --1x1 conv--> (B, d, h, w)
+        --nearest l2-normalised code--> codes (B, h, w) in [0, V)
+    codes --codebook lookup--> (B, d, h, w) --1x1 conv--> (B, z, h, w) --decoder--> image
+
+with h = H / f, w = W / f for the downsampling factor f = 2 ** (len(ch_mult) - 1) (16 for VQ-16:
+256x256 -> 16x16 = 256 tokens; 8 for the small preset: 64x64 -> 8x8 = 64 tokens).
+
+This file, top to bottom: config and presets -> uint8 <-> [-1, 1] helpers -> conv building blocks
+-> encoder / decoder -> vector quantizer -> VQModel -> training (for the built-in dataset) ->
+pre-tokenizing an image folder for ARPG training -> command line.
+
+Use it:
+    from tokenizer import VQModel, images_to_tensor, tensor_to_images
+    vq = VQModel.from_checkpoint("vq_ds16_c2i.pt").eval()      # LlamaGen's VQ-16
+    codes = vq.encode(images_to_tensor(uint8_images))          # (B, 16, 16) int64
+    pixels = tensor_to_images(vq.decode(codes))                # uint8 (B, 256, 256, 3)
+
+Pre-tokenize ImageNet-style folders (one subfolder per class) for ARPG training:
+    python tokenizer.py --tokenize /data/imagenet/train --out /data/imagenet_codes \\
+        --vq-ckpt vq_ds16_c2i.pt --image-size 256 --batch-size 64 --device cuda
+    python tokenizer.py --tokenize my_images --out my_codes --vq-ckpt out/vq_small.pt --image-size 64
+
+The small tokenizer for the built-in dataset is trained by `train_tokenizer`, which the
+training script calls (CPU, about 3 minutes on 2 cores).
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+from arpg import load_strict, read_checkpoint, save_atomic, unwrap_state_dict
+
+# -----------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 16384        # V: number of codes (ARPG's vocab_size)
+    codebook_embed_dim: int = 8       # d: dimension of a code (tiny on purpose: LlamaGen found it raises usage)
+    codebook_l2_norm: bool = True     # l2-normalise latents and codes before the nearest-neighbour search
+    z_channels: int = 256             # channels of the encoder output / decoder input, around the 1x1 convs
+    ch: int = 128                     # base channels; level i of the encoder has ch * ch_mult[i]
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution level; len - 1 = number of 2x downsamplings
+    encoder_num_res_blocks: int = 2   # residual blocks per encoder level
+    decoder_num_res_blocks: int = 3   # residual blocks per decoder level
+    dropout: float = 0.0              # dropout inside residual blocks (0 in LlamaGen's released model)
+    norm_groups: int = 32             # GroupNorm groups (32 in LlamaGen); must divide every width ch * m
+
+    def __post_init__(self):
+        # JSON gives lists; a tuple keeps the config hashable-looking and equal after a round trip.
+        self.ch_mult = tuple(self.ch_mult)
+
+
+VQ_PRESETS = {
+    # LlamaGen's VQ-16 (vq_ds16_c2i.pt): 71,883,403 parameters, 16x downsampling.
+    "VQ-16": VQConfig(),
+    # For the built-in 64x64 shapes: 8x downsampling (8x8 tokens), 512 codes. 704,027 parameters.
+    "small": VQConfig(codebook_size=512, codebook_embed_dim=8, z_channels=64, ch=16, ch_mult=(1, 1, 2, 4),
+                      encoder_num_res_blocks=1, decoder_num_res_blocks=1, norm_groups=4),
+}
+
+
+# -----------------------------------------------------------------------------
+# uint8 images <-> tensors in [-1, 1]
+
+def images_to_tensor(images):
+    """uint8 images (B, H, W, 3), numpy or torch -> float32 tensor (B, 3, H, W) in [-1, 1]."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.from_numpy(np.array(images))  # a copy: arrays from PIL are read-only
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    return rearrange(images, "b h w c -> b c h w").float() / 127.5 - 1.0
+
+
+def tensor_to_images(tensor):
+    """Tensor (B, 3, H, W) in [-1, 1] -> uint8 numpy (B, H, W, 3), by clamp(127.5 x + 128, 0, 255) (SPEC 8).
+
+    The +128 (not +127.5) followed by truncation rounds to the nearest level, so
+    tensor_to_images(images_to_tensor(u)) == u exactly.
+    """
+    pixels = (127.5 * tensor.detach().float() + 128.0).clamp(0, 255).to(torch.uint8)
+    return rearrange(pixels, "b c h w -> b h w c").cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# Building blocks (VQGAN / LlamaGen layout: GroupNorm(32, eps 1e-6), swish, 3x3 convs)
+
+def group_norm(channels, cfg: VQConfig):
+    return nn.GroupNorm(num_groups=cfg.norm_groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> swish -> conv -> norm -> swish -> dropout -> conv, plus a (1x1-projected) shortcut."""
+
+    def __init__(self, in_channels, out_channels, cfg: VQConfig):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, cfg)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # A 1x1 conv on the shortcut only when the channel count changes (named as in LlamaGen).
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):  # (B, Cin, h, w) -> (B, Cout, h, w)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h*w positions, with 1x1 convs as projections."""
+
+    def __init__(self, channels, cfg: VQConfig):
+        super().__init__()
+        self.norm = group_norm(channels, cfg)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):  # (B, C, h, w)
+        B, C, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (rearrange(proj(y), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, 1, h*w, C), softmax(q k^T / sqrt(C)) v
+        return x + self.proj_out(rearrange(y, "b 1 (h w) c -> b c h w", h=h, w=w))
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 conv. The zero padding is asymmetric (right and
+    bottom only), as in VQGAN/LlamaGen: with it the output grid aligns with the input's top-left
+    corner. The released weights were trained this way."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):  # (B, C, h, w) -> (B, C, 2h, 2w)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: residual blocks (each followed by attention at the lowest resolution),
+    then an optional resampling. Submodule names `res`, `attn`, `downsample`/`upsample` are the
+    checkpoint's."""
+
+    def __init__(self, in_channels, out_channels, n_blocks, with_attention, resample, cfg: VQConfig):
+        super().__init__()
+        self.res = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, cfg) for i in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(out_channels, cfg) for _ in range(n_blocks)) if with_attention else None
+        self.downsample = Downsample(out_channels) if resample == "down" else None
+        self.upsample = Upsample(out_channels) if resample == "up" else None
+
+    def forward(self, x):
+        for i, block in enumerate(self.res):
+            x = block(x)
+            if self.attn is not None:
+                x = self.attn[i](x)
+        for resample in (self.downsample, self.upsample):  # at most one of them exists
+            if resample is not None:
+                x = resample(x)
+        return x
+
+
+def middle(channels, cfg: VQConfig):
+    """The bottleneck of both encoder and decoder: residual block, attention, residual block."""
+    return nn.ModuleList([ResnetBlock(channels, channels, cfg), AttnBlock(channels, cfg),
+                          ResnetBlock(channels, channels, cfg)])
+
+
+# -----------------------------------------------------------------------------
+# Encoder and decoder
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> (B, z_channels, H/f, W/f). Levels go from fine to coarse; every level but
+    the last halves the resolution; attention only at the last (coarsest) level."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        n_levels = len(cfg.ch_mult)
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList(
+            Level(cfg.ch if i == 0 else widths[i - 1], widths[i], cfg.encoder_num_res_blocks,
+                  with_attention=(i == n_levels - 1), resample="down" if i < n_levels - 1 else None,
+                  cfg=cfg)
+            for i in range(n_levels))
+        self.mid = middle(widths[-1], cfg)
+        self.norm_out = group_norm(widths[-1], cfg)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)                 # (B, ch, H, W)
+        for level in self.conv_blocks:
+            h = level(h)                    # ... -> (B, ch * ch_mult[-1], H/f, W/f)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, 3, h*f, w*f): the encoder mirrored. Levels go from coarse to
+    fine; attention only at the first (coarsest) level; every level but the last doubles the
+    resolution. The output is NOT squashed (no tanh), as in LlamaGen: it may leave [-1, 1]."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        n_levels = len(cfg.ch_mult)
+        widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]  # coarse to fine
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[0], 3, padding=1)
+        self.mid = middle(widths[0], cfg)
+        self.conv_blocks = nn.ModuleList(
+            Level(widths[0] if i == 0 else widths[i - 1], widths[i], cfg.decoder_num_res_blocks,
+                  with_attention=(i == 0), resample="up" if i < n_levels - 1 else None, cfg=cfg)
+            for i in range(n_levels))
+        self.norm_out = group_norm(widths[-1], cfg)
+        self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)                 # (B, ch * ch_mult[-1], h, w)
+        for block in self.mid:
+            h = block(h)
+        for level in self.conv_blocks:
+            h = level(h)                    # ... -> (B, ch, h*f, w*f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, h*f, w*f)
+
+
+# -----------------------------------------------------------------------------
+# Vector quantizer with l2-normalised codes (SPEC 8)
+
+USAGE_WINDOW = 65536  # the `codebook_used` buffer: the codes of the last 65536 latents seen in training
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code lookup. With `codebook_l2_norm` both the latent and every code are projected
+    onto the unit sphere first, so "nearest" means largest cosine similarity: no code can win by
+    being long, which keeps many codes in use (LlamaGen, Sec. 2.1; ViT-VQGAN)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.l2_norm = cfg.codebook_l2_norm
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        if self.l2_norm:
+            self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
+        # A rolling record of recently chosen codes, used to find dead codes during training.
+        # Floats because that is how the released checkpoint stores it; -1 marks an empty slot.
+        self.register_buffer("codebook_used", torch.full((USAGE_WINDOW,), -1.0))
+
+    def codebook(self):
+        """The codes as used for search and lookup: (V, d), unit length if l2-normalised."""
+        weight = self.embedding.weight
+        return F.normalize(weight, dim=-1) if self.l2_norm else weight
+
+    def normalize(self, z):
+        """Latents (B, d, h, w) as the search sees them: unit length along d if l2-normalised."""
+        return F.normalize(z, dim=1) if self.l2_norm else z
+
+    def nearest(self, z):
+        """Latents (B, d, h, w) -> index of the nearest code (B, h, w) int64."""
+        flat = rearrange(self.normalize(z), "b d h w -> (b h w) d")
+        codebook = self.codebook()  # (V, d)
+        # Squared distance |z|^2 + |e|^2 - 2 z.e, all pairs at once: (B*h*w, V).
+        dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        B, _, h, w = z.shape
+        return dist.argmin(dim=1).view(B, h, w)
+
+    def lookup(self, codes):
+        """Codes (B, h, w) -> quantised latents (B, d, h, w)."""
+        return rearrange(F.embedding(codes, self.codebook()), "b h w d -> b d h w")
+
+    def forward(self, z):
+        """Training path: (z_q with straight-through gradients, codes, codebook loss, commitment loss).
+
+        VQ-VAE (van den Oord et al. 2017, Eq. 3): the codebook loss pulls the chosen codes towards
+        the (frozen) latents, the commitment loss pulls the latents towards their (frozen) codes.
+        argmin has no gradient, so the decoder's gradient is copied past the quantizer onto z
+        (straight-through estimator): z + (z_q - z).detach() equals z_q but differentiates as z.
+        """
+        codes = self.nearest(z)
+        z = self.normalize(z)
+        z_q = self.lookup(codes)
+        codebook_loss = F.mse_loss(z_q, z.detach())
+        commitment_loss = F.mse_loss(z, z_q.detach())
+        if self.training:
+            self.record_usage(codes)
+        return z + (z_q - z).detach(), codes, codebook_loss, commitment_loss
+
+    @torch.no_grad()
+    def record_usage(self, codes):
+        """Push the codes of one batch into the rolling `codebook_used` window."""
+        recent = codes.flatten()[-USAGE_WINDOW:].float()
+        n = recent.numel()
+        self.codebook_used[:-n] = self.codebook_used[n:].clone()
+        self.codebook_used[-n:] = recent
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z):
+        """Move every code absent from the usage window onto a random latent of the batch z
+        (B, d, h, w). A dead code gets no gradient from the codebook loss and would stay dead;
+        put where the encoder actually puts latents, it gets chosen again. Returns how many moved."""
+        used = torch.zeros(self.embedding.num_embeddings, dtype=torch.bool, device=z.device)
+        seen = self.codebook_used[self.codebook_used >= 0].long()
+        used[seen] = True
+        dead = (~used).nonzero().squeeze(1)
+        if len(dead):
+            candidates = rearrange(self.normalize(z), "b d h w -> (b h w) d")
+            pick = torch.randint(len(candidates), (len(dead),), device=z.device)
+            self.embedding.weight.data[dead] = candidates[pick]
+        return len(dead)
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer: encoder -> 1x1 conv -> quantizer -> 1x1 conv -> decoder
+
+class VQModel(nn.Module):
+    """LlamaGen's VQ tokenizer. With VQ_PRESETS["VQ-16"] its state dict is key-for-key and
+    shape-for-shape that of `vq_ds16_c2i.pt`, so the released weights load strictly."""
+
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        self.downsample = 2 ** (len(config.ch_mult) - 1)  # f: pixels per token along each side
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
+        self.quantize = VectorQuantizer(config)
+        self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
+        self.decoder = Decoder(config)
+
+    @property
+    def device(self):
+        return self.quant_conv.weight.device
+
+    def check_images(self, images):
+        """Raise a clear ValueError unless images is a float tensor (B, 3, H, W), H and W multiples of f."""
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+            raise ValueError(f"expected images as a tensor (B, 3, H, W) in [-1, 1], got {shape}; "
+                             f"use images_to_tensor() for uint8 (B, H, W, 3) arrays")
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [-1, 1], got {images.dtype}; use images_to_tensor()")
+        H, W = images.shape[-2:]
+        if H % self.downsample or W % self.downsample:
+            raise ValueError(f"image size {H}x{W} is not divisible by the tokenizer's downsampling "
+                             f"factor {self.downsample}")
+
+    def check_codes(self, codes):
+        """Raise a clear ValueError unless codes is an integer tensor (B, h, w) within [0, V)."""
+        if not torch.is_tensor(codes) or codes.ndim != 3 or codes.is_floating_point():
+            shape = tuple(codes.shape) if hasattr(codes, "shape") else type(codes).__name__
+            raise ValueError(f"expected integer codes of shape (B, h, w), got {shape}")
+        V = self.config.codebook_size
+        if codes.numel() and (codes.min() < 0 or codes.max() >= V):
+            raise ValueError(f"codes must lie in [0, {V}), got values from {int(codes.min())} to {int(codes.max())}")
+
+    def encode_latents(self, images):
+        """Images (B, 3, H, W) -> unquantised latents (B, d, H/f, W/f)."""
+        self.check_images(images)
+        return self.quant_conv(self.encoder(images.to(self.device, torch.float32)))
+
+    def codes_to_latents(self, codes):
+        """Codes (B, h, w) -> quantised latents (B, d, h, w): the (l2-normalised) codebook rows."""
+        self.check_codes(codes)
+        return self.quantize.lookup(codes.to(self.device, torch.int64))
+
+    def decode_latents(self, latents):
+        """Quantised latents (B, d, h, w) -> raw decoder output (B, 3, h*f, w*f), not clamped."""
+        return self.decoder(self.post_quant_conv(latents))
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f) int64 (no gradients)."""
+        return self.quantize.nearest(self.encode_latents(images))
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """Codes (B, h, w) -> images (B, 3, h*f, w*f), clamped to [-1, 1] (no gradients)."""
+        return self.decode_latents(self.codes_to_latents(codes)).clamp(-1.0, 1.0)
+
+    def forward(self, images):
+        """Training path: (reconstruction (B, 3, H, W) unclamped, codes (B, h, w), codebook loss,
+        commitment loss); gradients flow to everything through the straight-through quantizer."""
+        z_q, codes, codebook_loss, commitment_loss = self.quantize(self.encode_latents(images))
+        return self.decode_latents(z_q), codes, codebook_loss, commitment_loss
+
+    @classmethod
+    def from_checkpoint(cls, path_or_state, config=None):
+        """Build and load a tokenizer from a checkpoint path or an already loaded dict.
+
+        The state dict may sit under "model" (LlamaGen's vq_ds16_c2i.pt and our own files),
+        "state_dict", "module", or be the dict itself; files are read with weights_only=True.
+        The config is, in order: the argument, the checkpoint's "config" entry (our files), or
+        VQ-16 (LlamaGen's file has none). Loading is strict: any missing, unexpected or
+        misshapen key is a ValueError naming it.
+        """
+        checkpoint = read_checkpoint(path_or_state)
+        if config is None:
+            stored = checkpoint.get("config")
+            config = VQConfig(**stored) if isinstance(stored, dict) else VQ_PRESETS["VQ-16"]
+        model = cls(config)
+        where = path_or_state if isinstance(path_or_state, str) else "the given state"
+        try:
+            load_strict(model, unwrap_state_dict(checkpoint), what=f"VQ checkpoint {where}")
+        except ValueError as error:
+            raise ValueError(f"{error} (config used: {asdict(config)}; pass config=VQConfig(...) "
+                             f"if the checkpoint has another architecture)") from None
+        return model
+
+
+# -----------------------------------------------------------------------------
+# Training (VQ-VAE losses; for the built-in dataset on a CPU)
+
+COMMITMENT_BETA = 0.25      # weight of the commitment loss (VQ-VAE's beta; LlamaGen uses 0.25 too)
+RESTART_EVERY = 50          # steps between dead-code restarts
+DEFAULT_STEPS = 600         # steps when neither max_steps nor minutes is given
+
+
+def psnr_from_mse(mse):
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2) from their mean squared error."""
+    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def _learning_rate(progress, lr, warmup=0.05, final_ratio=0.1):
+    """Linear warm-up over the first 5% of training, then cosine decay to 10% of lr."""
+    if progress < warmup:
+        return lr * progress / warmup
+    t = min(1.0, (progress - warmup) / (1.0 - warmup))
+    return lr * (final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def _save_reconstruction_grid(vq, images_uint8, path):
+    """Rows of inputs and their reconstructions, for watching training (needs data.py's grid writer)."""
+    from data import save_image_grid  # local import: tokenizing a folder must not need data.py
+    with torch.no_grad():
+        recon = tensor_to_images(vq.decode(vq.encode(images_to_tensor(images_uint8))))
+    rows = np.stack([images_uint8, recon])  # (2, n, H, W, 3)
+    save_image_grid(rows, ["input", "recon"], path)
+
+
+def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None, batch_size=16, lr=2e-3,
+                    seed=0, device="cpu", log_dir=None):
+    """
+    Train a VQModel from scratch on uint8 images (N, H, W, 3) and return it (in eval mode).
+
+    Loss = MSE(reconstruction, image) + codebook loss + 0.25 * commitment loss (VQ-VAE, Eq. 3),
+    with straight-through gradients through the quantizer. Pixel MSE is exactly what PSNR
+    measures. LlamaGen adds a VGG perceptual loss and a PatchGAN loss for sharp ImageNet
+    textures; flat shapes do not need them (and no pretrained VGG can be downloaded here).
+
+    Stops after `max_steps`, or after `minutes` of wall time, whichever comes first (600 steps
+    if neither is given); the learning rate follows warm-up + cosine over that budget. Every
+    RESTART_EVERY steps, codes unused in the recent window are moved onto live latents. Every
+    log interval (and at the end) the checkpoint {"model", "config", "step"} is written
+    atomically to `out_path`, and with `log_dir` a reconstruction grid `vq_recon.png` too.
+    """
+    if max_steps is None and minutes is None:
+        max_steps = DEFAULT_STEPS
+    images_uint8 = np.asarray(images_uint8)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vq = VQModel(config).to(device).train()
+    vq.check_images(images_to_tensor(images_uint8[:1]))  # fail now, not after the first step
+
+    # AdamW with weight decay on conv kernels only: not on biases, norms, or the codebook (the
+    # codebook is l2-normalised, so shrinking it would only change its effective learning rate).
+    kernels = [p for name, p in vq.named_parameters() if p.ndim >= 2 and "embedding" not in name]
+    others = [p for name, p in vq.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)]
+    optimizer = torch.optim.AdamW([{"params": kernels, "weight_decay": 0.05},
+                                   {"params": others, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    preview = images_uint8[:8]
+    log_every = 50
+
+    def save(step):
+        save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step}, out_path)
+        if log_dir:
+            vq.eval()
+            _save_reconstruction_grid(vq, preview, os.path.join(log_dir, "vq_recon.png"))
+            vq.train()
+
+    start = time.time()
+    bar = tqdm(total=max_steps, desc="tokenizer", unit="step", dynamic_ncols=True)
+    step = 0
+    while True:
+        elapsed = time.time() - start
+        progress = max(step / max_steps if max_steps else 0.0, elapsed / (60 * minutes) if minutes else 0.0)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(progress, lr)
+
+        batch = images_to_tensor(images_uint8[rng.integers(len(images_uint8), size=batch_size)]).to(device)
+        recon, codes, codebook_loss, commitment_loss = vq(batch)
+        mse = F.mse_loss(recon, batch)
+        loss = mse + codebook_loss + COMMITMENT_BETA * commitment_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+
+        if step % RESTART_EVERY == 0:
+            with torch.no_grad():
+                restarted = vq.quantize.restart_dead_codes(vq.encode_latents(batch))
+        if step % log_every == 0 or step == 1:
+            used = vq.quantize.codebook_used
+            usage = len(torch.unique(used[used >= 0])) / config.codebook_size
+            ms = 1000 * (time.time() - start) / step
+            bar.set_postfix_str(f"loss {loss.item():.4f} psnr {psnr_from_mse(mse.item()):.1f} usage {usage:.0%} "
+                                f"lr {optimizer.param_groups[0]['lr']:.1e} {ms:.0f} ms/step "
+                                f"{1000 * batch_size / ms:.0f} img/s", refresh=False)
+        if step % (4 * log_every) == 0:
+            save(step)
+        bar.update(1)
+    bar.close()
+    save(step)
+    return vq.eval()
+
+
+@torch.no_grad()
+def evaluate_tokenizer(vq, images_uint8, batch_size=100):
+    """Round-trip uint8 images (N, H, W, 3) through the tokenizer. Returns {"psnr": mean per-image
+    PSNR in dB on the uint8 pixels, "code_usage": fraction of the codebook used by these images}."""
+    was_training = vq.training
+    vq.eval()
+    psnrs, used = [], torch.zeros(vq.config.codebook_size, dtype=torch.bool)
+    for i in range(0, len(images_uint8), batch_size):
+        original = np.asarray(images_uint8[i:i + batch_size])
+        codes = vq.encode(images_to_tensor(original))
+        used[codes.flatten().cpu()] = True
+        recon = tensor_to_images(vq.decode(codes))
+        mse = ((recon.astype(np.float64) - original.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+        psnrs.extend(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))
+    vq.train(was_training)
+    return {"psnr": float(np.mean(psnrs)), "code_usage": float(used.float().mean())}
+
+
+# -----------------------------------------------------------------------------
+# Pre-tokenizing an image folder into ARPG's training format (SPEC 8)
+#
+# ARPG trains on codes, not pixels: `{out}/{class_id}/{index}.npy`, each an int64 array
+# (n_aug, h*w) holding the raster-order codes of n_aug views of one image. Here n_aug = 2: the
+# centre crop and its horizontal flip (the format RandAR released for ImageNet; the training
+# loader picks one view per read, which is the flip augmentation for free).
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def centre_crop(image, size):
+    """A PIL image -> its central size x size square after resizing the shorter side to `size`.
+
+    Large images are first halved with a box filter while still at least twice the target, so
+    the final bicubic resize never has to skip pixels (the ADM / LlamaGen preprocessing)."""
+    from PIL import Image
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def list_image_folder(image_dir):
+    """[(path, class_id, index)] for `image_dir/<class>/<image>`: class ids follow the sorted
+    subfolder names, index the sorted file names within a class. Raises a clear error when the
+    folder is missing or holds no images."""
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
+    classes = sorted(d for d in os.listdir(image_dir) if os.path.isdir(os.path.join(image_dir, d)))
+    items = []
+    for class_id, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(image_dir, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        items += [(os.path.join(image_dir, name, f), class_id, index) for index, f in enumerate(files)]
+    if not items:
+        raise ValueError(f"no images in {image_dir}: expected one subfolder per class holding "
+                         f"{'/'.join(IMAGE_EXTENSIONS)} files")
+    return items
+
+
+class ImageFolderCrops(torch.utils.data.Dataset):
+    """Centre crops of the images of list_image_folder, as (3, S, S) tensors in [-1, 1]."""
+
+    def __init__(self, items, image_size):
+        self.items, self.image_size = items, image_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, class_id, index = self.items[i]
+        try:
+            with Image.open(path) as image:
+                crop = centre_crop(image.convert("RGB"), self.image_size)
+        except OSError as error:
+            raise ValueError(f"cannot read image {path}: {error}") from None
+        return images_to_tensor(np.asarray(crop)[None])[0], class_id, index
+
+
+def save_npy_atomic(array, path):
+    """np.save to a temporary file in the same folder, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; data files are shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+@torch.no_grad()
+def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_workers=0):
+    """Encode every image of `image_dir/<class>/` into `out_dir/<class_id>/<index>.npy`, int64
+    (2, h*w): row 0 the centre crop, row 1 its horizontal flip. Returns the number of images."""
+    if image_size % vq.downsample:
+        raise ValueError(f"image size {image_size} is not divisible by the tokenizer's downsampling "
+                         f"factor {vq.downsample}")
+    items = list_image_folder(image_dir)
+    for class_id in sorted({class_id for _, class_id, _ in items}):
+        os.makedirs(os.path.join(out_dir, str(class_id)), exist_ok=True)
+    loader = torch.utils.data.DataLoader(ImageFolderCrops(items, image_size), batch_size=batch_size,
+                                         num_workers=num_workers)
+    vq.eval()
+    for crops, class_ids, indices in tqdm(loader, desc="tokenizing", unit="batch", dynamic_ncols=True):
+        crops = crops.to(vq.device)
+        codes = vq.encode(torch.cat([crops, crops.flip(-1)]))              # (2B, h, w): crops, then flips
+        codes = rearrange(codes, "(n b) h w -> b n (h w)", n=2).cpu().numpy()  # (B, 2, h*w)
+        for views, class_id, index in zip(codes, class_ids.tolist(), indices.tolist()):
+            save_npy_atomic(views.astype(np.int64), os.path.join(out_dir, str(class_id), f"{index}.npy"))
+    return len(items)
+
+
+# -----------------------------------------------------------------------------
+# Command line: pre-tokenize an image folder
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Pre-tokenize a folder of images (one subfolder per class) "
+                                                 "into {out}/{class_id}/{index}.npy code files for ARPG training.")
+    parser.add_argument("--tokenize", required=True, metavar="IMAGE_DIR",
+                        help="folder with one subfolder per class; sorted subfolder names give class ids 0, 1, ...")
+    parser.add_argument("--out", required=True, metavar="CODE_DIR", help="folder to write the .npy code files to")
+    parser.add_argument("--vq-ckpt", required=True,
+                        help="tokenizer checkpoint: LlamaGen's vq_ds16_c2i.pt or one written by train_tokenizer")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="side of the centre crop in pixels; must be divisible by the downsampling factor")
+    parser.add_argument("--batch-size", type=int, default=64, help="images encoded per forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to encode on (default: cuda if available)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader processes decoding and cropping images")
+    args = parser.parse_args(argv)
+    try:
+        vq = VQModel.from_checkpoint(args.vq_ckpt).to(args.device)
+        print(f"tokenizer {args.vq_ckpt}: {asdict(vq.config)}")
+        n = tokenize_folder(vq, args.tokenize, args.out, args.image_size, args.batch_size, args.num_workers)
+    except (FileNotFoundError, ValueError) as error:
+        # DataLoader workers wrap errors in a traceback: the last line is the message that matters.
+        sys.exit(f"error: {str(error).strip().splitlines()[-1]}")
+    print(f"wrote the codes of {n} images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
