@@ -71,7 +71,7 @@ class ContextGraph(nn.Module):
 
     def forward(self, ids, slots, past_kv, past_shared_kv):
         # ids (B, T); slots (T,); past_kv (layers, 2, B, H, N, D); past_shared_kv (2, B, H, N, D)
-        caches = [(layer[0], layer[1]) for layer in past_kv] + [(past_shared_kv[0], past_shared_kv[1])]
+        caches = [tuple(layer.unbind(0)) for layer in past_kv.unbind(0)] + [tuple(past_shared_kv.unbind(0))]
         grown = self.model.context(ids, self.rope[slots][None], mask=None, caches=caches)  # rope (1, T, D/2, 2)
         kv = torch.stack([torch.stack(layer) for layer in grown[:-1]])   # (layers, 2, B, H, N+T, D)
         return kv, torch.stack(grown[-1])                                 # and (2, B, H, N+T, D)
@@ -98,7 +98,9 @@ class VQDecoderGraph(nn.Module):
         self.vq = vq
 
     def forward(self, codes):
-        return self.vq.decode(codes)
+        # VQModel.decode minus its range check on the codes: that check is a Python `if` on tensor
+        # values, which no graph can hold (and the runner's codes come from ARPG, always in range).
+        return self.vq.decode_latents(self.vq.quantize.lookup(codes)).clamp(-1.0, 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -115,12 +117,9 @@ def export_graph(module, example, input_names, output_names, dynamic_axes, folde
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter (the default: about 1 s for the tiny model, against 10-30 s for
         # the torch.export-based one on these CPUs) is deprecated since PyTorch 2.9 and says so
-        # on every call. VQModel.decode's range check on the codes is a Python `if` that the
-        # tracer runs once on valid example codes and leaves out of the graph, which is right
-        # (the runner's codes come from ARPG), but it warns about it.
+        # on every call.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*will be removed.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(module, example, os.path.join(raw_folder, "graph.onnx"), input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
                           dynamo=dynamo, verbose=False)
