@@ -1,0 +1,578 @@
+"""
+Sample from a trained ARPG: class grids, FID sample files, zero-shot editing, and a quality check.
+
+Paper: randomized parallel decoding (Sec. 3.1, Alg. 1; SPEC 6) reveals the image tokens in a
+random order, many per step; zero-shot editing (Sec. 3.2; SPEC 7) prefills Pass 1 with the
+tokens that are known and decodes only the others. Both are `ARPG.generate` in arpg.py; this
+script loads the checkpoints, turns images and masks into tokens and tokens into pictures.
+
+After `python train.py` (built-in shapes, CPU; seconds each, --eval about two minutes):
+    python sample.py --steps 32                        # out/sample_grid.png, one row per class
+    python sample.py --edit inpaint --box 16 16 48 48  # out/edit_inpaint.png: input | mask | results
+    python sample.py --edit class-edit --box 8 8 56 56 # a circle's centre redrawn as each other class
+    python sample.py --edit outpaint --extend 0 0 0 4  # 4 more token columns on the right
+    python sample.py --edit expand --grid 16 16        # 128x128 from a model trained on 64x64
+    python sample.py --eval 8 16 32                    # accuracy, Frechet distance, inpainting vs real
+    python sample.py --fid 1000                        # out/fid_1000.npz, arr_0 uint8 (1000, 64, 64, 3)
+
+Official weights (ImageNet 256x256; where to get them: README), one GPU:
+    python sample.py --ckpt arpg_300m.pt --vq-ckpt vq_ds16_c2i.pt --steps 64 --cfg 5.0
+    python sample.py --ckpt arpg_300m.pt --vq-ckpt vq_ds16_c2i.pt --steps 64 --cfg 5.0 \
+        --fid 50000 --batch-size 250                   # then the ADM evaluator on out/fid_50000.npz
+    python sample.py --ckpt arpg_300m.pt --vq-ckpt vq_ds16_c2i.pt --steps 64 --cfg 5.0 \
+        --edit inpaint --image dog.png --mask hole.png --classes 207
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import evaluate
+from arpg import ARPG, CFG_SCHEDULES, MASK_SCHEDULES, read_checkpoint, unwrap_state_dict
+from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
+from tokenizer import VQModel, images_to_tensor, tensor_to_images
+
+# LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
+# valley, balloon, arctic fox. The default rows for a 1000-class (ImageNet) model.
+IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
+EDIT_MODES = ["inpaint", "class-edit", "outpaint", "expand"]
+EMPTY_GREY = 128  # what the input panel shows where nothing was given
+
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    models = parser.add_argument_group("checkpoints")
+    models.add_argument("--ckpt", default="out/arpg.pt",
+                        help="ARPG checkpoint: ours (train.py) or an official file (arpg_300m.pt, ...)")
+    models.add_argument("--vq-ckpt", default=None,
+                        help="VQ tokenizer checkpoint (default: the one the ARPG checkpoint was trained with, "
+                             "else out/tokenizer.pt); LlamaGen's vq_ds16_c2i.pt for the official weights")
+    models.add_argument("--no-ema", action="store_true",
+                        help="use the trained weights even when the checkpoint also holds an EMA copy "
+                             "(default: the EMA weights when present)")
+
+    what = parser.add_argument_group("what to draw")
+    what.add_argument("--classes", type=int, nargs="+", default=None,
+                      help="class ids, one row each (default: every class of a model with up to 16, else 8 "
+                           "ImageNet showcase classes; --fid: every class; inpaint/outpaint: the input image's "
+                           "class; class-edit: every other class)")
+    what.add_argument("--per-class", type=int, default=8, help="samples per class (columns)")
+    what.add_argument("--seed", type=int, default=0,
+                      help="seeds the generation orders and the sampling: same seed, device and batch size, "
+                           "same images")
+    what.add_argument("--out", default=None,
+                      help="output file (default: out/sample_grid.png, out/fid_N.npz, out/edit_MODE.png, "
+                           "out/eval.md)")
+
+    decoding = parser.add_argument_group("decoding (SPEC 6)")
+    decoding.add_argument("--steps", type=int, default=32,
+                          help="decoding steps for a whole canvas, 1..tokens per image (paper: 64; 32 is as good); "
+                               "edits use the same tokens per step, so fewer steps for fewer unknown tokens")
+    decoding.add_argument("--cfg", type=float, default=4.0,
+                          help="classifier-free guidance scale (1: off; official ARPG-L: 5.0, XL: 6.0, XXL: 7.5)")
+    decoding.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES),
+                          help="linear: guidance grows from 1 to --cfg as the canvas fills; constant: always --cfg")
+    decoding.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES),
+                          help="how many tokens each step reveals (arccos: few early, many late; the paper's)")
+    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
+    decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
+                          help="fast: preallocated caches (arpg.StaticCachePasses); readable: the reference loop; "
+                               "both give the same tokens")
+
+    modes = parser.add_argument_group("modes (default: an image grid)").add_mutually_exclusive_group()
+    modes.add_argument("--fid", type=int, default=None, metavar="N",
+                       help="write N samples, classes balanced, as the .npz the ADM FID evaluator reads")
+    modes.add_argument("--edit", default=None, choices=EDIT_MODES,
+                       help="zero-shot editing (SPEC 7): inpaint a masked region; class-edit: inpaint under "
+                            "other labels; outpaint: a larger canvas around the image; expand: a larger "
+                            "canvas from the class alone")
+    modes.add_argument("--eval", type=int, nargs="*", default=None, metavar="STEPS",
+                       help="built-in shapes only: class accuracy, Frechet distance and inpainting class-keeping "
+                            "of samples at these step counts (default: --steps), next to real images")
+
+    editing = parser.add_argument_group("editing inputs")
+    editing.add_argument("--image", default=None,
+                         help="image to edit (PNG/JPEG; sides must be multiples of the tokenizer's factor); "
+                              "default: a built-in shape image")
+    editing.add_argument("--image-class", type=int, default=None,
+                         help="class of the input image: picks the built-in image (default 0) and is the "
+                              "label for inpaint/outpaint unless --classes is given")
+    editing.add_argument("--image-index", type=int, default=0, help="which built-in image of that class")
+    editing.add_argument("--mask", default=None,
+                         help="mask image of the input's size: white = regenerate, black = keep (inpaint, class-edit)")
+    editing.add_argument("--box", type=int, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
+                         help="pixel box to regenerate, x0 <= x < x1, y0 <= y < y1 (default: the centre, half "
+                              "the width and height)")
+    editing.add_argument("--extend", type=int, nargs=4, default=None, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+                         help="outpaint: token rows/columns added on each side (default: a quarter of the "
+                              "grid on every side)")
+    editing.add_argument("--grid", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                         help="expand: the token grid to decode (default: twice the training grid's side)")
+
+    run = parser.add_argument_group("how to run")
+    run.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
+    run.add_argument("--eval-samples", type=int, default=1000,
+                     help="--eval: generated images per step count, and real images per reference set")
+    run.add_argument("--classifier", default=evaluate.DEFAULT_CLASSIFIER,
+                     help="--eval: the cached evaluation classifier (trained on real built-in images if missing)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="ARPG's weights and activations (bfloat16: the paper's GPU setting); the tokenizer "
+                          "always decodes in float32")
+    return parser.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Loading the two checkpoints, and checking that they belong together
+
+def load_models(args):
+    """(ARPG in eval mode, VQ tokenizer in eval mode, class names, a one-line description)."""
+    if not os.path.isfile(args.ckpt):
+        raise FileNotFoundError(f"ARPG checkpoint not found: {args.ckpt} (train one with `python train.py`, "
+                                f"or pass --ckpt)")
+    checkpoint = read_checkpoint(args.ckpt)
+    use_ema = isinstance(checkpoint.get("ema"), dict) and not args.no_ema
+    # An EMA copy is loaded like any checkpoint: its weights, with the same config.
+    model = ARPG.from_checkpoint({"model": checkpoint["ema"], "config": checkpoint.get("config")} if use_ema
+                                 else checkpoint)
+    config = model.config
+
+    vq_path = args.vq_ckpt or checkpoint.get("tokenizer") or "out/tokenizer.pt"
+    if not os.path.isfile(vq_path):
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {vq_path} (pass --vq-ckpt)")
+    vq_checkpoint = read_checkpoint(vq_path)
+    if "embeddings.weight" in unwrap_state_dict(vq_checkpoint):
+        raise ValueError(f"{vq_path} is an ARPG checkpoint, not a tokenizer: pass the VQ tokenizer with --vq-ckpt")
+    vq = VQModel.from_checkpoint(vq_checkpoint)
+    if vq.config.codebook_size != config.vocab_size:
+        raise ValueError(f"the ARPG checkpoint {args.ckpt} models {config.vocab_size} codes but the tokenizer "
+                         f"{vq_path} has {vq.config.codebook_size}: pass the tokenizer it was trained with (--vq-ckpt)")
+
+    names = checkpoint.get("class_names") or [str(c) for c in range(config.num_classes)]
+    if len(names) != config.num_classes:
+        raise ValueError(f"{args.ckpt} lists {len(names)} class names for {config.num_classes} classes")
+    dtype = getattr(torch, args.dtype)
+    model = model.to(args.device, dtype).eval()
+    vq = vq.to(args.device).eval()
+    side = config.grid_size * vq.downsample
+    description = (f"ARPG {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+                   f"({'EMA' if use_ema else 'trained'} weights, {args.dtype}), {config.num_classes} classes, "
+                   f"{config.grid_size}x{config.grid_size} tokens | tokenizer {vq.config.codebook_size} codes, "
+                   f"{vq.downsample}x downsampling -> {side}x{side} images")
+    return model, vq, names, description
+
+
+def is_builtin(names):
+    """Was this model trained on the built-in shapes (data.py)? Then real images can be drawn for it."""
+    return list(names) == CLASS_NAMES
+
+
+# -----------------------------------------------------------------------------
+# Generating images in batches (one loop for grids, FID files, edits and evaluation)
+
+@dataclass
+class Canvas:
+    """What to decode: a token grid, and the tokens that are given (zero-shot editing, SPEC 7)."""
+    grid: tuple                       # (rows, cols) tokens
+    known_tokens: torch.Tensor = None  # (1 or N, rows*cols) codes, read only where known_mask is True
+    known_mask: torch.Tensor = None    # (rows*cols,) bool, True = given; one mask for the whole batch
+
+    @property
+    def n_unknown(self):
+        rows, cols = self.grid
+        return rows * cols - (0 if self.known_mask is None else int(self.known_mask.sum()))
+
+
+def edit_steps(steps, canvas):
+    """Steps for the canvas's unknown tokens at the parallelism of `steps` steps for a full canvas.
+
+    `--steps 32` on 64 tokens reveals 2 per step on average; inpainting 16 of them then takes 8
+    steps, not 32 (which would be more steps than tokens).
+    """
+    rows, cols = canvas.grid
+    return max(1, round(steps * canvas.n_unknown / (rows * cols)))
+
+
+def generate_batches(model, vq, labels, canvas, steps, settings, generator, batch_size):
+    """Yield (tokens (b, rows*cols), uint8 images (b, H, W, 3)) for labels (N,), batch by batch."""
+    rows, cols = canvas.grid
+    device = model.embeddings.weight.device
+    for start in range(0, len(labels), batch_size):
+        batch = labels[start:start + batch_size].to(device)
+        known = {}
+        if canvas.known_mask is not None:
+            known_tokens = canvas.known_tokens.expand(len(labels), -1)[start:start + batch_size]  # (b, L)
+            known = dict(known_tokens=known_tokens.to(device), known_mask=canvas.known_mask.expand(len(batch), -1))
+        tokens = model.generate(batch, steps=steps, generator=generator, grid=(rows, cols), **known, **settings)
+        images = tensor_to_images(vq.decode(tokens.view(-1, rows, cols)))  # (b, rows*f, cols*f, 3)
+        yield tokens, images
+
+
+def generate_images(model, vq, labels, canvas, steps, settings, generator, batch_size):
+    """(tokens (N, L), uint8 images (N, H, W, 3)) for labels (N,)."""
+    tokens, images = zip(*generate_batches(model, vq, labels, canvas, steps, settings, generator, batch_size))
+    return torch.cat(tokens), np.concatenate(images)
+
+
+# -----------------------------------------------------------------------------
+# FID sample files: the .npz of the ADM evaluator (SPEC 8), streamed to disk
+
+def write_fid_npz(path, batches, n, image_shape, labels):
+    """Write uint8 batches as `path`.npz with arr_0 (n, H, W, 3) and labels (n,), holding one batch at a time.
+
+    50,000 ImageNet samples are 9.8 GB: instead of stacking them in memory for np.savez, the
+    array is written straight into the zip entry that np.load reads (an .npy header, then the
+    raw bytes). The ADM evaluator only reads arr_0; the labels are for evaluate.py.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": (n, *image_shape)}
+                np.lib.format.write_array_header_1_0(entry, header)
+                for images in batches:
+                    entry.write(np.ascontiguousarray(images).tobytes())
+            with archive.open("labels.npy", "w") as entry:
+                np.lib.format.write_array(entry, np.asarray(labels, dtype=np.int64))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# Zero-shot editing (paper Sec. 3.2, SPEC 7): images and masks -> a canvas of known tokens
+#
+# A pixel mask says which pixels to regenerate; the model works on tokens, one per f x f patch.
+# A token is KEPT only if all its pixels are kept: a token that covers any masked pixel is
+# regenerated. A token's code describes its whole patch, so keeping a half-masked token would
+# keep (a blurred version of) exactly what the user asked to remove. The mask panel of the
+# output shows these token-level regions, i.e. what was really regenerated.
+
+def load_image(path):
+    """An image file -> uint8 (H, W, 3)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def check_image_size(image, factor):
+    height, width = image.shape[:2]
+    if height % factor or width % factor:
+        raise ValueError(f"the image is {width}x{height} pixels, not a multiple of the tokenizer's downsampling factor "
+                         f"{factor}: crop or resize it (e.g. to {width // factor * factor or factor}x"
+                         f"{height // factor * factor or factor})")
+
+
+def regenerate_pixels(shape, mask_path=None, box=None):
+    """The pixels to regenerate, bool (H, W): white pixels of a mask image, or a box (default: the centre)."""
+    height, width = shape
+    if mask_path is not None:
+        if not os.path.isfile(mask_path):
+            raise FileNotFoundError(f"mask not found: {mask_path}")
+        with Image.open(mask_path) as mask_image:
+            mask = np.asarray(mask_image.convert("L")) >= 128
+        if mask.shape != (height, width):
+            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                             f"{width}x{height}: they must have the same size")
+        return mask
+    x0, y0, x1, y1 = box if box is not None else (width // 4, height // 4, width - width // 4, height - height // 4)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"--box {x0} {y0} {x1} {y1} must satisfy 0 <= x0 < x1 <= {width} and "
+                         f"0 <= y0 < y1 <= {height} (the image is {width}x{height})")
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def token_mask(pixel_mask, factor):
+    """bool (H, W) pixels to regenerate -> bool (H/f, W/f) tokens to regenerate (any pixel of the patch)."""
+    height, width = pixel_mask.shape
+    patches = pixel_mask.reshape(height // factor, factor, width // factor, factor)  # (h, f, w, f)
+    return patches.any(axis=(1, 3))                                                   # (h, w)
+
+
+def encode(vq, images, batch_size=256):
+    """uint8 images (N, H, W, 3) -> codes (N, H/f, W/f) on the CPU, in batches."""
+    return torch.cat([vq.encode(images_to_tensor(images[i:i + batch_size]).to(vq.device)).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def inpaint_canvas(codes, regenerate):
+    """Keep the tokens outside the region: codes (N, h, w), regenerate bool (h, w) -> Canvas."""
+    _, h, w = codes.shape
+    return Canvas((h, w), codes.flatten(1), torch.from_numpy(~regenerate).flatten())  # (N, L), (L,)
+
+
+def outpaint_canvas(codes, extend):
+    """Place codes (N, h, w) in a larger grid, `extend` = (top, bottom, left, right) tokens more -> Canvas."""
+    top, bottom, left, right = extend
+    n, h, w = codes.shape
+    rows, cols = top + h + bottom, left + w + right
+    known_tokens = torch.zeros(n, rows, cols, dtype=torch.long)
+    known_tokens[:, top:top + h, left:left + w] = codes
+    known_mask = torch.zeros(rows, cols, dtype=torch.bool)
+    known_mask[top:top + h, left:left + w] = True
+    return Canvas((rows, cols), known_tokens.flatten(1), known_mask.flatten())  # (N, L), (L,)
+
+
+def edit_panels(image, canvas, factor, offset=(0, 0)):
+    """The first two panels of an edit row at the canvas's pixel size: input (grey where nothing was
+    given; the image at `offset` tokens) and mask (white = regenerated, black = kept)."""
+    rows, cols = canvas.grid
+    input_panel = np.full((rows * factor, cols * factor, 3), EMPTY_GREY, dtype=np.uint8)
+    if image is not None:
+        top, left = offset[0] * factor, offset[1] * factor
+        input_panel[top:top + image.shape[0], left:left + image.shape[1]] = image
+    known = np.zeros(rows * cols, dtype=bool) if canvas.known_mask is None else canvas.known_mask.numpy()
+    regenerated = np.kron(~known.reshape(rows, cols), np.ones((factor, factor), dtype=bool))  # (H, W)
+    mask_panel = np.repeat(regenerated[:, :, None] * np.uint8(255), 3, axis=2)  # (H, W, 3)
+    # A grey frame: white regions at the border would otherwise merge with the white page.
+    mask_panel[[0, -1], :] = mask_panel[:, [0, -1]] = EMPTY_GREY
+    return input_panel, mask_panel
+
+
+def edit_input(args, model, vq, names):
+    """The image to edit, uint8 (H, W, 3), and its class (None when unknown)."""
+    if args.image is not None:
+        image = load_image(args.image)
+        check_image_size(image, vq.downsample)
+        return image, args.image_class
+    if not is_builtin(names):
+        raise ValueError(f"--edit {args.edit} needs --image for a model not trained on the built-in shapes")
+    image_class = 0 if args.image_class is None else args.image_class
+    check_classes([image_class], model.config.num_classes, "--image-class")
+    side = model.config.grid_size * vq.downsample
+    # Labels cycle through the classes, so image i * n_classes + c has class c. A seed of its own:
+    # never an image ARPG was trained on.
+    images, _ = make_builtin_dataset((args.image_index + 1) * len(names), seed=evaluate.INPAINT_SEED, image_size=side)
+    return images[args.image_index * len(names) + image_class], image_class
+
+
+def plan_edit(args, model, vq, names):
+    """-> (canvas, input panel, mask panel, labels to generate under)."""
+    f = vq.downsample
+    if args.edit == "expand":
+        rows, cols = args.grid or (2 * model.config.grid_size,) * 2
+        if rows < 1 or cols < 1:
+            raise ValueError(f"--grid must be positive, got {rows} {cols}")
+        canvas = Canvas((rows, cols))
+        input_panel, mask_panel = edit_panels(None, canvas, f)
+        return canvas, input_panel, mask_panel, args.classes or default_classes(names)
+
+    image, image_class = edit_input(args, model, vq, names)
+    codes = encode(vq, image[None])                                      # (1, h, w)
+    if args.edit == "outpaint":
+        extend = args.extend or (max(1, model.config.grid_size // 4),) * 4
+        if min(extend) < 0 or sum(extend) == 0:
+            raise ValueError(f"--extend needs non-negative token counts, at least one positive, got {extend}")
+        canvas = outpaint_canvas(codes, extend)
+        input_panel, mask_panel = edit_panels(image, canvas, f, offset=(extend[0], extend[2]))
+    else:  # inpaint, class-edit
+        regenerate = token_mask(regenerate_pixels(image.shape[:2], args.mask, args.box), f)
+        if not regenerate.any():
+            raise ValueError("the mask selects no pixel to regenerate: paint the region white")
+        canvas = inpaint_canvas(codes, regenerate)
+        input_panel, mask_panel = edit_panels(image, canvas, f)
+
+    if args.classes is not None:
+        labels = args.classes
+    elif image_class is None:
+        raise ValueError(f"--edit {args.edit} on your own image needs the class to generate under: "
+                         f"--classes C (or --image-class C)")
+    elif args.edit == "class-edit":
+        if model.config.num_classes > 16:
+            raise ValueError("--edit class-edit needs --classes: the classes to redraw the region as")
+        labels = [c for c in range(model.config.num_classes) if c != image_class]
+    else:
+        labels = [image_class]
+    return canvas, input_panel, mask_panel, labels
+
+
+# -----------------------------------------------------------------------------
+# Evaluation on the built-in shapes (evaluate.py holds the classifier and the metrics)
+
+def run_evaluation(args, model, vq, settings, step_counts):
+    """The results table (markdown): real images, tokenizer reconstructions, and samples at each step count."""
+    n = args.eval_samples
+    side = model.config.grid_size * vq.downsample
+    classifier, heldout_accuracy = evaluate.load_classifier(args.classifier, side)
+    print(f"evaluation classifier: {heldout_accuracy:.1%} accuracy on 1000 held-out real images")
+    reference_features, rows = evaluate.real_image_rows(classifier, n, side)
+
+    # The tokenizer's round trip bounds what ARPG can reach: its samples are decoded by the same decoder.
+    real_images, real_labels = make_builtin_dataset(n, seed=evaluate.SECOND_REAL_SEED, image_size=side)
+    codes = encode(vq, real_images)                                       # (n, h, w)
+    reconstructions = np.concatenate([tensor_to_images(vq.decode(codes[i:i + args.batch_size].to(vq.device)))
+                                      for i in range(0, n, args.batch_size)])  # (n, H, W, 3)
+    rows.append(("tokenizer reconstructions", evaluate.score_images(classifier, reconstructions, real_labels,
+                                                                     reference_features)))
+
+    # Inpainting: the centre (half the width and height) of real images regenerated under their label.
+    sources, source_labels = make_builtin_dataset(n, seed=evaluate.INPAINT_SEED, image_size=side)
+    regenerate = token_mask(regenerate_pixels((side, side)), vq.downsample)
+    inpaint = inpaint_canvas(encode(vq, sources), regenerate)
+    labels = torch.arange(n) % model.config.num_classes
+    full = Canvas((model.config.grid_size,) * 2)
+    for steps in step_counts:
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        _, images = generate_images(model, vq, labels, full, steps, settings, generator, args.batch_size)
+        scores = evaluate.score_images(classifier, images, labels.numpy(), reference_features)
+        _, completed = generate_images(model, vq, torch.from_numpy(source_labels), inpaint, edit_steps(steps, inpaint),
+                                       settings, generator, args.batch_size)
+        scores["inpaint_keeps_class"] = evaluate.class_accuracy(evaluate.classify(classifier, completed)[0],
+                                                                source_labels)
+        rows.append((f"ARPG, {steps} steps", scores))
+        print(f"{steps} steps: accuracy {scores['accuracy']:.1%}, Frechet distance {scores['frechet']:.2f}, "
+              f"inpainting keeps class {scores['inpaint_keeps_class']:.1%}")
+    return evaluate.format_table(rows)
+
+
+# -----------------------------------------------------------------------------
+# Checks and the command line
+
+def write_text_atomic(path, text):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def check_classes(classes, num_classes, flag="--classes"):
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"{flag} {' '.join(map(str, bad))} out of range: this model has {num_classes} classes "
+                         f"(0..{num_classes - 1})")
+
+
+def check_flags(args):
+    """Refuse flag values and combinations that cannot work, before loading anything."""
+    for flag, value in (("--per-class", args.per_class), ("--batch-size", args.batch_size),
+                        ("--fid", args.fid), ("--eval-samples", args.eval_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.image_index < 0:
+        raise ValueError(f"--image-index must be 0 or more, got {args.image_index}")
+    used_by = {"--image": ("inpaint", "class-edit", "outpaint"), "--image-class": ("inpaint", "class-edit", "outpaint"),
+               "--mask": ("inpaint", "class-edit"), "--box": ("inpaint", "class-edit"),
+               "--extend": ("outpaint",), "--grid": ("expand",)}
+    for flag, modes in used_by.items():
+        if getattr(args, flag[2:].replace("-", "_")) is not None and args.edit not in modes:
+            raise ValueError(f"{flag} only applies to --edit {' / '.join(modes)}")
+    if args.mask is not None and args.box is not None:
+        raise ValueError("give --mask or --box, not both")
+
+
+def check_against_model(args, config):
+    """Refuse step counts and class ids the loaded model cannot take."""
+    for steps in [args.steps] + (args.eval or []):
+        if not 1 <= steps <= config.block_size:
+            raise ValueError(f"steps must be between 1 and {config.block_size} (the tokens of an image), got {steps}")
+    if args.classes is not None:
+        check_classes(args.classes, config.num_classes)
+
+
+def default_classes(names):
+    if len(names) <= 16:
+        return list(range(len(names)))
+    if len(names) == 1000:
+        return IMAGENET_SHOWCASE
+    return [round(i * (len(names) - 1) / 7) for i in range(8)]  # 8 spread over the range
+
+
+def decoding_settings(args):
+    """The keyword arguments of ARPG.generate that come from the command line (all but steps)."""
+    return dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, schedule=args.schedule,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, fast=args.sampler == "fast")
+
+
+def counting(batches, total):
+    """Pass the image batches of generate_batches through, counting images on a progress bar."""
+    with tqdm(total=total, unit="img", desc="sampling") as progress:
+        for _, images in batches:
+            yield images
+            progress.update(len(images))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    model, vq, names, description = load_models(args)
+    config = model.config
+    print(description)
+    check_against_model(args, config)
+    settings = decoding_settings(args)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    full = Canvas((config.grid_size, config.grid_size))
+    side = config.grid_size * vq.downsample
+
+    if args.eval is not None:
+        if not is_builtin(names):
+            raise ValueError("--eval measures models trained on the built-in shapes (its classifier knows only "
+                             "those); for ImageNet use --fid 50000 and the ADM evaluator")
+        table = run_evaluation(args, model, vq, settings, args.eval or [args.steps])
+        out = args.out or "out/eval.md"
+        write_text_atomic(out, f"{description}\n\n{table}\n")
+        print(table)
+        print(f"wrote {out}")
+
+    elif args.fid is not None:
+        classes = args.classes or list(range(config.num_classes))
+        labels = torch.tensor(classes)[torch.arange(args.fid) % len(classes)]  # (N,) each class N/C times
+        out = args.out or f"out/fid_{args.fid}.npz"
+        batches = generate_batches(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
+        write_fid_npz(out, counting(batches, args.fid), args.fid, (side, side, 3), labels.numpy())
+        print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes balanced")
+
+    elif args.edit is not None:
+        canvas, input_panel, mask_panel, classes = plan_edit(args, model, vq, names)
+        check_classes(classes, config.num_classes)
+        labels = torch.tensor(classes).repeat_interleave(args.per_class)  # (R*P,)
+        steps = edit_steps(args.steps, canvas)
+        print(f"{args.edit}: decoding {canvas.n_unknown} of {canvas.grid[0] * canvas.grid[1]} tokens "
+              f"in {steps} steps, {len(classes)} class(es) x {args.per_class}")
+        _, images = generate_images(model, vq, labels, canvas, steps, settings, generator, args.batch_size)
+        results = images.reshape(len(classes), args.per_class, *images.shape[1:])     # (R, P, H, W, 3)
+        given = np.broadcast_to(np.stack([input_panel, mask_panel]), (len(classes), 2, *input_panel.shape))
+        out = args.out or f"out/edit_{args.edit}.png"
+        save_image_grid(np.concatenate([given, results], axis=1), [names[c] for c in classes], out)  # (R, 2+P, ...)
+        print(f"wrote {out}: per row input | mask (white = regenerated) | {args.per_class} results")
+
+    else:
+        classes = args.classes or default_classes(names)
+        labels = torch.tensor(classes).repeat_interleave(args.per_class)  # (R*P,)
+        _, images = generate_images(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
+        out = args.out or "out/sample_grid.png"
+        save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, P, H, W, 3)
+                        [names[c] for c in classes], out)
+        print(f"wrote {out}: {len(classes)} classes x {args.per_class} samples of {side}x{side}, "
+              f"{args.steps} steps, cfg {args.cfg}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,101 @@
+"""evaluate.py: the Frechet distance, the cached classifier, and the command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import evaluate
+from data import make_builtin_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def correlated_features(seed, n, dim=6):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dim, dim))                                  # a random full covariance
+    return rng.normal(size=(n, dim)) @ mixing + rng.normal(size=dim)
+
+
+# --- the Frechet distance ---
+
+def test_symmetric_sqrt_squares_back_to_the_matrix():
+    """symmetric_sqrt(M) @ symmetric_sqrt(M) == M for a covariance matrix."""
+    cov = np.cov(correlated_features(0, 200), rowvar=False)
+    root = evaluate.symmetric_sqrt(cov)
+    assert np.allclose(root @ root, cov, atol=1e-9), f"max error {np.abs(root @ root - cov).max():.2e}"
+
+
+def test_frechet_distance_matches_the_textbook_formula():
+    """The symmetric form equals |mu_a - mu_b|^2 + Tr(S_a + S_b) - 2 Tr((S_a S_b)^1/2), computed from the
+    eigenvalues of the non-symmetric product S_a S_b."""
+    a, b = correlated_features(1, 500), correlated_features(2, 400)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real.clip(0)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
+    got = evaluate.frechet_distance(a, b)
+    assert abs(got - expected) <= 1e-8 * max(1.0, expected), f"{got} vs {expected}"
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    """d(x, x) = 0 and a mean shift of s in every one of F dimensions adds F s^2."""
+    a = correlated_features(3, 300)
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-7, "distance of a set to itself is not 0"
+    shifted = evaluate.frechet_distance(a, a + 0.5)
+    assert abs(shifted - 6 * 0.25) < 1e-6, f"shift by 0.5 in 6 dims gave {shifted}, expected 1.5"
+
+
+# --- the classifier ---
+
+def test_classifier_learns_the_shapes():
+    """A short training run already sorts held-out shapes far better than chance (10%)."""
+    images, labels = make_builtin_dataset(600, seed=evaluate.CLASSIFIER_TRAIN_SEED)
+    classifier = evaluate.train_classifier(images, labels, steps=120)
+    test_images, test_labels = make_builtin_dataset(200, seed=evaluate.HELDOUT_SEED)
+    accuracy = evaluate.class_accuracy(evaluate.classify(classifier, test_images)[0], test_labels)
+    assert accuracy > 0.4, f"held-out accuracy {accuracy:.1%} after 120 steps"
+
+
+@pytest.fixture(scope="module")
+def cached_classifier(tmp_path_factory):
+    """A classifier trained for a few steps and cached on disk (the real one takes ~half a minute)."""
+    path = str(tmp_path_factory.mktemp("classifier") / "classifier.pt")
+    log = []
+    classifier, accuracy = evaluate.load_classifier(path, n_train=100, train_steps=5, log=log.append)
+    assert any("training" in line for line in log), "no classifier was trained for an empty cache"
+    return path, classifier, accuracy
+
+
+def test_classifier_is_cached_and_reused(cached_classifier, monkeypatch):
+    """The second load reads the cache (no training) and predicts exactly as the first."""
+    path, first, accuracy = cached_classifier
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("retrained although the cache holds a classifier for this size")
+
+    monkeypatch.setattr(evaluate, "train_classifier", refuse)
+    second, cached_accuracy = evaluate.load_classifier(path, log=lambda line: None)
+    images, _ = make_builtin_dataset(20, seed=7)
+    assert cached_accuracy == accuracy, "the cached held-out accuracy changed"
+    assert np.array_equal(evaluate.classify(first, images)[1], evaluate.classify(second, images)[1]), \
+        "the cached classifier gives other features"
+
+
+# --- the command line ---
+
+def test_cli_scores_a_sample_file_and_refuses_one_without_labels(cached_classifier, tmp_path):
+    """`evaluate.py --npz` adds a row for the file next to real images; a file without labels is one error line."""
+    path, _, _ = cached_classifier
+    images, labels = make_builtin_dataset(30, seed=9)
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    np.savez(good, arr_0=images, labels=labels)
+    np.savez(bad, arr_0=images)
+    command = [sys.executable, "evaluate.py", "--classifier", path, "--n", "30", "--npz"]
+    result = subprocess.run(command + [str(good)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr}"
+    assert "| real images | 30 |" in result.stdout and "| good.npz | 30 |" in result.stdout, result.stdout
+    result = subprocess.run(command + [str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "needs arr_0 (images) and labels" in lines[0], result.stderr

@@ -1,0 +1,258 @@
+"""sample.py on tiny random models: grids, determinism, FID files, zero-shot editing, bad input."""
+
+import subprocess
+import sys
+import zipfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import sample
+from arpg import ARPG, ARPG_PRESETS, save_atomic
+from data import CLASS_NAMES
+from tokenizer import VQConfig, VQModel
+
+ROOT = Path(__file__).resolve().parent.parent
+# A tokenizer small enough to decode in milliseconds: 8x downsampling (64x64 -> 8x8 tokens), 64 codes.
+VQ_CONFIG = VQConfig(codebook_size=64, codebook_embed_dim=8, z_channels=16, ch=16, ch_mult=(1, 1, 1, 1),
+                     encoder_num_res_blocks=1, decoder_num_res_blocks=1, norm_groups=8)
+ARPG_CONFIG = replace(ARPG_PRESETS["tiny"], vocab_size=64, dim=64)  # 10 classes, 8x8 tokens
+
+
+def random_arpg(config, seed=0):
+    torch.manual_seed(seed)
+    model = ARPG(config)
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would sample uniformly: no structure to test
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Paths of a tiny ARPG trained "on the built-in shapes" (train.py's layout), its tokenizer and misfits."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    paths = {name: str(folder / f"{name}.pt") for name in ("arpg", "vq", "vq_other", "official", "ema")}
+    model = random_arpg(ARPG_CONFIG)
+    save_atomic({"model": model.state_dict(), "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES,
+                 "step": 0}, paths["arpg"])
+    save_atomic({"model": model.state_dict(), "ema": random_arpg(ARPG_CONFIG, seed=1).state_dict(),
+                 "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES}, paths["ema"])
+    torch.manual_seed(0)
+    save_atomic({"model": VQModel(VQ_CONFIG).state_dict(), "config": asdict(VQ_CONFIG)}, paths["vq"])
+    other = replace(VQ_CONFIG, codebook_size=128)
+    save_atomic({"model": VQModel(other).state_dict(), "config": asdict(other)}, paths["vq_other"])
+    # The released files' layout: weights under "state_dict", no config (sizes come from the shapes),
+    # 1000 ImageNet classes and a 16x16 grid. Width 128 is the tiny preset's, so its heads are known.
+    official = random_arpg(replace(ARPG_PRESETS["L"], dim=128, n_layer=2, n_head=4, vocab_size=64))
+    save_atomic({"state_dict": official.state_dict()}, paths["official"])
+    return paths
+
+
+def run(ckpts, tmp_path, *argv, out="out.png"):
+    """sample.main with the tiny checkpoints; returns the output path."""
+    path = str(tmp_path / out)
+    sample.main(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], "--out", path, *argv])
+    return path
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# --- grids and determinism ---
+
+def test_grid_has_one_labelled_row_per_class(ckpts, tmp_path):
+    """A grid has one row per requested class and --per-class columns of 64x64 samples, with a label column."""
+    grid = read_png(run(ckpts, tmp_path, "--classes", "0", "3", "7", "--per-class", "2", "--steps", "4"))
+    pad = 2
+    assert grid.shape[0] == 3 * (64 + pad) + pad, f"height {grid.shape[0]}: expected 3 rows of 64 px"
+    label_width = grid.shape[1] - (2 * (64 + pad) + pad)
+    assert label_width > 20, f"label column only {label_width} px wide: are the rows labelled?"
+    for row in range(3):
+        top = pad + row * (64 + pad)
+        label = grid[top:top + 64, :label_width]
+        assert (label < 128).any(), f"row {row} has no label text"
+
+
+def test_same_seed_gives_the_same_images_and_another_seed_others(ckpts, tmp_path):
+    """The same seed on the same device reproduces a grid pixel for pixel; another seed changes it."""
+    args = ("--classes", "1", "2", "--per-class", "3", "--steps", "8")
+    first = read_png(run(ckpts, tmp_path, *args, "--seed", "5", out="a.png"))
+    again = read_png(run(ckpts, tmp_path, *args, "--seed", "5", out="b.png"))
+    other = read_png(run(ckpts, tmp_path, *args, "--seed", "6", out="c.png"))
+    assert np.array_equal(first, again), "same seed, different images"
+    assert not np.array_equal(first, other), "different seeds, same images"
+
+
+def test_readable_and_fast_samplers_draw_the_same_images(ckpts, tmp_path):
+    """--sampler readable and --sampler fast give identical images for the same seed."""
+    args = ("--classes", "4", "--per-class", "4", "--steps", "8")
+    fast = read_png(run(ckpts, tmp_path, *args, "--sampler", "fast", out="fast.png"))
+    readable = read_png(run(ckpts, tmp_path, *args, "--sampler", "readable", out="readable.png"))
+    assert np.array_equal(fast, readable), "the two samplers disagree"
+
+
+# --- FID files ---
+
+def test_fid_npz_has_the_adm_layout_and_balanced_classes(ckpts, tmp_path):
+    """--fid N writes arr_0 uint8 (N, H, W, 3) (what the ADM evaluator reads) and balanced labels, in batches."""
+    path = run(ckpts, tmp_path, "--fid", "25", "--batch-size", "10", "--steps", "4", out="samples.npz")
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == ["arr_0.npy", "labels.npy"], f"entries {archive.namelist()}"
+    with np.load(path) as npz:
+        images, labels = npz["arr_0"], npz["labels"]
+    assert images.dtype == np.uint8 and images.shape == (25, 64, 64, 3), f"arr_0 {images.dtype} {images.shape}"
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() >= 2 and counts.max() <= 3, f"classes not balanced: {counts}"
+    assert all(images[i].std() > 0 for i in (0, 12, 24)), "some images of the file were never written"
+
+
+# --- zero-shot editing ---
+
+def test_a_token_is_kept_only_if_all_its_pixels_are_kept():
+    """A masked pixel marks its whole token for regeneration; boxes on token borders mark only their tokens."""
+    one_pixel = np.zeros((64, 64), dtype=bool)
+    one_pixel[9, 17] = True                                               # row 9 -> token row 1, col 17 -> token col 2
+    tokens = sample.token_mask(one_pixel, 8)
+    assert tokens.sum() == 1 and tokens[1, 2], f"one pixel regenerated tokens {np.argwhere(tokens).tolist()}"
+    aligned = sample.token_mask(sample.regenerate_pixels((64, 64), box=(16, 16, 48, 48)), 8)
+    assert aligned.sum() == 16 and aligned[2:6, 2:6].all(), "an aligned 32x32 box is 4x4 tokens"
+    shifted = sample.token_mask(sample.regenerate_pixels((64, 64), box=(15, 16, 48, 48)), 8)
+    assert shifted.sum() == 20, "a box one pixel wider reaches into a fifth token column"
+
+
+@pytest.mark.parametrize("mode, extra, grid, offset, n_known", [
+    ("inpaint", ["--box", "16", "16", "48", "48"], (8, 8), (0, 0), 48),
+    ("class-edit", ["--image-class", "2", "--classes", "5", "6"], (8, 8), (0, 0), 48),
+    ("outpaint", ["--extend", "1", "0", "2", "3"], (9, 13), (1, 2), 64),
+    ("expand", ["--grid", "12", "10"], (12, 10), None, 0),
+])
+def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid, offset, n_known):
+    """Every edit puts the input's tokens on the canvas, returns them unchanged and decodes every other position."""
+    args = sample.parse_args(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], "--edit", mode, "--per-class", "3",
+                              "--steps", "16", *extra])
+    model, vq, names, _ = sample.load_models(args)
+    canvas, input_panel, mask_panel, classes = sample.plan_edit(args, model, vq, names)
+    assert canvas.grid == grid, f"canvas {canvas.grid}, expected {grid}"
+    labels = torch.tensor(classes).repeat_interleave(3)
+    tokens, images = sample.generate_images(model, vq, labels, canvas, sample.edit_steps(16, canvas),
+                                            sample.decoding_settings(args), torch.Generator().manual_seed(0), 4)
+    rows, cols = grid
+    assert images.shape == (len(labels), rows * 8, cols * 8, 3), f"images {images.shape}"
+    assert input_panel.shape == mask_panel.shape == images.shape[1:], "panels and results differ in size"
+    assert tokens.min() >= 0 and tokens.max() < VQ_CONFIG.codebook_size, "tokens outside the codebook"
+    if mode == "class-edit":
+        assert classes == [5, 6], f"class-edit labels {classes}"
+    if n_known == 0:
+        assert canvas.known_mask is None, "expand from the class alone has no known tokens"
+        return
+    known = canvas.known_mask                                             # (L,)
+    given = canvas.known_tokens.expand(len(labels), -1)                   # (N, L)
+    assert int(known.sum()) == n_known, f"{int(known.sum())} known tokens, expected {n_known}"
+    assert torch.equal(tokens[:, known], given[:, known]), "known tokens changed"
+    assert (tokens[:, ~known] != given[:, ~known]).any(), "the unknown positions were not filled"
+    image, _ = sample.edit_input(args, model, vq, names)
+    codes = sample.encode(vq, image[None])[0]                            # (8, 8) the input's tokens
+    top, left = offset
+    placed = given[0].view(rows, cols)[top:top + 8, left:left + 8]
+    placed_known = known.view(rows, cols)[top:top + 8, left:left + 8]
+    assert torch.equal(placed[placed_known], codes[placed_known]), "the canvas does not hold the input's tokens"
+
+
+def test_edit_png_shows_input_mask_and_results(ckpts, tmp_path):
+    """An edit PNG row is input | mask | results; the mask panel is white where tokens were regenerated."""
+    grid = read_png(run(ckpts, tmp_path, "--edit", "inpaint", "--box", "16", "16", "48", "48", "--per-class", "2",
+                        "--steps", "8"))
+    pad = 2
+    assert grid.shape[0] == 64 + 2 * pad, f"height {grid.shape[0]}: one row expected"
+    left = grid.shape[1] - 4 * (64 + pad) - pad + pad + (64 + pad)     # x of the mask panel
+    mask = grid[pad:pad + 64, left:left + 64]
+    assert (mask[20:44, 20:44] == 255).all(), "the regenerated centre is not white in the mask panel"
+    assert (mask[4:12, 4:60] == 0).all(), "a kept region is not black in the mask panel"
+
+
+def test_edit_steps_keep_the_tokens_per_step_of_a_full_canvas():
+    """--steps counts steps for a whole canvas: 16 unknown of 64 tokens at 32 steps take 8 steps."""
+    regenerate = np.zeros((8, 8), dtype=bool)
+    regenerate[:2] = True                                                 # the top two token rows: 16 tokens
+    canvas = sample.inpaint_canvas(torch.zeros(1, 8, 8, dtype=torch.long), regenerate)
+    assert canvas.n_unknown == 16 and sample.edit_steps(32, canvas) == 8, f"{canvas.n_unknown} unknown"
+    assert sample.edit_steps(1, canvas) == 1, "at least one step"
+
+
+# --- official checkpoints and EMA ---
+
+def test_official_layout_is_recognised_with_imagenet_class_ids(ckpts, tmp_path):
+    """A released-layout file (state_dict, no config) loads by its shapes: 1000 classes, 16x16 tokens."""
+    grid = read_png(run(dict(ckpts, arpg=ckpts["official"]), tmp_path, "--classes", "207", "999",
+                        "--per-class", "1", "--steps", "4", "--cfg", "5.0"))
+    assert grid.shape[0] == 2 * (128 + 2) + 2, f"height {grid.shape[0]}: expected two rows of 128 px"
+    assert sample.default_classes([str(c) for c in range(1000)]) == sample.IMAGENET_SHOWCASE, "ImageNet defaults"
+
+
+def test_ema_weights_are_used_when_present_unless_no_ema(ckpts):
+    """A checkpoint with an EMA copy samples from it; --no-ema takes the trained weights."""
+    base = ["--ckpt", ckpts["ema"], "--vq-ckpt", ckpts["vq"]]
+    ema_model = sample.load_models(sample.parse_args(base))[0]
+    raw_model = sample.load_models(sample.parse_args(base + ["--no-ema"]))[0]
+    expected_ema, expected_raw = random_arpg(ARPG_CONFIG, seed=1), random_arpg(ARPG_CONFIG, seed=0)
+    assert torch.equal(ema_model.head.weight, expected_ema.head.weight), "EMA weights not used"
+    assert torch.equal(raw_model.head.weight, expected_raw.head.weight), "--no-ema did not load the trained weights"
+
+
+# --- evaluation ---
+
+def test_eval_writes_a_table_with_real_and_generated_rows(ckpts, tmp_path):
+    """--eval scores real images, tokenizer reconstructions and samples at each step count, into one table."""
+    classifier = str(tmp_path / "classifier.pt")
+    evaluate.load_classifier(classifier, n_train=100, train_steps=5, log=lambda line: None)  # cheap stand-in
+    path = run(ckpts, tmp_path, "--eval", "2", "4", "--eval-samples", "20", "--classifier", classifier, out="eval.md")
+    table = Path(path).read_text()
+    for row in ("real images", "tokenizer reconstructions", "ARPG, 2 steps", "ARPG, 4 steps"):
+        assert f"| {row} | 20 |" in table, f"row {row!r} missing from\n{table}"
+
+
+# --- bad input: one clear error, nothing written ---
+
+def write_png(path, height, width):
+    Image.fromarray(np.full((height, width, 3), 255, dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    (["--classes", "10"], "--classes 10 out of range"),
+    (["--steps", "0"], "steps must be between 1 and 64"),
+    (["--steps", "65"], "steps must be between 1 and 64"),
+    (["--edit", "inpaint", "--mask", "MASK_40x64"], "same size"),
+    (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
+    (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
+    (["--edit", "outpaint", "--box", "0", "0", "8", "8"], "--box only applies to --edit inpaint / class-edit"),
+    (["--ckpt", "MISSING"], "ARPG checkpoint not found"),
+    (["--ckpt", "VQ"], "no ARPG weights"),
+    (["--vq-ckpt", "ARPG"], "is an ARPG checkpoint, not a tokenizer"),
+    (["--vq-ckpt", "VQ_OTHER"], "models 64 codes but the tokenizer"),
+])
+def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, message):
+    """Each bad input raises ValueError/FileNotFoundError (one 'error:' line from the CLI) and writes nothing."""
+    files = {"MASK_40x64": write_png(tmp_path / "mask.png", 40, 64),
+             "IMAGE_60x64": write_png(tmp_path / "image.png", 60, 64),
+             "MISSING": str(tmp_path / "missing.pt"), "VQ": ckpts["vq"], "ARPG": ckpts["arpg"],
+             "VQ_OTHER": ckpts["vq_other"]}
+    argv = [files.get(arg, arg) for arg in case]
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
+        run(ckpts, tmp_path, *argv, out="never.png")
+    assert not (tmp_path / "never.png").exists(), "a refused command wrote its output"
+
+
+def test_cli_prints_one_error_line_and_exits_2(ckpts, tmp_path):
+    """From the command line, a bad class id is one 'error: ...' line on stderr and exit code 2."""
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"],
+                             "--classes", "12", "--out", str(tmp_path / "x.png")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit code {result.returncode}, stderr {result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: --classes 12 out of range"), f"stderr {result.stderr!r}"
