@@ -12,8 +12,8 @@ does the rest: order, schedule, guidance, sampling.
                      -> kv (layers, 2, B, H, N+T, D), shared_kv (2, B, H, N+T, D)
     guided.onnx      target_slots (K,) int64, shared_kv (2, B, H, N, D) -> logits (B, K, V) float32
     vq_decoder.onnx  codes (B, h, w) int64 -> images (B, 3, h*f, w*f) float32 in [-1, 1]
-    arpg_onnx.json   config, token ids ([MASK], classes, null class), grid, dtype, class names,
-                     parity figures, and the export id stamped into every graph
+    arpg_onnx.json   config, token ids ([MASK], classes, null class), grid, dtype, class names and
+                     sample.py's default rows, parity figures, and the export id stamped into every graph
 
 B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
 of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's zero
@@ -50,8 +50,9 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from arpg import ARPG, build_rope_table, read_checkpoint
+from arpg import ARPG, build_rope_table
 from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
+from sample import default_classes, load_models
 from tokenizer import VQModel
 
 OPSET = 18              # supported by every onnxruntime since 1.14
@@ -267,6 +268,8 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
             "first_class_id": config.vocab_size + 1,                       # class c is first_class_id + c
             "null_class_id": model.null_class_id,
             "class_names": list(class_names) if class_names is not None else None,
+            # The rows sample.py draws by default, so `python onnx_sampler.py` draws the same ones.
+            "default_classes": default_classes(class_names or range(config.num_classes)),
             "dtype": "float16" if fp16 else "float32",                     # of the caches and the ARPG weights
             "cache": {"pass1_layers": layers, "heads": heads, "head_dim": head_dim},
             "graphs": {name: os.path.basename(path) for name, path in graphs.items()},
@@ -299,31 +302,26 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
 def main():
     parser = argparse.ArgumentParser(description="Export ARPG (Pass 1, Pass 2) and the VQ decoder to ONNX.")
     parser.add_argument("--ckpt", default="out/arpg.pt",
-                        help="ARPG checkpoint: ours (train.py) or an official arpg_*.pt")
-    parser.add_argument("--vq-ckpt", default="out/tokenizer.pt",
-                        help="tokenizer checkpoint: ours or LlamaGen's vq_ds16_c2i.pt")
+                        help="ARPG checkpoint: ours (train.py) or an official file (arpg_300m.pt, ...)")
+    parser.add_argument("--vq-ckpt", default=None,
+                        help="VQ tokenizer checkpoint (default: the one the ARPG checkpoint was trained with, "
+                             "else out/tokenizer.pt); LlamaGen's vq_ds16_c2i.pt for the official weights")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="export the trained weights even when the checkpoint also holds an EMA copy "
+                             "(default: the EMA weights when present)")
     parser.add_argument("--out", default="out/onnx", help="folder for the graphs and arpg_onnx.json")
-    parser.add_argument("--raw-weights", action="store_true",
-                        help="export the trained weights even when the checkpoint also holds EMA weights")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and caches (for GPUs; logits stay fp32)")
     parser.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
                         help="token grid the graphs cover (default: the training grid; larger for outpainting)")
     parser.add_argument("--dynamo", action="store_true",
                         help="use the torch.export-based exporter (slower; the TorchScript one is deprecated)")
+    # Models are loaded exactly as sample.py loads them, on the CPU in fp32 (--fp16 converts a copy).
+    parser.set_defaults(device="cpu", dtype="float32")
     args = parser.parse_args()
 
-    for path, how in ((args.ckpt, "python train.py"), (args.vq_ckpt, "python train.py (it trains the tokenizer first)")):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}; make one with {how} or pass its path")
-    checkpoint = read_checkpoint(args.ckpt)
-    use_ema = isinstance(checkpoint.get("ema"), dict) and not args.raw_weights
-    model = ARPG.from_checkpoint({"model": checkpoint["ema"], "config": checkpoint.get("config")} if use_ema
-                                 else checkpoint)
-    vq = VQModel.from_checkpoint(args.vq_ckpt)
-    print(f"exporting {args.ckpt} ({'EMA' if use_ema else 'trained'} weights, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) and {args.vq_ckpt}")
-    export_onnx(model.eval(), vq.eval(), args.out, fp16=args.fp16, grid=args.grid,
-                class_names=checkpoint.get("class_names"), dynamo=args.dynamo)
+    model, vq, class_names, description = load_models(args)
+    print(f"exporting {description}")
+    export_onnx(model, vq, args.out, fp16=args.fp16, grid=args.grid, class_names=class_names, dynamo=args.dynamo)
 
 
 if __name__ == "__main__":

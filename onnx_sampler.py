@@ -8,7 +8,7 @@ Sample ARPG images with ONNX Runtime, without PyTorch: numpy, onnxruntime and pi
                      Pass-1 layer's self-attention cache and the shared K/V come out, grown
     guided.onnx      Pass 2: [MASK] queries at the target positions read the shared K/V -> logits
     vq_decoder.onnx  codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]
-    arpg_onnx.json   what a runner needs: config, token ids, grid, dtype, class names
+    arpg_onnx.json   what a runner needs: config, token ids, grid, dtype, class names, default rows
 
 This file is the runner: the randomized parallel decoding loop of `ARPG.generate` (Sec. 3.1,
 Alg. 1; SPEC 6) rewritten in numpy around those graphs. It imports no torch, so a deployment
@@ -292,7 +292,8 @@ def main():
     parser = argparse.ArgumentParser(description="Sample ARPG images with ONNX Runtime (no PyTorch needed).")
     parser.add_argument("--onnx-dir", default="out/onnx", help="folder written by export.py")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
-                        help="class ids, one grid row each (default: all)")
+                        help="class ids, one grid row each (default: sample.py's rows, stored by export.py: "
+                             "every class of a model with up to 16, else 8)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps (the paper uses 32 or 64)")
     parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
@@ -308,13 +309,13 @@ def main():
     args = parser.parse_args()
 
     sampler = OnnxSampler(args.onnx_dir, args.device)
-    classes = args.classes if args.classes is not None else list(range(sampler.num_classes))
+    classes = args.classes or sampler.metadata["default_classes"]
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
     tokens = sampler.generate(labels, steps=args.steps, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
                               schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     images = sampler.decode(tokens)                                       # (R*C, H, W, 3)
-    names = sampler.metadata["class_names"] or [f"class {c}" for c in range(sampler.num_classes)]
+    names = sampler.metadata["class_names"] or [str(c) for c in range(sampler.num_classes)]
     save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
                     [names[c] for c in classes], args.out)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, "

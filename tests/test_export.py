@@ -80,6 +80,7 @@ def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
     assert shapes["ids"] == ["batch", "new"] and shapes["slots"] == ["new"], f"context signature {shapes}"
     assert metadata["mask_id"] == 512 and metadata["null_class_id"] == 512 + 10 + 1, "token ids in the JSON"
     assert metadata["class_names"] == CLASS_NAMES, f"class names {metadata['class_names']}"
+    assert metadata["default_classes"] == list(range(10)), f"default rows {metadata['default_classes']}"
 
 
 @pytest.mark.parametrize("batch, new, past", [(1, 1, 0), (4, 5, 0), (3, 2, 7), (1, 3, 60)])
@@ -253,7 +254,7 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     unavailable CUDA provider each end with one 'error:' line and exit code 2."""
     folder, _, _ = exported
     code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x"))
-    assert code == 2 and output.strip().splitlines()[-1].startswith("error: checkpoint not found"), output
+    assert code == 2 and output.strip().splitlines()[-1].startswith("error: ARPG checkpoint not found"), output
     assert not (tmp_path / "x").exists(), "a failed export left a folder behind"
 
     missing = tmp_path / "missing"
