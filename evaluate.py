@@ -4,7 +4,7 @@ How good are the samples? A built-in stand-in for FID, for models trained on the
 The paper scores ImageNet samples with FID (SPEC 6 and 9): the Frechet distance between
 Inception-v3 features of 50,000 samples and of the real images. Inception's weights cannot be
 downloaded here, and they know nothing about ten classes of flat shapes anyway. So this file
-trains a small CNN on real built-in images (data.py; about half a minute on a laptop CPU, then
+trains a small CNN on real built-in images (data.py; under a minute on 2 CPU cores, then
 cached in out/classifier.pt) and uses it the way FID uses Inception:
 
   (a) class accuracy: how often the classifier sees the class a sample was generated for (the
@@ -88,20 +88,30 @@ def to_input(images):
 # Training it once, then loading it from the cache
 
 def train_classifier(images, labels, steps=400, batch_size=64, lr=2e-2, seed=0):
-    """Train a ShapeClassifier on uint8 images (N, H, W, 3) and labels (N,): AdamW, one-cycle lr."""
-    torch.manual_seed(seed)
-    model = ShapeClassifier().train()
-    x, y = to_input(images), torch.from_numpy(labels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = torch.randint(len(x), (batch_size,), generator=generator)  # (batch_size,) random images
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    """Train a ShapeClassifier on uint8 images (N, H, W, 3) and labels (N,): AdamW, one-cycle lr.
+
+    It trains on ONE CPU thread. Its convolutions are too small to gain much from a second one,
+    and when other processes share the cores, OpenMP threads that wait for each other made each
+    step 5-10x slower on a 2-core machine (0.13 s/step with one thread, 0.7-1.6 s with two).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = ShapeClassifier().train()
+        x, y = to_input(images), torch.from_numpy(labels)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            batch = torch.randint(len(x), (batch_size,), generator=generator)  # (batch_size,) random images
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -472,6 +472,8 @@ def check_flags(args):
                         ("--fid", args.fid), ("--eval-samples", args.eval_samples)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.image_index < 0:
         raise ValueError(f"--image-index must be 0 or more, got {args.image_index}")
     used_by = {"--image": ("inpaint", "class-edit", "outpaint"), "--image-class": ("inpaint", "class-edit", "outpaint"),
@@ -557,7 +559,7 @@ def main(argv=None):
         given = np.broadcast_to(np.stack([input_panel, mask_panel]), (len(classes), 2, *input_panel.shape))
         out = args.out or f"out/edit_{args.edit}.png"
         save_image_grid(np.concatenate([given, results], axis=1), [names[c] for c in classes], out)  # (R, 2+P, ...)
-        print(f"wrote {out}: per row input | mask (white = regenerated) | {args.per_class} results")
+        print(f"wrote {out}: each row input | mask (white = regenerated) | {args.per_class} result(s)")
 
     else:
         classes = args.classes or default_classes(names)
