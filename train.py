@@ -47,12 +47,14 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arpg import ARPG, ARPG_PRESETS, ARPGConfig, load_strict, read_checkpoint, save_atomic
 from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
-from tokenizer import VQ_PRESETS, VQModel, images_to_tensor, tensor_to_images, train_tokenizer
+from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, images_to_tensor, list_image_folder,
+                       tensor_to_images, train_tokenizer)
 
 # -----------------------------------------------------------------------------
 # Recipes: the defaults that depend on the model size. Every flag that defaults to None takes
@@ -61,15 +63,17 @@ from tokenizer import VQ_PRESETS, VQModel, images_to_tensor, tensor_to_images, t
 # faster (--minutes caps the wall time instead).
 
 RECIPES = {
-    "tiny": dict(batch_size=64, lr=2e-3, warmup=0.05, max_steps=600, epochs=None, ema=0.0,
+    # A few minutes on a CPU is far too little to overfit: dropout would only slow learning, and an
+    # EMA would mostly average the early, worse weights (the cosine decay already settles them).
+    "tiny": dict(batch_size=64, lr=3e-3, warmup=0.05, max_steps=600, ema=0.0, dropout=0.0,
                  log_every=25, sample_every=200, save_every=200),
-    "paper": dict(batch_size=1024, lr=None, warmup=0.25, max_steps=None, epochs=400, ema=0.9999,
+    "paper": dict(batch_size=1024, lr=None, warmup=0.25, max_steps=None, ema=0.9999, dropout=0.1,
                   log_every=100, sample_every=5000, save_every=5000),
 }
 PAPER_LR_PER_256 = 1e-4     # SPEC 5: lr scales with the global batch (ARPG-L: batch 1024 -> 4e-4)
+PAPER_EPOCHS = 400          # SPEC 5: the paper's training length; max_steps = epochs * images / batch
 ADAM_BETAS = (0.9, 0.95)    # SPEC 5
 BUILTIN_TOKENIZER = "out/tokenizer.pt"  # the small tokenizer the default run trains
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def parse_args(argv=None):
@@ -110,6 +114,8 @@ def parse_args(argv=None):
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on >= 2-dim tensors")
     recipe.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     recipe.add_argument("--ema", type=float, default=None, help="EMA decay of a weight copy saved as 'ema' (0: off)")
+    recipe.add_argument("--dropout", type=float, default=None,
+                        help="dropout on input embeddings, attention outputs and FFN outputs (paper: 0.1)")
     recipe.add_argument("--seed", type=int, default=0, help="seeds the model init, data order, orders and dropout")
 
     run = parser.add_argument_group("how to run")
@@ -168,32 +174,21 @@ class TokenGrids(Dataset):
 
 
 def scan_class_folders(root):
-    """{root}/{class}/{file} -> (class names in label order, files per class, 'codes' or 'images')."""
+    """{root}/{class}/{file} -> (class names in label order, files per class, "codes" or "images")."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if names and all(name.isdigit() for name in names):
-        names.sort(key=int)                       # ImageNet codes are in folders 0..999: "10" is class 10, not 2
-    files = [sorted(os.listdir(os.path.join(root, name))) for name in names]
-    codes = [[f for f in class_files if f.endswith(".npy")] for class_files in files]
-    images = [[f for f in class_files if f.lower().endswith(IMAGE_EXTENSIONS)] for class_files in files]
-    kind, files = ("codes", codes) if any(codes) else ("images", images)  # codes win if a folder has both
-    if not any(files):
-        raise ValueError(f"no training data in {root}: expected one subfolder per class holding .npy code "
-                         f"files or images ({', '.join(IMAGE_EXTENSIONS)})")
-    return names, [[os.path.join(root, name, f) for f in class_files] for name, class_files in zip(names, files)], kind
-
-
-def load_image(path, size):
-    """An image file -> uint8 (size, size, 3): shorter side resized to `size`, then centre-cropped."""
-    from PIL import Image
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = size / min(image.size)
-        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                             Image.BICUBIC)
-        left, top = (image.width - size) // 2, (image.height - size) // 2
-        return np.asarray(image.crop((left, top, left + size, top + size)))
+    listing = {name: sorted(os.listdir(os.path.join(root, name))) for name in names}
+    if any(f.endswith(".npy") for files in listing.values() for f in files):
+        # Code folders are named by class id (RandAR's ImageNet codes, tokenizer.py --tokenize):
+        # sort them as numbers, so folder "10" is class 10, not class 2.
+        if all(name.isdigit() for name in names):
+            names.sort(key=int)
+        return names, [[os.path.join(root, name, f) for f in listing[name] if f.endswith(".npy")] for name in names], "codes"
+    if any(f.lower().endswith(IMAGE_EXTENSIONS) for files in listing.values() for f in files):
+        return names, None, "images"  # tokenizer.py lists and reads image folders
+    raise ValueError(f"no training data in {root}: expected one subfolder per class holding .npy code "
+                     f"files or images ({', '.join(IMAGE_EXTENSIONS)})")
 
 
 @torch.no_grad()
@@ -212,18 +207,26 @@ def build_dataset(args, vq, preset, device):
         return TokenGrids(codes[:, None], labels, CLASS_NAMES, vq.config.codebook_size, codes.shape[1])
 
     names, files, kind = scan_class_folders(args.data)
-    labels = np.concatenate([np.full(len(class_files), c, dtype=np.int64) for c, class_files in enumerate(files)])
-    paths = [path for class_files in files for path in class_files]
     if kind == "images":
         if vq is None:
             raise ValueError(f"{args.data} holds images: pass the tokenizer checkpoint that turns them into "
                              f"codes with --tokenizer")
+        # Read and crop with tokenizer.py's loader, so the codes equal `tokenizer.py --tokenize`'s
+        # (the same class ids too), and keep them in memory: fine for small folders; pre-tokenize
+        # large ones once with tokenizer.py instead of at every start.
         size = args.image_size or preset.grid_size * vq.downsample  # tiny: 8 x 8 tokens * 8 = 64 pixels
-        images = np.stack([load_image(path, size) for path in paths])  # (n, size, size, 3)
-        # Two augmentations per image, as RandAR's ImageNet codes: as is, and mirrored.
-        codes = np.stack([tokenize(vq, images, device), tokenize(vq, images[:, :, ::-1].copy(), device)], axis=1)
-        return TokenGrids(codes, labels, names, vq.config.codebook_size, codes.shape[-1])  # codes (n, 2, L)
+        items = list_image_folder(args.data)                              # [(path, class_id, index)]
+        codes = []
+        for crops, _, _ in DataLoader(ImageFolderCrops(items, size), batch_size=64, num_workers=args.workers):
+            crops = crops.to(device)                                      # (b, 3, S, S) in [-1, 1]
+            views = vq.encode(torch.cat([crops, crops.flip(-1)]))         # (2b, h, w): as is, then mirrored
+            codes.append(rearrange(views, "(n b) h w -> b n (h w)", n=2).cpu())  # (b, 2, L)
+        codes = torch.cat(codes).numpy()                                  # (n, 2, L): two augmentations
+        labels = np.array([class_id for _, class_id, _ in items])
+        return TokenGrids(codes, labels, names, vq.config.codebook_size, codes.shape[-1])
 
+    labels = np.concatenate([np.full(len(class_files), c, dtype=np.int64) for c, class_files in enumerate(files)])
+    paths = [path for class_files in files for path in class_files]
     first = np.load(paths[0])
     vocab_size = args.vocab_size or (vq.config.codebook_size if vq is not None else preset.vocab_size)
     dataset = TokenGrids(paths, labels, names, vocab_size, first.shape[-1] if first.ndim else 0)
@@ -251,7 +254,7 @@ class StepSampler(Sampler):
 
     def epoch_order(self, epoch):
         if epoch != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
             self.epoch = epoch
             self.order = torch.randperm(self.n_items, generator=generator)               # (n,)
             self.draws = torch.randint(0, 2 ** 31, (self.n_items,), generator=generator)  # (n,)
@@ -275,6 +278,12 @@ class StepSampler(Sampler):
             for i in range(self.accum):
                 yield mine[i * micro:(i + 1) * micro]
             step += 1
+
+
+def derived_seed(*numbers):
+    """A well-mixed seed from a tuple of integers: (seed, epoch) for the data order, (seed, step,
+    rank) for one process's step (its generation orders, label dropout and dropout masks)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
 def ignore_ctrl_c(_worker_id):
@@ -336,11 +345,6 @@ def update_ema(ema, model, decay, step):
     decay = min(decay, (1 + step) / (10 + step))
     for ema_param, param in zip(ema.parameters(), model.parameters()):
         ema_param.lerp_(param, 1.0 - decay)
-
-
-def step_seed(seed, step, rank):
-    """The seed of one process's step: orders, label dropout and dropout masks depend only on it."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 # -----------------------------------------------------------------------------
@@ -416,7 +420,8 @@ class StopRequest:
 # The training loop
 
 def train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size, device):
-    """Run optimizer steps from start_step to args.max_steps (or until stopped); returns the last step."""
+    """Optimizer steps from start_step to args.max_steps, or until stopped; the checkpoint is saved at
+    the end. Returns (the last step, the last logged loss, whether Ctrl-C / SIGTERM stopped it)."""
     is_main, distributed = rank == 0, world_size > 1
     train_model = DistributedDataParallel(model) if distributed else model
     train_model = torch.compile(train_model) if args.compile else train_model
@@ -435,8 +440,9 @@ def train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size
     step = start_step
     try:
         while step < args.max_steps:
-            # Every random number of this step comes from (seed, step, rank): see step_seed.
-            torch.manual_seed(step_seed(args.seed, step, rank))
+            # Every random number of this step comes from (seed, step, rank), so a resumed run draws
+            # the same ones as an uninterrupted run: no RNG state to save.
+            torch.manual_seed(derived_seed(args.seed, step, rank))
             lr = learning_rate(step, args.max_steps, args.lr, args.min_lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -483,13 +489,13 @@ def train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size
                 loss_count, interval_start = 0, time.perf_counter()
             if stopping:
                 break
+            pause_start = time.perf_counter()  # saving and sampling do not count in ms/step
             if is_main and args.save_every and step % args.save_every == 0 and step < args.max_steps:
                 save_checkpoint(args.out, model, ema, optimizer, step, last_loss, args, dataset.class_names)
-                interval_start = time.perf_counter()
             if sampling and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
                 save_sample_grid(ema_or_model, vq, dataset.class_names,
                                  os.path.join(folder, "samples", f"step_{step:06d}.png"), args, device)
-                interval_start = time.perf_counter()
+            interval_start += time.perf_counter() - pause_start
     finally:
         stop.restore()
     if distributed:
@@ -502,25 +508,18 @@ def train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size
 # -----------------------------------------------------------------------------
 # Putting it together
 
-def fill_in_defaults(args, world_size, dataset, device):
-    """Resolve every None flag from the recipe of --size and check the batch arithmetic."""
+def fill_in_defaults(args, world_size):
+    """Resolve the None flags from the recipe of --size (all but the paper's epoch-based step count,
+    which needs the data), then check them: before any process group or file exists."""
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
-    for key in ("batch_size", "warmup", "ema", "log_every", "sample_every", "save_every"):
+    for key in ("batch_size", "warmup", "max_steps", "ema", "dropout", "log_every", "sample_every", "save_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-    if args.lr is None:
-        args.lr = recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
-    if args.max_steps is None:
-        args.max_steps = recipe["max_steps"] or math.ceil(recipe["epochs"] * len(dataset) / args.batch_size)
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    if args.workers is None:  # worker processes pay off for reading files, not for arrays in memory
-        on_disk = isinstance(dataset.grids, list)
-        args.workers = min(4, max(1, (os.cpu_count() or 1) // world_size)) if on_disk else 0
-
-
-def check_batch(args, world_size):
-    if args.batch_size is not None and args.batch_size % (world_size * args.grad_accum):
+    args.lr = args.lr or recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.workers is None:  # processes that read files in the background; the built-in data is in memory
+        args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
+    if args.batch_size % (world_size * args.grad_accum):
         raise ValueError(f"global batch {args.batch_size} does not split evenly over {world_size} processes x "
                          f"{args.grad_accum} accumulation steps: pick a multiple of {world_size * args.grad_accum}")
     if args.resume and not os.path.isfile(args.out):
@@ -529,8 +528,7 @@ def check_batch(args, world_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world_size, _ = world_from_environment()
-    check_batch(args, world_size)                       # before any process group or file exists
+    fill_in_defaults(args, world_from_environment()[1])
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -555,7 +553,7 @@ def main(argv=None):
     # 2. The data, as token grids.
     started = time.perf_counter()
     dataset = build_dataset(args, vq, preset, device)
-    fill_in_defaults(args, world_size, dataset, device)
+    args.max_steps = args.max_steps or math.ceil(PAPER_EPOCHS * len(dataset) / args.batch_size)
     log(f"data: {len(dataset)} images of {dataset.length} tokens, {len(dataset.class_names)} classes, "
         f"codes < {dataset.vocab_size} ({time.perf_counter() - started:.1f}s)")
 
@@ -566,7 +564,8 @@ def main(argv=None):
         check_matches_data(config, dataset)
     else:
         config = replace(preset, vocab_size=dataset.vocab_size, num_classes=len(dataset.class_names),
-                         block_size=dataset.length)
+                         block_size=dataset.length, token_dropout_p=args.dropout, resid_dropout_p=args.dropout,
+                         ffn_dropout_p=args.dropout)
     torch.manual_seed(args.seed)
     model = ARPG(config).to(device)
     ema = ARPG(config).to(device).requires_grad_(False) if args.ema > 0 else None
@@ -583,18 +582,23 @@ def main(argv=None):
     log(f"model: {config}")
     log(f"{sum(p.numel() for p in model.parameters()):,} parameters; training: " + ", ".join(
         f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "min_lr", "warmup", "max_steps",
-                                            "weight_decay", "grad_clip", "ema", "precision", "seed")) +
+                                            "weight_decay", "grad_clip", "ema", "dropout", "precision", "seed")) +
         f"; {world_size} process(es) on {device.type}")
     if start_step:
         log(f"resuming {args.out} at step {start_step}")
 
     # 4. Train, save, and show samples.
     started = time.perf_counter()
-    step, loss, interrupted = train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size, device)
-    minutes = (time.perf_counter() - started) / 60
+    if start_step >= args.max_steps:
+        log(f"{args.out} is already trained for {start_step} steps; raise --max-steps to train longer")
+        step, loss, interrupted = start_step, checkpoint["loss"], False
+    else:
+        step, loss, interrupted = train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size, device)
+        if world_size > 1:
+            log(f"weights identical on all {world_size} processes")
     if world_size > 1:
-        log(f"weights identical on all {world_size} processes")
         dist.destroy_process_group()
+    minutes = (time.perf_counter() - started) / 60
     if step < args.max_steps:
         log(f"stopped at step {step}/{args.max_steps} after {minutes:.1f} min; saved {args.out} "
             f"(continue with --resume)")

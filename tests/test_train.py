@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from arpg import ARPG, ARPG_PRESETS
-from tokenizer import VQ_PRESETS, VQModel
+from data import make_builtin_dataset
+from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
 from train import StepSampler, build_dataset, main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,6 +144,23 @@ def test_code_folders_load_in_both_layouts(tmp_path, llamagen_layout):
         codes, label = dataset[(20, draw)]
         assert codes.dtype == torch.int64 and codes.shape == (LENGTH,), "codes (L,) int64"
         assert torch.equal(codes, torch.from_numpy(stored[draw])) and label == 10, f"augmentation {draw}"
+
+
+def test_image_folders_are_tokenized_with_their_mirror_images(tmp_path):
+    """An image folder {class}/{image}.png becomes codes (2, L) per image, the tokenizer's codes of
+    the image and of its mirror image, labelled by sorted folder name."""
+    torch.manual_seed(0)
+    vq = VQModel(VQ_PRESETS["small"]).eval()
+    images, _ = make_builtin_dataset(4, seed=5)  # uint8 (4, 64, 64, 3)
+    for i, name in enumerate(["b_cat", "b_cat", "a_dog", "a_dog"]):
+        os.makedirs(tmp_path / name, exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / name / f"{i}.png")
+    dataset = build_dataset(parse_args(["--data", str(tmp_path), "--workers", "0"]), vq, ARPG_PRESETS["tiny"], "cpu")
+    assert dataset.class_names == ["a_dog", "b_cat"] and list(dataset.labels) == [0, 0, 1, 1], "sorted class folders"
+    expected = vq.encode(images_to_tensor(images[2:3])).flatten(1)[0]   # a_dog/2.png, first in order
+    mirrored = vq.encode(images_to_tensor(images[2:3, :, ::-1].copy())).flatten(1)[0]
+    assert torch.equal(dataset[(0, 0)][0], expected), "augmentation 0 is the image's codes"
+    assert torch.equal(dataset[(0, 1)][0], mirrored), "augmentation 1 is the mirror image's codes"
 
 
 def test_data_order_is_a_pure_function_of_the_step():
