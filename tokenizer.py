@@ -63,6 +63,7 @@ class VQConfig:
     decoder_num_res_blocks: int = 3   # residual blocks per decoder level
     dropout: float = 0.0              # dropout inside residual blocks (0 in LlamaGen's released model)
     norm_groups: int = 32             # GroupNorm groups (32 in LlamaGen); must divide every width ch * m
+    local_codes: bool = False         # encode every f x f patch on its own, so a code depends on its patch only
 
     def __post_init__(self):
         # JSON gives lists; a tuple keeps the config hashable-looking and equal after a round trip.
@@ -73,8 +74,13 @@ VQ_PRESETS = {
     # LlamaGen's VQ-16 (vq_ds16_c2i.pt): 71,883,403 parameters, 16x downsampling.
     "VQ-16": VQConfig(),
     # For the built-in 64x64 shapes: 8x downsampling (8x8 tokens), 512 codes. 704,027 parameters.
+    # Local codes: with a whole-image encoder, the code of a flat background patch also carries
+    # where a nearby edge runs (a side channel that raises PSNR), so one background colour gets
+    # spread over hundreds of codes, all of which ARPG then has to learn to predict. Encoding
+    # every patch on its own gives one code per flat colour and keeps the codes easy to model;
+    # the decoder still sees the whole grid.
     "small": VQConfig(codebook_size=512, codebook_embed_dim=8, z_channels=64, ch=16, ch_mult=(1, 1, 2, 4),
-                      encoder_num_res_blocks=1, decoder_num_res_blocks=1, norm_groups=4),
+                      encoder_num_res_blocks=1, decoder_num_res_blocks=1, norm_groups=4, local_codes=True),
 }
 
 
@@ -327,27 +333,40 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from_latents(self, z):
-        """Put every code on a random latent of z (B, d, h, w) and forget the usage record: the
-        data-dependent codebook initialisation that ends the autoencoder warm-up (as SoundStream
-        initialises its codebooks from the first batch's latents, with k-means)."""
+        """Seed every code from the latents z (B, d, h, w) and forget the usage record: the
+        data-dependent codebook initialisation that ends the autoencoder warm-up (k-means++
+        seeding, as SoundStream starts its codebooks from k-means on the first batch)."""
         self.codebook_used.fill_(-1)
         return self.restart_dead_codes(z)
 
     @torch.no_grad()
     def restart_dead_codes(self, z):
-        """Move every code absent from the usage window onto a random latent of the batch z
-        (B, d, h, w). A dead code gets no gradient from the codebook loss and would stay dead;
-        put where the encoder actually puts latents, it gets chosen again. Returns how many moved."""
+        """Move every code absent from the usage window onto a latent of the batch z (B, d, h, w).
+        A dead code gets no gradient from the codebook loss and would stay dead; put where the
+        encoder actually puts latents, it gets chosen again. Returns how many moved.
+
+        Where to put them matters for generation, not only for reconstruction. Most patches of
+        the built-in shapes are flat background, so codes restarted on *random* latents pile up
+        there: one flat colour ends up spread over a hundred near-identical codes, which carry
+        no picture but are pure noise for ARPG to predict. So the new codes are placed as in
+        k-means++ seeding: one at a time, on a latent drawn with probability proportional to its
+        squared distance from the nearest code so far. Latents that are already well described
+        (flat patches) are rarely drawn; badly described ones (edges, corners) often."""
         used = torch.zeros(self.embedding.num_embeddings, dtype=torch.bool, device=z.device)
         seen = self.codebook_used[self.codebook_used >= 0].long()
         used[seen] = True
         dead = (~used).nonzero().squeeze(1)
-        if len(dead):
-            candidates = rearrange(self.normalize(z), "b d h w -> (b h w) d")
-            # Distinct latents when there are enough (they may still coincide: flat patches agree).
-            pick = (torch.randperm(len(candidates), device=z.device)[:len(dead)] if len(candidates) >= len(dead)
-                    else torch.randint(len(candidates), (len(dead),), device=z.device))
-            self.embedding.weight.data[dead] = candidates[pick]
+        candidates = rearrange(self.normalize(z), "b d h w -> (b h w) d")     # (N, d)
+        if used.any():
+            gap = torch.cdist(candidates, self.codebook()[used]).pow(2).min(dim=1).values  # (N,)
+        else:
+            gap = torch.ones(len(candidates), device=z.device)                # no code yet: uniform
+        for code in dead.tolist():
+            if gap.sum() <= 0:  # every latent already has a code on it
+                gap = torch.ones_like(gap)
+            pick = torch.multinomial(gap, 1)[0]
+            self.embedding.weight.data[code] = candidates[pick]
+            gap = torch.minimum(gap, (candidates - candidates[pick]).pow(2).sum(dim=1))
         return len(dead)
 
 
@@ -397,7 +416,16 @@ class VQModel(nn.Module):
     def encode_latents(self, images):
         """Images (B, 3, H, W) -> unquantised latents (B, d, H/f, W/f)."""
         self.check_images(images)
-        return self.quant_conv(self.encoder(images.to(self.device, torch.float32)))
+        images = images.to(self.device, torch.float32)
+        if not self.config.local_codes:
+            return self.quant_conv(self.encoder(images))
+        # Each f x f patch through the encoder as an image of its own (the encoder brings it down
+        # to 1 x 1), then the latents back on the grid: see VQ_PRESETS["small"] for why.
+        B, _, H, W = images.shape
+        f = self.downsample
+        patches = rearrange(images, "b c (h p) (w q) -> (b h w) c p q", p=f, q=f)
+        latents = self.quant_conv(self.encoder(patches))                  # (B*h*w, d, 1, 1)
+        return rearrange(latents, "(b h w) d 1 1 -> b d h w", b=B, h=H // f)
 
     def codes_to_latents(self, codes):
         """Codes (B, h, w) -> quantised latents (B, d, h, w): the (l2-normalised) codebook rows."""

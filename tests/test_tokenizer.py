@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tokenizer import (VQ_PRESETS, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
@@ -182,6 +183,37 @@ def test_dead_codes_are_restarted_onto_latents():
     candidates = quantizer.normalize(latents).permute(0, 2, 3, 1).reshape(-1, TINY.codebook_embed_dim)
     distance = torch.cdist(after[0:1], candidates).min().item()
     assert distance < 1e-6, f"a restarted code is {distance} away from every latent"
+
+
+def test_restarted_codes_avoid_latents_that_already_have_a_code():
+    """k-means++ placement: a latent sitting exactly on a live code has probability 0 of being
+    drawn, so restarted codes land only on the latents no code describes yet."""
+    vq = tiny_model().train()
+    quantizer = vq.quantize
+    covered = quantizer.codebook()[3].clone()          # latents equal to live code 3 ...
+    fresh = F.normalize(torch.randn(2, TINY.codebook_embed_dim), dim=1)  # ... and two others
+    latents = torch.cat([covered.expand(14, -1), fresh]).T.reshape(1, TINY.codebook_embed_dim, 4, 4)
+    dead = [TINY.codebook_size - 2, TINY.codebook_size - 1]
+    quantizer.record_usage(torch.arange(TINY.codebook_size - 2).view(1, 1, -1))  # the last two are dead
+    assert quantizer.restart_dead_codes(latents) == 2
+    distance = torch.cdist(quantizer.embedding.weight[dead].detach(), fresh)  # (2 codes, 2 fresh latents)
+    assert distance.min(dim=1).values.max() < 1e-6, "a restarted code was put on a latent code 3 describes"
+    assert distance.argmin(dim=1).unique().numel() == 2, "both restarted codes were put on the same latent"
+
+
+def test_local_codes_depend_only_on_their_own_patch():
+    """With local_codes, changing the pixels of one f x f patch changes no other patch's latent."""
+    torch.manual_seed(0)
+    vq = VQModel(replace(TINY, local_codes=True)).eval()
+    images = images_to_tensor(random_images(1, 16, 16))
+    edited = images.clone()
+    edited[:, :, 4:8, 8:12] = -images[:, :, 4:8, 8:12]  # patch (1, 2) of the 4 x 4 grid
+    with torch.no_grad():
+        changed = (vq.encode_latents(images) - vq.encode_latents(edited)).abs().amax(dim=1)[0]  # (4, 4)
+    assert changed[1, 2] > 1e-3, "editing a patch did not change its own latent"
+    changed[1, 2] = 0
+    assert changed.max() == 0, f"other patches' latents changed by up to {changed.max().item()}"
+    assert vq.encode(images).shape == (1, 4, 4), "codes on the usual grid"
 
 
 def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
