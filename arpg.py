@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, reveal_counts
+
 # -----------------------------------------------------------------------------
 # Shape legend (used in every shape comment below)
 #   B  batch (rows; doubled to 2B when classifier-free guidance is on)
@@ -543,39 +545,8 @@ class ARPG(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Decoding schedules and sampling: small pure functions (SPEC 6)
-
-MASK_SCHEDULES = {
-    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S.
-    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),  # recommended: few tokens early, many late
-    "cosine": lambda progress: math.cos(math.pi / 2 * progress),
-}
-
-
-def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
-    """How many tokens each of `steps` steps reveals, summing to `length` (the official rule).
-
-    The official rule can ask for 0 tokens when steps is close to length (for example 256 steps
-    on 256 tokens); we keep at least one token per step for the steps still to come, which
-    changes nothing for the settings the paper uses (tests compare with the official counts).
-    """
-    counts, done = [], 0
-    for step in range(steps):
-        if step == steps - 1:
-            n = length - done                                              # the last step takes all that remain
-        else:
-            still_masked = max(1, min(length - done - 1, int(length * MASK_SCHEDULES[schedule]((step + 1) / steps))))
-            n = min(max(length - done - still_masked, 1), length - done - (steps - step - 1))
-        counts.append(n)
-        done += n
-    return counts
-
-
-CFG_SCHEDULES = {
-    # Guidance g_s for a step after which a fraction `filled` of the canvas is known.
-    "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
-    "constant": lambda scale, filled: scale,
-}
+# Sampling a token from logits (SPEC 6). The decoding schedules, MASK_SCHEDULES, reveal_counts
+# and CFG_SCHEDULES, are in schedules.py: torch-free, so onnx_sampler.py uses the same ones.
 
 
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):

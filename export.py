@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from arpg import ARPG, build_rope_table
 from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
-from sample import default_classes, load_models
+from sample import add_checkpoint_arguments, default_classes, load_models
 from tokenizer import VQModel
 
 OPSET = 18              # supported by every onnxruntime since 1.14
@@ -301,14 +301,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
 
 def main():
     parser = argparse.ArgumentParser(description="Export ARPG (Pass 1, Pass 2) and the VQ decoder to ONNX.")
-    parser.add_argument("--ckpt", default="out/arpg.pt",
-                        help="ARPG checkpoint: ours (train.py) or an official file (arpg_300m.pt, ...)")
-    parser.add_argument("--vq-ckpt", default=None,
-                        help="VQ tokenizer checkpoint (default: the one the ARPG checkpoint was trained with, "
-                             "else out/tokenizer.pt); LlamaGen's vq_ds16_c2i.pt for the official weights")
-    parser.add_argument("--no-ema", action="store_true",
-                        help="export the trained weights even when the checkpoint also holds an EMA copy "
-                             "(default: the EMA weights when present)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", default="out/onnx", help="folder for the graphs and arpg_onnx.json")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights and caches (for GPUs; logits stay fp32)")
     parser.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,

@@ -12,7 +12,7 @@ Sample ARPG images with ONNX Runtime, without PyTorch: numpy, onnxruntime and pi
 
 This file is the runner: the randomized parallel decoding loop of `ARPG.generate` (Sec. 3.1,
 Alg. 1; SPEC 6) rewritten in numpy around those graphs. It imports no torch, so a deployment
-needs only this file, data.py (the PNG grid writer) and the export folder:
+needs only this file, schedules.py, data.py (the PNG grid writer) and the export folder:
 
     pip install numpy onnxruntime pillow           # or onnxruntime-gpu on a CUDA machine
     python onnx_sampler.py                         # out/onnx -> out/onnx_samples.png (CPU: seconds)
@@ -32,7 +32,6 @@ distribution but not the same stream of random numbers: numpy's generator is not
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -40,6 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from data import save_image_grid
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, reveal_counts
 
 METADATA_FILE = "arpg_onnx.json"
 METADATA_FORMAT = "arpg-onnx/1"
@@ -47,38 +47,11 @@ EXPORT_ID_KEY = "arpg_export_id"   # stored in every graph's metadata_props and 
 
 
 # -----------------------------------------------------------------------------
-# Schedules and sampling, in numpy (SPEC 6)
+# Sampling, in numpy (SPEC 6)
 #
-# These mirror `MASK_SCHEDULES`, `reveal_counts`, `CFG_SCHEDULES` and `sample_tokens` of arpg.py
-# line for line. They are repeated here only because arpg.py imports torch; tests/test_export.py
-# checks that both give the same counts, the same guidance and the same sampling distribution.
-
-MASK_SCHEDULES = {
-    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S.
-    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),
-    "cosine": lambda progress: math.cos(math.pi / 2 * progress),
-}
-
-CFG_SCHEDULES = {
-    # Guidance g_s for a step after which a fraction `filled` of the canvas is known.
-    "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
-    "constant": lambda scale, filled: scale,
-}
-
-
-def reveal_counts(length, steps, schedule="arccos"):
-    """How many tokens each of `steps` steps reveals, summing to `length` (as arpg.reveal_counts)."""
-    counts, done = [], 0
-    for step in range(steps):
-        if step == steps - 1:
-            n = length - done                                              # the last step takes all that remain
-        else:
-            still_masked = max(1, min(length - done - 1, int(length * MASK_SCHEDULES[schedule]((step + 1) / steps))))
-            n = min(max(length - done - still_masked, 1), length - done - (steps - step - 1))
-        counts.append(n)
-        done += n
-    return counts
-
+# The schedules come from schedules.py, as in arpg.py. `sample_tokens` mirrors arpg.py's line for
+# line, in numpy because arpg.py imports torch; tests/test_export.py checks that both give the
+# same sampling distribution.
 
 def softmax(logits):
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))        # -inf -> probability 0

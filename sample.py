@@ -50,18 +50,22 @@ EMPTY_GREY = 128  # what the input panel shows where nothing was given
 # -----------------------------------------------------------------------------
 # Arguments
 
+def add_checkpoint_arguments(group):
+    """--ckpt, --vq-ckpt and --no-ema, as load_models reads them (export.py takes the same ones)."""
+    group.add_argument("--ckpt", default="out/arpg.pt",
+                       help="ARPG checkpoint: ours (train.py) or an official file (arpg_300m.pt, ...)")
+    group.add_argument("--vq-ckpt", default=None,
+                       help="VQ tokenizer checkpoint (default: the one the ARPG checkpoint was trained with, "
+                            "else out/tokenizer.pt); LlamaGen's vq_ds16_c2i.pt for the official weights")
+    group.add_argument("--no-ema", action="store_true",
+                       help="use the trained weights even when the checkpoint also holds an EMA copy "
+                            "(default: the EMA weights when present)")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = parser.add_argument_group("checkpoints")
-    models.add_argument("--ckpt", default="out/arpg.pt",
-                        help="ARPG checkpoint: ours (train.py) or an official file (arpg_300m.pt, ...)")
-    models.add_argument("--vq-ckpt", default=None,
-                        help="VQ tokenizer checkpoint (default: the one the ARPG checkpoint was trained with, "
-                             "else out/tokenizer.pt); LlamaGen's vq_ds16_c2i.pt for the official weights")
-    models.add_argument("--no-ema", action="store_true",
-                        help="use the trained weights even when the checkpoint also holds an EMA copy "
-                             "(default: the EMA weights when present)")
+    add_checkpoint_arguments(parser.add_argument_group("checkpoints"))
 
     what = parser.add_argument_group("what to draw")
     what.add_argument("--classes", type=int, nargs="+", default=None,

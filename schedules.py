@@ -1,0 +1,39 @@
+"""
+Decoding schedules (SPEC 6), in plain Python: shared by arpg.py and onnx_sampler.py.
+
+They live in a file of their own, free of torch and numpy, so that the ONNX Runtime sampler,
+which must run without PyTorch, uses the very same rules as `ARPG.generate`.
+"""
+import math
+
+MASK_SCHEDULES = {
+    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S.
+    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),  # recommended: few tokens early, many late
+    "cosine": lambda progress: math.cos(math.pi / 2 * progress),
+}
+
+
+def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
+    """How many tokens each of `steps` steps reveals, summing to `length` (the official rule).
+
+    The official rule can ask for 0 tokens when steps is close to length (for example 256 steps
+    on 256 tokens); we keep at least one token per step for the steps still to come, which
+    changes nothing for the settings the paper uses (tests compare with the official counts).
+    """
+    counts, done = [], 0
+    for step in range(steps):
+        if step == steps - 1:
+            n = length - done                                              # the last step takes all that remain
+        else:
+            still_masked = max(1, min(length - done - 1, int(length * MASK_SCHEDULES[schedule]((step + 1) / steps))))
+            n = min(max(length - done - still_masked, 1), length - done - (steps - step - 1))
+        counts.append(n)
+        done += n
+    return counts
+
+
+CFG_SCHEDULES = {
+    # Guidance g_s for a step after which a fraction `filled` of the canvas is known.
+    "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
+    "constant": lambda scale, filled: scale,
+}
