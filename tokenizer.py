@@ -73,13 +73,17 @@ class VQConfig:
 VQ_PRESETS = {
     # LlamaGen's VQ-16 (vq_ds16_c2i.pt): 71,883,403 parameters, 16x downsampling.
     "VQ-16": VQConfig(),
-    # For the built-in 64x64 shapes: 8x downsampling (8x8 tokens), 512 codes. 704,027 parameters.
+    # For the built-in 64x64 shapes: 8x downsampling (8x8 tokens), 128 codes. 700,955 parameters.
     # Local codes: with a whole-image encoder, the code of a flat background patch also carries
     # where a nearby edge runs (a side channel that raises PSNR), so one background colour gets
     # spread over hundreds of codes, all of which ARPG then has to learn to predict. Encoding
     # every patch on its own gives one code per flat colour and keeps the codes easy to model;
     # the decoder still sees the whole grid.
-    "small": VQConfig(codebook_size=512, codebook_embed_dim=8, z_channels=64, ch=16, ch_mult=(1, 1, 2, 4),
+    # 128 codes, not more: with 512, an edge patch's code changed with sub-pixel shifts of the
+    # edge (20 near-identical circles got 5.6 different codes per position), which ARPG cannot
+    # predict. 128 codes are coarser per patch, and the decoder, which sees the neighbours,
+    # places the edges: held-out PSNR 24.0 -> 25.4 dB at the same 800 steps (32 codes: 22.5 dB).
+    "small": VQConfig(codebook_size=128, codebook_embed_dim=8, z_channels=64, ch=16, ch_mult=(1, 1, 2, 4),
                       encoder_num_res_blocks=1, decoder_num_res_blocks=1, norm_groups=4, local_codes=True),
 }
 

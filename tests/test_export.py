@@ -78,7 +78,8 @@ def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
     shapes = {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
     assert shapes["past_kv"] == [2, 2, "batch", 4, "past", 32], f"context signature {shapes}"
     assert shapes["ids"] == ["batch", "new"] and shapes["slots"] == ["new"], f"context signature {shapes}"
-    assert metadata["mask_id"] == 512 and metadata["null_class_id"] == 512 + 10 + 1, "token ids in the JSON"
+    V = ARPG_PRESETS["tiny"].vocab_size
+    assert metadata["mask_id"] == V and metadata["null_class_id"] == V + 10 + 1, "token ids in the JSON"
     assert metadata["class_names"] == CLASS_NAMES, f"class names {metadata['class_names']}"
     assert metadata["default_classes"] == list(range(10)), f"default rows {metadata['default_classes']}"
 
@@ -91,7 +92,7 @@ def test_context_graph_equals_arpg_context(exported, batch, new, past):
     session = ort.InferenceSession(str(folder / "context.onnx"), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(batch * 100 + past)
     slots = torch.randperm(65, generator=generator)[:past + new]        # RoPE rows, the class slot 0 allowed
-    ids = torch.randint(0, 512, (batch, past + new), generator=generator)
+    ids = torch.randint(0, model.config.vocab_size, (batch, past + new), generator=generator)
     with torch.no_grad():
         caches = model.context(ids[:, :past], model.rope[slots[:past]][None]) if past else None
         expected = caches_as_tensors(model.context(ids[:, past:], model.rope[slots[past:]][None], caches=caches))
@@ -111,7 +112,7 @@ def test_guided_graph_equals_arpg_guided(exported, batch, queries, past):
     session = ort.InferenceSession(str(folder / "guided.onnx"), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(queries)
     with torch.no_grad():
-        shared_kv = model.context(torch.randint(0, 512, (batch, past), generator=generator),
+        shared_kv = model.context(torch.randint(0, model.config.vocab_size, (batch, past), generator=generator),
                                   model.rope[torch.randperm(65, generator=generator)[:past]][None])[-1]
         target_slots = torch.randperm(64, generator=generator)[:queries] + 1
         expected = model.guided(model.rope[target_slots][None], shared_kv).numpy()
@@ -123,7 +124,7 @@ def test_guided_graph_equals_arpg_guided(exported, batch, queries, past):
 def test_vq_decoder_graph_equals_vq_decode(exported):
     """vq_decoder.onnx = VQModel.decode within 1e-4, and OnnxSampler.decode gives tensor_to_images' pixels."""
     folder, _, vq = exported
-    codes = torch.randint(0, 512, (3, 8, 8), generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, vq.config.codebook_size, (3, 8, 8), generator=torch.Generator().manual_seed(0))
     session = ort.InferenceSession(str(folder / "vq_decoder.onnx"), providers=["CPUExecutionProvider"])
     expected = vq.decode(codes)
     images = session.run(None, {"codes": codes.numpy()})[0]
@@ -173,7 +174,7 @@ def test_fp16_and_larger_grid_exports_decode_like_pytorch(tmp_path, exported):
     metadata = json.loads((tmp_path / "fp16" / "arpg_onnx.json").read_text())
     assert metadata["dtype"] == "float16" and metadata["parity_max_abs_diff"]["guided"] <= 1e-2, metadata
     tokens = OnnxSampler(str(tmp_path / "fp16"), device="cpu").generate(np.array([1, 2]), steps=8, seed=0)
-    assert tokens.shape == (2, 64) and tokens.min() >= 0 and tokens.max() < 512, "fp16 loop gives no valid tokens"
+    assert tokens.shape == (2, 64) and tokens.min() >= 0 and tokens.max() < model.config.vocab_size, "fp16 loop gives no valid tokens"
 
     export_onnx(model, None, str(tmp_path / "wide"), grid=(6, 12))
     labels, order = torch.tensor([4, 5]), torch.randperm(72, generator=torch.Generator().manual_seed(0))
