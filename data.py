@@ -23,6 +23,7 @@ Use it:
 import argparse
 import math
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -165,7 +166,7 @@ def make_builtin_dataset(n, seed=0, image_size=64):
 
 
 # -----------------------------------------------------------------------------
-# A labelled image grid, written atomically (training and sampling scripts reuse it)
+# Shared by the scripts: a labelled image grid written atomically, and the bad-input exit
 
 def save_image_grid(images, row_labels, path, pad=2):
     """
@@ -206,6 +207,18 @@ def save_image_grid(images, row_labels, path, pad=2):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def run_script(main):
+    """Run a script's main() and exit with its return value; bad input (ValueError or
+    FileNotFoundError) becomes one `error: ...` line on stderr and exit code 2, not a traceback."""
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as error:
+        # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
+        message = (str(error).strip().splitlines() or [""])[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 # -----------------------------------------------------------------------------

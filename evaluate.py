@@ -25,7 +25,6 @@ for real images (the reference every generated number is compared with) and scor
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arpg import load_strict, read_checkpoint, save_atomic, unwrap_state_dict
-from data import CLASS_NAMES, make_builtin_dataset
+from data import CLASS_NAMES, make_builtin_dataset, run_script
 
 DEFAULT_CLASSIFIER = "out/classifier.pt"
 
@@ -257,8 +256,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

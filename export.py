@@ -37,7 +37,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -51,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from arpg import ARPG, build_rope_table
+from data import run_script
 from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
 from sample import add_checkpoint_arguments, default_classes, load_models
 from tokenizer import VQModel
@@ -318,8 +318,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

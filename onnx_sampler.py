@@ -38,7 +38,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from data import save_image_grid
+from data import run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, reveal_counts
 
 METADATA_FILE = "arpg_onnx.json"
@@ -296,8 +296,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -25,7 +25,6 @@ Official weights (ImageNet 256x256; where to get them: README), one GPU:
 
 import argparse
 import os
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 import evaluate
 from arpg import ARPG, CFG_SCHEDULES, MASK_SCHEDULES, read_checkpoint, unwrap_state_dict
-from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
+from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
 from tokenizer import VQModel, images_to_tensor, tensor_to_images
 
 # LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
@@ -579,8 +578,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

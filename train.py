@@ -39,7 +39,6 @@ import argparse
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -52,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arpg import ARPG, ARPG_PRESETS, ARPGConfig, load_strict, read_checkpoint, save_atomic
-from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
+from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
 from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, images_to_tensor, list_image_folder,
                        tensor_to_images, train_tokenizer)
 
@@ -612,9 +611,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as error:
-        # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
-        print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)
