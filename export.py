@@ -49,7 +49,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from arpg import ARPG, build_rope_table
+from arpg import ARPG
 from data import run_script
 from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
 from sample import add_checkpoint_arguments, default_classes, load_models
@@ -210,9 +210,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     reference = copy.deepcopy(model).eval().float()                       # fp32 PyTorch, for the parity check
     exported = reference if not fp16 else copy.deepcopy(reference).half()
     vq = copy.deepcopy(vq).eval() if vq is not None else None
-    rope = reference.rope if (rows, cols) == (config.grid_size,) * 2 else \
-        build_rope_table(rows, cols, config.dim // config.n_head, config.rope_base).to(device)
-    # rope: (1 + rows*cols, D/2, 2), slot 0 the class token's zero slot
+    rope = reference.rope_table(rows, cols)                               # (1 + rows*cols, D/2, 2); slot 0: class
     export_id = uuid.uuid4().hex
     # Work in a temporary folder beside out_dir (same file system, so os.replace is atomic): a
     # failed export leaves nothing behind, not even an empty out_dir.

@@ -116,6 +116,24 @@ def test_preset_state_dict_matches_official_keys_and_shapes(size):
     assert infer_config(model.state_dict()) == ARPG_PRESETS[size], f"{size} not recognised from its shapes"
 
 
+@pytest.mark.parametrize("class_rope, shift_matters", [("zero", False), ("identity", True)])
+def test_class_rope_slot_decides_whether_a_shifted_canvas_predicts_the_same(class_rope, shift_matters):
+    """RoPE only sees offsets between tokens. Under the official zero slot the class key is zero,
+    so moving the revealed token and the query by the same offset changes nothing; under the tiny
+    preset's identity slot the logit against the class key depends on where the query is."""
+    model = small_model(class_rope=class_rope)                           # a 4 x 4 grid
+    model.embeddings.weight.data.normal_(std=1.0)  # larger weights so the attention logits matter
+    ids = torch.tensor([[model.class_ids(torch.tensor(3)).item(), 17]])  # class token, one revealed code
+
+    def logits(token_pos, query_pos):  # positions as (row, col)
+        slots = torch.tensor([0, 1 + token_pos[0] * 4 + token_pos[1]])
+        shared_kv = model.context(ids, model.rope[slots][None])[-1]
+        return model.guided(model.rope[[1 + query_pos[0] * 4 + query_pos[1]]][None], shared_kv)
+
+    spread = (logits((0, 0), (1, 2)) - logits((1, 1), (2, 3))).abs().max().item()  # both: 1 down, 2 right
+    assert (spread > 1e-4) == shift_matters, f"class_rope={class_rope}: shifted logits differ by {spread:.2e}"
+
+
 # --- invariants of the decoding loop ---
 
 def test_cached_decoding_equals_recomputation_without_cache():
