@@ -131,6 +131,7 @@ def export_graph(module, example, input_names, output_names, dynamic_axes, folde
     # Pass 1 in fp32 does), and one layout for every model size is the layout the tests check.
     onnx.save(graph, path, save_as_external_data=True, all_tensors_to_one_file=True,
               location=f"{name}.onnx.data")
+    os.chmod(f"{path}.data", 0o644)  # onnx writes external weights owner-only; the graph beside them is 0644
     shutil.rmtree(raw_folder)
     onnx.checker.check_model(path, full_check=True)                      # by path: works past 2 GB
     return path

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from arpg import ARPG, ARPG_PRESETS, ARPGConfig, infer_config, reveal_counts
+from arpg import ARPG, ARPG_PRESETS, ARPGConfig, infer_config, reveal_counts, save_atomic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = np.load(FIXTURES / "arpg_tiny_reference.npz")
@@ -263,15 +264,18 @@ def test_bad_input_raises_a_clear_error(call, message):
 
 
 def test_checkpoint_round_trip_and_official_layouts(tmp_path):
-    """Our checkpoint and the official layouts ('state_dict', 'model', 'module', bare) all load the same weights."""
+    """Our checkpoint and the official layouts ('state_dict', 'model', 'module', bare) all load the same
+    weights; ours is written whole (no temporary file left) and readable by all (mode 0644)."""
     model = small_model()
     state = model.state_dict()
     for checkpoint in ({"state_dict": state}, {"model": state}, {"module": state}, dict(state)):
         loaded = ARPG.from_checkpoint(checkpoint, model.config)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items()), list(checkpoint)[:1]
     path = tmp_path / "ours.pt"
-    torch.save({"model": state, "config": vars(model.config).copy()}, path)
+    save_atomic({"model": state, "config": vars(model.config).copy()}, path)
     assert ARPG.from_checkpoint(str(path)).config == model.config, "saved config not used"
+    assert os.listdir(tmp_path) == ["ours.pt"], f"temporary files left: {os.listdir(tmp_path)}"
+    assert os.stat(path).st_mode & 0o777 == 0o644, f"checkpoint mode {oct(os.stat(path).st_mode & 0o777)}"
 
 
 def test_checkpoint_mismatch_names_the_keys():

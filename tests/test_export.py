@@ -61,13 +61,15 @@ def exported(tmp_path_factory):
 def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
     """The three graphs pass onnx.checker, carry the JSON's export id, have dynamic batch / cache /
     query axes, and the export reports per-graph parity within 1e-4; the JSON has the token ids
-    and the checkpoint's class names; no temporary file is left."""
+    and the checkpoint's class names; no temporary file is left and every file is mode 0644."""
     folder, _, _ = exported
     metadata = json.loads((folder / "arpg_onnx.json").read_text())
     assert sorted(os.listdir(folder)) == sorted(
         ["arpg_onnx.json"] + [f"{g}.onnx{s}" for g in ("context", "guided", "vq_decoder") for s in ("", ".data")]), \
         f"unexpected files: {os.listdir(folder)}"
     assert not [p for p in os.listdir(folder.parent) if p.startswith(".onnx-export-")], "work folder left behind"
+    modes = {p: oct(os.stat(folder / p).st_mode & 0o777) for p in os.listdir(folder)}
+    assert set(modes.values()) == {"0o644"}, f"every exported file should be readable by all: {modes}"
     for name in ("context", "guided", "vq_decoder"):
         onnx.checker.check_model(str(folder / f"{name}.onnx"))
         graph = onnx.load(str(folder / f"{name}.onnx"), load_external_data=False)
