@@ -114,9 +114,9 @@ ARPG_PRESETS = {
 # alone gives only offsets between tokens, and the class key, the one key without a position,
 # is zero. With the identity slot the class key is an ordinary, unrotated key, so the logit
 # between a query at position p and the class key depends on p. The model can then attend to the
-# class as strongly as it likes and learn absolute position from it. On the built-in data, after
-# the default 600 training steps, the class accuracy of 32-step samples went from 13.6% to 23.0%
-# (README, Training). ImageNet-scale models learn around the quirk; a tiny one on a CPU budget
+# class as strongly as it likes and learn absolute position from it. On the earlier built-in
+# classes, after the default 600 training steps, the class accuracy of 32-step samples went from
+# 13.6% to 23.0% (README, "What the default run gives"). ImageNet-scale models learn around the quirk; a tiny one on a CPU budget
 # cannot afford to. Grid position p (row-major, p = row * cols + col) is slot p + 1.
 
 def build_rope_table(rows: int, cols: int, head_dim: int, base: float = 10000.0,

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     decoding.add_argument("--sampler", default="auto", choices=["auto", "fast", "readable"],
                           help="fast: preallocated caches (arpg.StaticCachePasses); readable: the reference loop; "
                                "both give the same tokens. auto: fast on CUDA; readable on the CPU, where the tiny "
-                               "model is compute-bound and bench.py measures no gain (0.85-1.1x)")
+                               "model is compute-bound and bench.py measures no gain (0.7-0.85x at 32 steps)")
 
     modes = parser.add_argument_group("modes (default: an image grid)").add_mutually_exclusive_group()
     modes.add_argument("--fid", type=int, default=None, metavar="N",

@@ -122,14 +122,15 @@ def test_class_rope_slot_decides_whether_a_shifted_canvas_predicts_the_same(clas
     """RoPE only sees offsets between tokens. Under the official zero slot the class key is zero,
     so moving the revealed token and the query by the same offset changes nothing; under the tiny
     preset's identity slot the logit against the class key depends on where the query is."""
-    model = small_model(class_rope=class_rope)                           # a 4 x 4 grid
+    model = small_model(class_rope=class_rope)
     model.embeddings.weight.data.normal_(std=1.0)  # larger weights so the attention logits matter
     ids = torch.tensor([[model.class_ids(torch.tensor(3)).item(), 17]])  # class token, one revealed code
+    cols = model.config.grid_size                                        # 4: a 4 x 4 grid
 
-    def logits(token_pos, query_pos):  # positions as (row, col)
-        slots = torch.tensor([0, 1 + token_pos[0] * 4 + token_pos[1]])
+    def logits(token_pos, query_pos):  # positions as (row, col); RoPE slot = 1 + row * cols + col
+        slots = torch.tensor([0, 1 + token_pos[0] * cols + token_pos[1]])
         shared_kv = model.context(ids, model.rope[slots][None])[-1]
-        return model.guided(model.rope[[1 + query_pos[0] * 4 + query_pos[1]]][None], shared_kv)
+        return model.guided(model.rope[[1 + query_pos[0] * cols + query_pos[1]]][None], shared_kv)  # (1, 1, V)
 
     spread = (logits((0, 0), (1, 2)) - logits((1, 1), (2, 3))).abs().max().item()  # both: 1 down, 2 right
     assert (spread > 1e-4) == shift_matters, f"class_rope={class_rope}: shifted logits differ by {spread:.2e}"
