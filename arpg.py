@@ -594,56 +594,111 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # The fast decoding path: the same tokens, less overhead (used by `generate(fast=True)`)
 #
 # The readable loop above stays the reference. This class gives it a drop-in replacement for
-# `context` and `guided` that computes the same numbers with three changes that only save time:
+# `context` and `guided` that computes the same numbers with four changes that only save time:
 #   1. Preallocated caches. Every cache is one (2, rows, H, capacity, D) buffer allocated once;
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
-#      the official sampler does) copies the whole cache every step, which is a third of the CPU
-#      time of the `tiny` model.
-#   2. Fused projections. Each Pass-1 layer's q/k/v and the shared k/v run as one matrix multiply.
-#   3. Optionally compiled steps (torch.compile with dynamic shapes, one graph for every step
-#      size): fewer kernel launches and no Python overhead, which is what limits small batches on
-#      GPUs. Compiling takes a while, so it pays off for long runs (FID), not for one grid.
+#      the official sampler does) copies the whole cache every step.
+#   2. Fused projections: each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's w1/w3 run
+#      as one matrix multiply each.
+#   3. Flat code: plain functions of weight tensors (F.linear, F.rms_norm) instead of module
+#      calls. At the `tiny` size on a CPU, a decoding call is ~20,000 small operations, and their
+#      Python and dispatch overhead costs as much as the arithmetic; fewer, fused operations are
+#      what make this path faster there.
+#   4. Optionally compiled steps (torch.compile with dynamic shapes, one graph for every step
+#      size): fewer kernel launches, which is what limits small batches on GPUs. Compiling takes
+#      a while, so it pays off for long runs (FID), not for one grid.
 # `context` returns views of the filled part of each buffer: exactly what the readable caches hold.
 
 class StaticCachePasses:
     def __init__(self, model: "ARPG", rows: int, capacity: int, compile: bool = False):
-        config, weight = model.config, model.embeddings.weight
-        self.model = model
-        self.filled = 0                                                   # cache positions written so far
-        n_buffers = config.n_layer // 2 + 1                               # Pass-1 layers, then the shared KV
+        config, layers = model.config, model.layers
+        self.n_head, self.eps = config.n_head, config.norm_eps
+        self.embeddings = model.embeddings.weight                         # (V + classes + 3, C)
+        self.mask_embedding = model.embeddings.weight[model.mask_id]     # (C,): every Pass-2 query starts here
+        # Per block: (attention norm, q|k|v or q projection, output projection, FFN norm, w1|w3, w2)
+        self.context_blocks = [(b.attn_norm.weight, torch.cat([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight]),
+                                b.attn.proj.weight, b.ffn_norm.weight, torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]),
+                                b.ffn.w2.weight) for b in layers.self_dec]  # q|k|v: (3C, C)
+        self.guided_blocks = [(b.attn_norm.weight, b.attn.to_q.weight, b.attn.proj.weight, b.ffn_norm.weight,
+                               torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]), b.ffn.w2.weight) for b in layers.cross_dec]
+        self.shared_kv = (layers.norm.weight, torch.cat([layers.to_k.weight, layers.to_v.weight]))  # k|v: (2C, C)
+        self.head = (model.norm.weight, model.head.weight)
         shape = (2, rows, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
-        self.buffers = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(n_buffers)]
-        self.qkv_weights = [torch.cat([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight])
-                            for b in model.layers.self_dec]               # (3C, C) each
-        self.shared_kv_weight = torch.cat([model.layers.to_k.weight, model.layers.to_v.weight])  # (2C, C)
-        self.write_step = torch.compile(static_context_step, dynamic=True) if compile else static_context_step
-        self.guided = torch.compile(model.guided, dynamic=True) if compile else model.guided
+        self.buffers = [self.embeddings.new_empty(shape) for _ in range(len(layers.self_dec) + 1)]  # + shared KV
+        self.filled = 0                                                   # cache positions written so far
+        self.context_step = torch.compile(self._context_step, dynamic=True) if compile else self._context_step
+        self.guided = torch.compile(self._guided, dynamic=True) if compile else self._guided
 
     def context(self, ids, rope, mask=None, caches=None):
         assert mask is None, "the fast path is for inference, which uses no mask"
         if caches is None:                                                # a new batch of images starts
             self.filled = 0
-        self.write_step(self.model, self.qkv_weights, self.shared_kv_weight, self.buffers, ids, rope, self.filled)
+        self.context_step(ids, rope, self.filled)
         self.filled += ids.shape[1]
         return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
 
+    def _norm(self, x, weight):
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
-def static_context_step(model, qkv_weights, shared_kv_weight, buffers, ids, rope, start):
-    """Pass 1 for T new tokens, written into the caches at [start, start + T): ARPG.context in place."""
-    n_head = model.config.n_head
-    x = model.embeddings(ids)                                             # (B, T, C)
-    B, T, C = x.shape
-    end = start + T
-    for block, qkv_weight, buffer in zip(model.layers.self_dec, qkv_weights, buffers):
-        q, k, v = F.linear(block.attn_norm(x), qkv_weight).view(B, T, 3, n_head, C // n_head).unbind(2)  # (B, T, H, D)
-        buffer[0, :, :, start:end] = apply_rope(k, rope).transpose(1, 2)  # (B, H, T, D) into the cache
-        buffer[1, :, :, start:end] = v.transpose(1, 2)
-        out = attend(apply_rope(q, rope).transpose(1, 2), buffer[0, :, :, :end], buffer[1, :, :, :end], None, 0.0)
-        x = x + block.attn.proj(out)                                      # (B, T, C)
-        x = x + block.ffn(block.ffn_norm(x))
-    k, v = F.linear(model.layers.norm(x), shared_kv_weight).view(B, T, 2, n_head, C // n_head).unbind(2)
-    buffers[-1][0, :, :, start:end] = apply_rope(k, rope).transpose(1, 2)
-    buffers[-1][1, :, :, start:end] = v.transpose(1, 2)
+    def _feed_forward(self, x, norm_weight, w13, w2):
+        gate, up = F.linear(self._norm(x, norm_weight), w13).chunk(2, dim=-1)  # (.., hidden) each
+        return x + F.linear(F.silu(gate) * up, w2)
+
+    def _context_step(self, ids, rope, start):
+        """Pass 1 for T new tokens, written into the caches at [start, start + T): ARPG.context in place."""
+        x = F.embedding(ids, self.embeddings)                             # (B, T, C)
+        B, T, C = x.shape
+        end = start + T
+        cos, sin = rotation_tables(rope[:, :, None, None])                # (1, T, 1, 1, D) each
+        for (attn_norm, qkv_weight, proj, ffn_norm, w13, w2), cache in zip(self.context_blocks, self.buffers):
+            qkv = F.linear(self._norm(x, attn_norm), qkv_weight).view(B, T, 3, self.n_head, -1)  # (B, T, 3, H, D)
+            q, k = rotate(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, D) each
+            cache[0, :, :, start:end] = k
+            cache[1, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
+            out = attend_small(q, cache[0, :, :, :end], cache[1, :, :, :end])  # (B, T, C)
+            x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
+        k, v = F.linear(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
+        self.buffers[-1][0, :, :, start:end] = rotate(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)
+        self.buffers[-1][1, :, :, start:end] = v.transpose(1, 2)
+
+    def _guided(self, target_rope, shared_kv, mask=None):
+        """Pass 2: ARPG.guided on the flat weights."""
+        k, v = shared_kv                                                  # (B, H, N, D) each
+        B, K, C = k.shape[0], target_rope.shape[1], self.mask_embedding.shape[0]
+        cos, sin = rotation_tables(target_rope[:, :, None])               # (1, K, 1, D) each
+        x = self.mask_embedding.expand(B, K, C)                           # (B, K, C)
+        for attn_norm, q_weight, proj, ffn_norm, w13, w2 in self.guided_blocks:
+            q = rotate(F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1), cos, sin)
+            out = attend_small(q.transpose(1, 2), k, v)                   # (B, K, C)
+            x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
+        return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
+
+
+def rotation_tables(rope):
+    """RoPE rows (..., D/2, 2) as two (..., D) tables for `rotate`: cos per channel, and sin with
+    the sign of each channel's partner: -sin on even channels, +sin on odd ones."""
+    cos = rope[..., :1].expand(*rope.shape[:-1], 2).flatten(-2)
+    sin = (rope[..., 1:] * rope.new_tensor([-1.0, 1.0])).flatten(-2)
+    return cos, sin
+
+
+def rotate(x, cos, sin):
+    """apply_rope with fewer operations, same numbers: (even, odd) -> (even*cos - odd*sin,
+    odd*cos + even*sin) as x * cos + (x with each pair swapped) * signed sin. x (..., D)."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)             # (odd, even) per pair
+    return (x32 * cos + swapped * sin).type_as(x)
+
+
+def attend_small(q, k, v):
+    """attend() without the mask and dropout, spelled out as softmax(q k^T / sqrt(D)) v.
+
+    Same result, to float rounding. At inference each call has only a few queries, and the
+    fused CPU kernel behind scaled_dot_product_attention spends more time setting up than
+    computing (about 2x slower per call at `tiny` size); two batched matrix multiplies are cheaper.
+    """
+    weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1)  # (B, H, K, N)
+    return rearrange(weights @ v, "b h k d -> b k (h d)")
 
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ It prints a markdown table and writes it to --out.
 """
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -67,20 +68,29 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats):
-    """Median seconds of `repeats` calls after one warm-up call, and peak GPU memory in GB."""
-    fn()
-    synchronize()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns, repeats):
+    """{name: (median seconds per call, peak GPU memory in GB)} of the callables in `fns`.
+
+    One warm-up call each, then `repeats` rounds that call every function once in turn. Taking
+    turns matters on shared machines: when the machine slows down for a while (other tenants,
+    frequency changes), every function is slowed alike instead of whichever ran at that time.
+    """
+    times = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0.0 if on_gpu else float("nan"))
+    for fn in fns.values():
         fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if on_gpu else float("nan")
-    return sorted(times)[len(times) // 2], peak
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize()
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+            if on_gpu:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 1e9)
+    return {name: (sorted(t)[len(t) // 2], peaks[name]) for name, t in times.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -112,15 +122,12 @@ for batch in batches:
     if not args.no_onnx:
         samplers["onnx runtime"] = lambda steps, order=None: onnx_sampler.generate(
             labels.cpu().numpy(), steps=steps, cfg_scale=args.cfg, order=None if order is None else order.cpu().numpy())
-    for name, sample in samplers.items():
-        for steps in args.steps:
-            seconds, peak = timed(lambda: sample(steps), args.repeats)
-            rows.append((name, batch, steps, batch / seconds, peak))
-            print(f"{name:>13}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {peak:.2f} GB")
-        raster = torch.arange(L, device=device)   # one token per step, left to right, top to bottom
-        seconds, peak = timed(lambda: sample(L, raster), 1)
-        rows.append((f"{name}, raster", batch, L, batch / seconds, peak))
-        print(f"{name + ', raster':>13}  batch {batch:3d}  {L:3d} steps  {batch / seconds:8.1f} img/s  peak {peak:.2f} GB")
+    raster = torch.arange(L, device=device)   # one token per step, left to right, top to bottom
+    runs = {(name, steps): functools.partial(sample, steps) for name, sample in samplers.items() for steps in args.steps}
+    runs.update({(f"{name}, raster", L): functools.partial(sample, L, raster) for name, sample in samplers.items()})
+    for (name, steps), (seconds, peak) in timed(runs, args.repeats).items():
+        rows.append((name, batch, steps, batch / seconds, peak))
+        print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {peak:.2f} GB")
 
 # -----------------------------------------------------------------------------
 # Training throughput: forward + backward + AdamW step, as train.py runs it
@@ -140,7 +147,7 @@ if not args.no_train:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds, peak = timed(train_step, args.repeats)
+    seconds, peak = timed({"train": train_step}, args.repeats)["train"]
     train_row = (batch, batch / seconds, peak)
     print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {peak:.2f} GB")
 

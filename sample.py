@@ -92,10 +92,9 @@ def parse_args(argv=None):
     decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
     decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    decoding.add_argument("--sampler", default="auto", choices=["auto", "fast", "readable"],
-                          help="fast: preallocated caches (arpg.StaticCachePasses); readable: the reference loop; "
-                               "both give the same tokens. auto: fast on CUDA; readable on the CPU, where the tiny "
-                               "model is compute-bound and bench.py measures no gain (0.7-0.85x at 32 steps)")
+    decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
+                          help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), about 1.3x "
+                               "on a 2-core CPU (bench.py); readable: the reference loop. Both give the same tokens")
 
     modes = parser.add_argument_group("modes (default: an image grid)").add_mutually_exclusive_group()
     modes.add_argument("--fid", type=int, default=None, metavar="N",
@@ -509,9 +508,8 @@ def default_classes(names):
 
 def decoding_settings(args):
     """The keyword arguments of ARPG.generate that come from the command line (all but steps)."""
-    fast = args.sampler == "fast" or (args.sampler == "auto" and str(args.device).startswith("cuda"))
     return dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, schedule=args.schedule,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, fast=fast)
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, fast=args.sampler == "fast")
 
 
 def counting(batches, total):
