@@ -594,19 +594,20 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # The fast decoding path: the same tokens, less overhead (used by `generate(fast=True)`)
 #
 # The readable loop above stays the reference. This class gives it a drop-in replacement for
-# `context` and `guided` that computes the same numbers with four changes that only save time:
+# `context` and `guided` that computes the same numbers, up to float rounding (the sampled tokens
+# are identical: tests/test_arpg.py), with changes that only save time:
 #   1. Preallocated caches. Every cache is one (2, rows, H, capacity, D) buffer allocated once;
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
 #      the official sampler does) copies the whole cache every step.
-#   2. Fused projections: each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's w1/w3 run
-#      as one matrix multiply each.
-#   3. Flat code: plain functions of weight tensors (F.linear, F.rms_norm) instead of module
-#      calls. At the `tiny` size on a CPU, a decoding call is ~20,000 small operations, and their
-#      Python and dispatch overhead costs as much as the arithmetic; fewer, fused operations are
-#      what make this path faster there.
-#   4. Optionally compiled steps (torch.compile with dynamic shapes, one graph for every step
+#   2. Fewer, larger operations. Each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's
+#      w1/w3 run as one matrix multiply each; RoPE is x * cos + swap(x) * sin with tables built
+#      once per step (`rotate`); attention is two batched matrix multiplies (`attend_small`);
+#      and the code is plain functions of weight tensors, not module calls. At the `tiny` size on
+#      a CPU, a decoding call is ~30,000 small operations whose Python and dispatch overhead costs
+#      about as much as the arithmetic, so their number is what this path cuts.
+#   3. Optionally compiled steps (torch.compile with dynamic shapes, one graph for every step
 #      size): fewer kernel launches, which is what limits small batches on GPUs. Compiling takes
-#      a while, so it pays off for long runs (FID), not for one grid.
+#      minutes, so it pays off for long runs (FID), not for one grid.
 # `context` returns views of the filled part of each buffer: exactly what the readable caches hold.
 
 class StaticCachePasses:
@@ -677,9 +678,8 @@ class StaticCachePasses:
 def rotation_tables(rope):
     """RoPE rows (..., D/2, 2) as two (..., D) tables for `rotate`: cos per channel, and sin with
     the sign of each channel's partner: -sin on even channels, +sin on odd ones."""
-    cos = rope[..., :1].expand(*rope.shape[:-1], 2).flatten(-2)
-    sin = (rope[..., 1:] * rope.new_tensor([-1.0, 1.0])).flatten(-2)
-    return cos, sin
+    cos, sin = rope.unbind(-1)                                            # (..., D/2) each
+    return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
 def rotate(x, cos, sin):

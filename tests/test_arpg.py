@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from arpg import ARPG, ARPG_PRESETS, ARPGConfig, infer_config, reveal_counts, save_atomic
+import arpg
+from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, apply_rope, build_rope_table, infer_config, reveal_counts,
+                  rotate, rotation_tables, save_atomic)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = np.load(FIXTURES / "arpg_tiny_reference.npz")
@@ -310,6 +312,33 @@ def test_fast_path_gives_the_readable_path_tokens(cfg_scale, known):
         readable = model.generate(torch.tensor([0, 3, 5, 9]), generator=torch.Generator().manual_seed(seed), **kwargs)
         fast = model.generate(torch.tensor([0, 3, 5, 9]), generator=torch.Generator().manual_seed(seed), fast=True, **kwargs)
         assert torch.equal(readable, fast), f"seed {seed}: {(readable != fast).sum().item()} tokens differ"
+
+
+def test_fast_path_rotation_is_apply_rope_bit_for_bit():
+    """The fast path's RoPE (x * cos + swapped x * signed sin) gives apply_rope's exact floats."""
+    rope = build_rope_table(5, 7, 32, class_rope="identity")[torch.randperm(36)][None]  # (1, 36, 16, 2)
+    x = torch.randn(3, 36, 4, 32)
+    cos, sin = rotation_tables(rope[:, :, None])
+    assert torch.equal(rotate(x, cos, sin), apply_rope(x, rope))
+
+
+def test_fast_path_logits_match_the_readable_path_on_a_larger_grid():
+    """Every Pass-2 call of the fast path gives the readable logits (<= 1e-5), also on a 4 x 6 canvas."""
+    model = small_model()
+    runs = []
+    for fast in (False, True):
+        calls = []
+        real_sample = arpg.sample_tokens
+        arpg.sample_tokens = lambda logits, *args, **kwargs: calls.append(logits) or real_sample(logits, *args, **kwargs)
+        try:
+            model.generate(torch.tensor([1, 2]), steps=6, cfg_scale=2.0, grid=(4, 6),
+                           generator=torch.Generator().manual_seed(0), fast=fast)
+        finally:
+            arpg.sample_tokens = real_sample
+        runs.append(calls)
+    assert len(runs[0]) == len(runs[1]) == 6
+    for step, (readable, fast) in enumerate(zip(*runs)):
+        torch.testing.assert_close(fast, readable, atol=1e-5, rtol=0, msg=f"step {step}")
 
 
 def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode():
