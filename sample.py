@@ -93,7 +93,7 @@ def parse_args(argv=None):
     decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
     decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
-                          help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), about 1.3x "
+                          help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), 1.1-1.3x "
                                "on a 2-core CPU (bench.py); readable: the reference loop. Both give the same tokens")
 
     modes = parser.add_argument_group("modes (default: an image grid)").add_mutually_exclusive_group()
