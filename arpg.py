@@ -60,6 +60,7 @@ class ARPGConfig:
     ffn_dim_multiplier: Optional[float] = None  # optional extra factor on the SwiGLU hidden size
     rope_base: float = 10000.0         # RoPE frequency base
     class_rope: str = "zero"           # RoPE of the class token: "zero" (official, see below) or "identity"
+    query_position: bool = False       # add a learned map of its RoPE row to each Pass-2 query (tiny; see ARPG.guided)
     norm_eps: float = 1e-5             # RMSNorm epsilon
     token_dropout_p: float = 0.1       # dropout on Pass-1 input embeddings (training only)
     attn_dropout_p: float = 0.0        # dropout on attention probabilities (training only)
@@ -88,7 +89,7 @@ class ARPGConfig:
 # 1000 classes, as released); tiny 1,051,520 (128 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
 ARPG_PRESETS = {
     "tiny": ARPGConfig(dim=128, n_layer=4, n_head=4, vocab_size=128, num_classes=10, block_size=64,
-                       class_rope="identity"),  # why not the official zero slot: see the RoPE section
+                       class_rope="identity", query_position=True),  # both departures: RoPE section, ARPG.guided
     "L": ARPGConfig(dim=1024, n_layer=24, n_head=16),
     "XL": ARPGConfig(dim=1280, n_layer=36, n_head=20),
     "XXL": ARPGConfig(dim=1536, n_layer=48, n_head=24),
@@ -329,6 +330,8 @@ class ARPG(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, V, bias=False)
         head_dim = config.dim // config.n_head
+        # Only with config.query_position (the tiny preset; not in the paper): see `guided`.
+        self.query_position = nn.Linear(head_dim, config.dim, bias=False) if config.query_position else None
         # Not a parameter and not saved: the official checkpoints do not contain it either.
         self.register_buffer("rope", build_rope_table(config.grid_size, config.grid_size, head_dim, config.rope_base,
                                                       config.class_rope), persistent=False)  # (1 + L, D/2, 2)
@@ -380,11 +383,20 @@ class ARPG(nn.Module):
 
         target_rope (B or 1, K, D/2, 2) is the RoPE of the positions to predict; the queries
         themselves are all the same [MASK] embedding: position is the only thing that differs.
+
+        In the paper, a query's position acts only through RoPE, that is only on *which* keys it
+        attends to; the query's own vector never holds it. The `tiny` preset departs from that
+        (config.query_position): it adds a learned linear map of the query's RoPE row (the cos and
+        sin of its row and column at every frequency) to the [MASK] embedding, so the feed-forward
+        layers can use "where am I" directly. After the default 600 training steps on the built-in
+        shapes, class accuracy of 32-step samples went from 21.6% to 29.8% (README).
         """
         k, v = shared_kv                                                  # (B, H, N, D) each
         B, K = k.shape[0], target_rope.shape[1]
         mask_ids = torch.full((B, K), self.mask_id, dtype=torch.long, device=k.device)
         x = self.embeddings(mask_ids)                                     # (B, K, C); no dropout on queries
+        if self.query_position is not None:
+            x = x + self.query_position(target_rope.flatten(-2).to(x.dtype))  # (B or 1, K, D) -> (B or 1, K, C)
         for block in self.layers.cross_dec:
             x = block(x, target_rope, k, v, mask)
         return self.head(self.norm(x)).float()                            # (B, K, V)
@@ -616,6 +628,7 @@ class StaticCachePasses:
         self.n_head, self.eps = config.n_head, config.norm_eps
         self.embeddings = model.embeddings.weight                         # (V + classes + 3, C)
         self.mask_embedding = model.embeddings.weight[model.mask_id]     # (C,): every Pass-2 query starts here
+        self.query_position = None if model.query_position is None else model.query_position.weight  # (C, D)
         # Per block: (attention norm, q|k|v or q projection, output projection, FFN norm, w1|w3, w2)
         self.context_blocks = [(b.attn_norm.weight, torch.cat([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight]),
                                 b.attn.proj.weight, b.ffn_norm.weight, torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]),
@@ -668,6 +681,8 @@ class StaticCachePasses:
         B, K, C = k.shape[0], target_rope.shape[1], self.mask_embedding.shape[0]
         cos, sin = rotation_tables(target_rope[:, :, None])               # (1, K, 1, D) each
         x = self.mask_embedding.expand(B, K, C)                           # (B, K, C)
+        if self.query_position is not None:
+            x = x + F.linear(target_rope.flatten(-2), self.query_position)  # (B, K, C)
         for attn_norm, q_weight, proj, ffn_norm, w13, w2 in self.guided_blocks:
             q = rotate(F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1), cos, sin)
             out = attend_small(q.transpose(1, 2), k, v)                   # (B, K, C)

@@ -119,12 +119,14 @@ def test_preset_state_dict_matches_official_keys_and_shapes(size):
     assert infer_config(model.state_dict()) == ARPG_PRESETS[size], f"{size} not recognised from its shapes"
 
 
-@pytest.mark.parametrize("class_rope, shift_matters", [("zero", False), ("identity", True)])
-def test_class_rope_slot_decides_whether_a_shifted_canvas_predicts_the_same(class_rope, shift_matters):
+@pytest.mark.parametrize("class_rope, query_position, shift_matters",
+                         [("zero", False, False), ("identity", False, True), ("zero", True, True)])
+def test_only_the_tiny_departures_make_a_shifted_canvas_predict_differently(class_rope, query_position, shift_matters):
     """RoPE only sees offsets between tokens. Under the official zero slot the class key is zero,
-    so moving the revealed token and the query by the same offset changes nothing; under the tiny
-    preset's identity slot the logit against the class key depends on where the query is."""
-    model = small_model(class_rope=class_rope)
+    so moving the revealed token and the query by the same offset changes nothing. Each of the tiny
+    preset's departures breaks that: with the identity slot the logit against the class key depends
+    on where the query is, and with query_position the query's own vector does."""
+    model = small_model(class_rope=class_rope, query_position=query_position)
     model.embeddings.weight.data.normal_(std=1.0)  # larger weights so the attention logits matter
     ids = torch.tensor([[model.class_ids(torch.tensor(3)).item(), 17]])  # class token, one revealed code
     cols = model.config.grid_size                                        # 4: a 4 x 4 grid
@@ -135,7 +137,7 @@ def test_class_rope_slot_decides_whether_a_shifted_canvas_predicts_the_same(clas
         return model.guided(model.rope[[1 + query_pos[0] * cols + query_pos[1]]][None], shared_kv)  # (1, 1, V)
 
     spread = (logits((0, 0), (1, 2)) - logits((1, 1), (2, 3))).abs().max().item()  # both: 1 down, 2 right
-    assert (spread > 1e-4) == shift_matters, f"class_rope={class_rope}: shifted logits differ by {spread:.2e}"
+    assert (spread > 1e-4) == shift_matters, f"{class_rope=}, {query_position=}: shifted logits differ by {spread:.2e}"
 
 
 # --- invariants of the decoding loop ---
