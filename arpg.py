@@ -86,7 +86,7 @@ class ARPGConfig:
 
 
 # Parameter counts: ARPG-L 319,845,376; ARPG-XL 718,997,760; ARPG-XXL 1,302,449,664 (16384 codes,
-# 1000 classes, as released); tiny 1,051,520 (128 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
+# 1000 classes, as released); tiny 1,055,616 (128 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
 ARPG_PRESETS = {
     "tiny": ARPGConfig(dim=128, n_layer=4, n_head=4, vocab_size=128, num_classes=10, block_size=64,
                        class_rope="identity", query_position=True),  # both departures: RoPE section, ARPG.guided
