@@ -63,10 +63,14 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 
 RECIPES = {
     # A few minutes on a CPU is far too little to overfit: dropout would only slow learning, and an
-    # EMA would mostly average the early, worse weights (the cosine decay already settles them).
-    "tiny": dict(batch_size=64, lr=3e-3, warmup=0.05, max_steps=600, ema=0.0, dropout=0.0,
+    # EMA would mostly average the early, worse weights (the final decay already settles them).
+    # The learning rate stays at its peak until the last 30% of the steps, then falls linearly,
+    # instead of the paper's cosine: a short run then spends fewer steps at a small learning rate
+    # (after the default run: loss 1.237 -> 1.203 and 1.217 -> 1.188, class accuracy 29.0% -> 36.2%
+    # and 29.8% -> 30.0%, for seeds 0 and 1).
+    "tiny": dict(batch_size=64, lr=3e-3, warmup=0.05, decay=0.3, max_steps=600, ema=0.0, dropout=0.0,
                  log_every=25, sample_every=200, save_every=200),
-    "paper": dict(batch_size=1024, lr=None, warmup=0.25, max_steps=None, ema=0.9999, dropout=0.1,
+    "paper": dict(batch_size=1024, lr=None, warmup=0.25, decay=0.0, max_steps=None, ema=0.9999, dropout=0.1,
                   log_every=100, sample_every=5000, save_every=5000),
 }
 PAPER_LR_PER_256 = 1e-4     # SPEC 5: lr scales with the global batch (ARPG-L: batch 1024 -> 4e-4)
@@ -106,8 +110,11 @@ def parse_args(argv=None):
                         help="split each process's share of the batch into this many micro-batches")
     recipe.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (paper: 1e-4 per 256 images of global batch)")
-    recipe.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    recipe.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the decay")
     recipe.add_argument("--warmup", type=float, default=None, help="linear warm-up, as a fraction of --max-steps")
+    recipe.add_argument("--decay", type=float, default=None,
+                        help="hold the peak, then fall linearly to --min-lr over this final fraction of --max-steps "
+                             "(0: cosine decay from the end of warm-up, the paper's)")
     recipe.add_argument("--max-steps", type=int, default=None,
                         help="optimizer steps; the cosine schedule spans them (paper: 400 epochs of the data)")
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on >= 2-dim tensors")
@@ -329,10 +336,13 @@ def make_optimizer(model, lr, weight_decay, device):
     return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=device.type == "cuda")
 
 
-def learning_rate(step, max_steps, peak, minimum, warmup_steps):
-    """Linear warm-up to `peak`, then cosine decay to `minimum` at max_steps."""
+def learning_rate(step, max_steps, peak, minimum, warmup_steps, decay_steps=0):
+    """Linear warm-up to `peak`; then, with decay_steps = 0, cosine decay to `minimum` at max_steps
+    (the paper's); else `peak` held until the last decay_steps steps, which fall linearly to `minimum`."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    if decay_steps:
+        return minimum + (peak - minimum) * min(1.0, (max_steps - step) / decay_steps)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return minimum + 0.5 * (peak - minimum) * (1.0 + math.cos(math.pi * progress))
 
@@ -428,7 +438,7 @@ def train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size
     sampler = StepSampler(len(dataset), args.batch_size, args.seed, start_step, rank, world_size, args.grad_accum)
     loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
                              worker_init_fn=ignore_ctrl_c))
-    warmup_steps = round(args.warmup * args.max_steps)
+    warmup_steps, decay_steps = round(args.warmup * args.max_steps), round(args.decay * args.max_steps)
     folder = os.path.dirname(os.path.abspath(args.out))
     sampling = vq is not None and is_main
     ema_or_model = ema if ema is not None else model
@@ -442,7 +452,7 @@ def train(args, model, ema, optimizer, dataset, start_step, vq, rank, world_size
             # Every random number of this step comes from (seed, step, rank), so a resumed run draws
             # the same ones as an uninterrupted run: no RNG state to save.
             torch.manual_seed(derived_seed(args.seed, step, rank))
-            lr = learning_rate(step, args.max_steps, args.lr, args.min_lr, warmup_steps)
+            lr = learning_rate(step, args.max_steps, args.lr, args.min_lr, warmup_steps, decay_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(args.grad_accum):
@@ -511,7 +521,7 @@ def fill_in_defaults(args, world_size):
     """Resolve the None flags from the recipe of --size (all but the paper's epoch-based step count,
     which needs the data), then check them: before any process group or file exists."""
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
-    for key in ("batch_size", "warmup", "max_steps", "ema", "dropout", "log_every", "sample_every", "save_every"):
+    for key in ("batch_size", "warmup", "decay", "max_steps", "ema", "dropout", "log_every", "sample_every", "save_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.lr = args.lr or recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
@@ -521,6 +531,9 @@ def fill_in_defaults(args, world_size):
     if args.batch_size % (world_size * args.grad_accum):
         raise ValueError(f"global batch {args.batch_size} does not split evenly over {world_size} processes x "
                          f"{args.grad_accum} accumulation steps: pick a multiple of {world_size * args.grad_accum}")
+    if not (0 <= args.warmup < 1 and 0 <= args.decay < 1 and args.warmup + args.decay <= 1):
+        raise ValueError(f"--warmup {args.warmup} and --decay {args.decay} must be fractions of the run in [0, 1) "
+                         f"that add up to at most 1")
     if args.resume and not os.path.isfile(args.out):
         raise FileNotFoundError(f"nothing to resume: {args.out} not found (drop --resume to start afresh)")
 
@@ -580,7 +593,7 @@ def main(argv=None):
         ema.load_state_dict(model.state_dict())
     log(f"model: {config}")
     log(f"{sum(p.numel() for p in model.parameters()):,} parameters; training: " + ", ".join(
-        f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "min_lr", "warmup", "max_steps",
+        f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "min_lr", "warmup", "decay", "max_steps",
                                             "weight_decay", "grad_clip", "ema", "dropout", "precision", "seed")) +
         f"; {world_size} process(es) on {device.type}")
     if start_step:

@@ -17,7 +17,7 @@ from PIL import Image
 from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
 from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
-from train import StepSampler, build_dataset, main, parse_args
+from train import StepSampler, build_dataset, learning_rate, main, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, LENGTH = 32, 16                     # small codes: a 4 x 4 grid of 32 codes keeps every run fast
@@ -181,6 +181,21 @@ def test_data_order_is_a_pure_function_of_the_step():
         assert sorted(indices[10 * epoch:10 * epoch + 10]) == list(range(10)), f"epoch {epoch} is not a permutation"
 
 
+def test_learning_rate_warms_up_then_decays_by_cosine_or_after_holding_the_peak():
+    """Both schedules climb linearly to the peak over the warm-up. Cosine (the paper's) then falls
+    at every step; the tiny recipe's holds the peak until the last decay_steps, then falls by
+    equal amounts to the minimum."""
+    peak, minimum = 1.0, 0.1
+    cosine = [learning_rate(s, 100, peak, minimum, warmup_steps=10) for s in range(101)]
+    held = [learning_rate(s, 100, peak, minimum, warmup_steps=10, decay_steps=30) for s in range(101)]
+    ramp = [(s + 1) / 10 for s in range(10)]
+    assert cosine[:10] == ramp and held[:10] == ramp
+    assert all(a > b for a, b in zip(cosine[10:], cosine[11:])) and math.isclose(cosine[100], minimum)
+    assert held[10:71] == [peak] * 61
+    drops = [a - b for a, b in zip(held[70:], held[71:])]
+    assert all(math.isclose(d, (peak - minimum) / 30) for d in drops) and math.isclose(held[100], minimum)
+
+
 # --- bad input: one line, a non-zero exit, nothing written ---
 
 def vocabulary_mismatch(tmp_path):
@@ -204,6 +219,7 @@ BAD_INPUTS = {
     "codes outside the vocabulary": lambda tmp: (["--data", str(write_codes(tmp / "codes", high=VOCAB + 5, seed=1)),
                                                   "--vocab-size", str(VOCAB)], "outside the vocabulary"),
     "tokenizer/model vocabulary mismatch": vocabulary_mismatch,
+    "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
 }
 
 
