@@ -8,12 +8,12 @@ the loss itself is `ARPG.forward` in arpg.py) and the recipe of Sec. 4.1 / SPEC 
 warm-up then cosine decay to 1e-5, gradient clipping at 1.0, bf16 autocast, label dropout 0.1
 (so classifier-free guidance works at sampling time), EMA weights.
 
-With no arguments it does everything on a CPU with no download (3.5 to 10 minutes on 2 cores):
+With no arguments it does everything on a CPU with no download (3 to 10 minutes on 2 cores):
 draws the built-in shapes dataset (data.py), trains the small VQ tokenizer (tokenizer.py) unless
 out/tokenizer.pt exists, tokenizes the images, trains the `tiny` ARPG and writes out/arpg.pt
 and out/samples.png (one row per class; a grid every --sample-every steps in out/samples/).
 
-    python train.py                                   # CPU: built-in shapes, 3.5 to 10 minutes
+    python train.py                                   # CPU: built-in shapes, 3 to 10 minutes
     python train.py --max-steps 300                   # quicker and rougher (the schedule shrinks with it)
     python train.py --minutes 3                       # stop (and save) after 3 minutes; --resume continues
     python train.py --resume                          # continue out/arpg.pt exactly where it stopped
