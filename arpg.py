@@ -382,7 +382,7 @@ class ARPG(nn.Module):
         """Pass 2: one [MASK] query per target position -> logits (B, K, V) for those positions.
 
         target_rope (B or 1, K, D/2, 2) is the RoPE of the positions to predict; the queries
-        themselves are all the same [MASK] embedding: position is the only thing that differs.
+        themselves all start as the same [MASK] embedding: position is the only thing that differs.
 
         In the paper, a query's position acts only through RoPE, that is only on *which* keys it
         attends to; the query's own vector never holds it. The `tiny` preset departs from that

@@ -116,7 +116,7 @@ def parse_args(argv=None):
                         help="hold the peak, then fall linearly to --min-lr over this final fraction of --max-steps "
                              "(0: cosine decay from the end of warm-up, the paper's)")
     recipe.add_argument("--max-steps", type=int, default=None,
-                        help="optimizer steps; the cosine schedule spans them (paper: 400 epochs of the data)")
+                        help="optimizer steps; the learning-rate schedule spans them (paper: 400 epochs of the data)")
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on >= 2-dim tensors")
     recipe.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     recipe.add_argument("--ema", type=float, default=None, help="EMA decay of a weight copy saved as 'ema' (0: off)")
