@@ -7,7 +7,8 @@ them. We time, on whatever device this runs on, with warm-up and several repeats
   - the readable `generate`, the fast path (`generate(fast=True)`, compiled on GPU), and the
     ONNX Runtime sampler (export.py) at 16 / 32 / 64 steps;
   - one token per step in raster order (L steps), the classic autoregressive baseline;
-  - training throughput (images/s of forward + backward + AdamW step).
+  - training throughput (images/s of forward + backward + optimizer step, with train.py's
+    optimizers: AdamW, plus Muon for the tiny recipe).
 It prints a markdown table and writes it to --out.
 
     python bench.py                               # tiny on this machine (CPU here: ~2 minutes)
@@ -26,6 +27,7 @@ from dataclasses import replace
 import torch
 
 from arpg import ARPG, ARPG_PRESETS
+from train import RECIPES, make_optimizers
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -130,12 +132,13 @@ for batch in batches:
         print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {peak:.2f} GB")
 
 # -----------------------------------------------------------------------------
-# Training throughput: forward + backward + AdamW step, as train.py runs it
+# Training throughput: forward + backward + optimizer step, with the optimizers of train.py's recipe
 
 train_row = None
 if not args.no_train:
     train_model = ARPG(config).to(device).train()
-    optimizer = torch.optim.AdamW(train_model.parameters(), lr=1e-4)
+    recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
+    optimizers = make_optimizers(train_model, 1e-4, 0.05, device, recipe["muon_lr"])
     batch = batches[0]
     tokens = torch.randint(0, config.vocab_size, (batch, L), device=device)
     labels = torch.arange(batch, device=device) % config.num_classes
@@ -144,8 +147,9 @@ if not args.no_train:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             _, loss = train_model(tokens, labels)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     seconds, peak = timed({"train": train_step}, args.repeats)["train"]
     train_row = (batch, batch / seconds, peak)
@@ -172,7 +176,8 @@ lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {'n/a' if peak != peak el
           for name, batch, steps, ips, peak in rows]
 if train_row:
     batch, ips, peak = train_row
-    lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, AdamW): batch {batch}, {ips:.1f} img/s"
+    optimizer_names = "AdamW and Muon" if recipe["muon_lr"] > 0 else "AdamW"
+    lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, {ips:.1f} img/s"
               + ("" if peak != peak else f", peak {peak:.2f} GB") + "."]
 table = "\n".join(lines)
 print("\n" + table)

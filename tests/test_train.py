@@ -17,7 +17,7 @@ from PIL import Image
 from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
 from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
-from train import StepSampler, build_dataset, learning_rate, main, parse_args
+from train import Muon, StepSampler, build_dataset, learning_rate, main, make_optimizers, orthogonalize, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, LENGTH = 32, 16                     # small codes: a 4 x 4 grid of 32 codes keeps every run fast
@@ -196,6 +196,58 @@ def test_learning_rate_warms_up_then_decays_by_cosine_or_after_holding_the_peak(
     assert all(math.isclose(d, (peak - minimum) / 30) for d in drops) and math.isclose(held[100], minimum)
 
 
+def test_orthogonalize_keeps_singular_vectors_and_moves_singular_values_near_one():
+    """Wide, tall and batched matrices with singular values spread over 0.02-1 (times any scale):
+    in the input's singular bases the result is diagonal (the same singular vectors), and every
+    singular value is now between 0.6 and 1.25."""
+    torch.manual_seed(0)
+    for shape in [(40, 100), (100, 40), (3, 24, 24)]:
+        k = min(shape[-2:])
+        u = torch.linalg.qr(torch.randn(*shape[:-1], k, dtype=torch.float64)).Q      # (..., m, k)
+        v = torch.linalg.qr(torch.randn(*shape[:-2], shape[-1], k, dtype=torch.float64)).Q  # (..., n, k)
+        singular_values = torch.logspace(-1.7, 0, k, dtype=torch.float64)
+        updates = 1e-3 * u @ torch.diag(singular_values) @ v.mT
+        in_bases = u.mT @ orthogonalize(updates) @ v                      # (..., k, k)
+        diagonal = in_bases.diagonal(dim1=-2, dim2=-1)
+        assert (in_bases - torch.diag_embed(diagonal)).abs().max() < 1e-9, f"{shape}: singular vectors changed"
+        assert diagonal.min() > 0.6 and diagonal.max() < 1.25, f"{shape}: singular values {diagonal.aminmax()}"
+
+
+def test_muon_steps_each_matrix_by_its_own_orthogonalized_nesterov_momentum():
+    """Two steps of Muon on two same-shaped matrices (orthogonalized as one batch) and a tall one
+    equal a recomputation, matrix by matrix: m = 0.95 m + g; w -= lr * orth(g + 0.95 m) * sqrt(max(1, out/in))."""
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 8), torch.randn(8, 8), torch.randn(24, 8)]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    optimizer = Muon(params, lr=0.1)
+    momenta = [torch.zeros_like(w) for w in weights]
+    for _ in range(2):
+        grads = [torch.randn_like(w) for w in weights]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, g in enumerate(grads):
+            momenta[i] = 0.95 * momenta[i] + g
+            scale = max(1.0, weights[i].shape[0] / weights[i].shape[1]) ** 0.5
+            weights[i] = weights[i] - 0.1 * orthogonalize(g + 0.95 * momenta[i]) * scale
+    for p, w in zip(params, weights):
+        torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=1e-5)
+
+
+def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
+    """muon_lr > 0: Muon holds exactly the 2-dim weights inside model.layers; AdamW the embeddings,
+    head, query positions and norms. muon_lr = 0 (the paper's recipe): AdamW holds every weight."""
+    model = ARPG(ARPG_PRESETS["tiny"])
+    adamw, muon = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.02)
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
+    expected = {id(p) for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2}
+    assert in_muon == expected and in_adamw == {id(p) for p in model.parameters()} - expected
+    assert "embeddings.weight" in dict(model.named_parameters()) and id(model.head.weight) in in_adamw
+    (alone,) = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.0)
+    assert sum(len(group["params"]) for group in alone.param_groups) == len(list(model.parameters()))
+
+
 # --- bad input: one line, a non-zero exit, nothing written ---
 
 def vocabulary_mismatch(tmp_path):
@@ -206,6 +258,17 @@ def vocabulary_mismatch(tmp_path):
     torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"])},
                tmp_path / "tokenizer.pt")
     return ["--data", str(data), "--tokenizer", str(tmp_path / "tokenizer.pt"), "--resume"], "the model has 32 codes"
+
+
+def resumed_with_another_optimizer(tmp_path):
+    """A checkpoint trained by AdamW alone, resumed with the tiny recipe (Muon and AdamW)."""
+    data = write_codes(tmp_path / "codes")
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
+    model = ARPG(config)
+    (adamw,) = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.0)
+    torch.save({"model": model.state_dict(), "optimizer": [adamw.state_dict()], "config": asdict(config), "step": 1},
+               tmp_path / "arpg.pt")
+    return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], "resume it with the --muon-lr it started with"
 
 
 def empty_folder(tmp_path):
@@ -219,6 +282,7 @@ BAD_INPUTS = {
     "codes outside the vocabulary": lambda tmp: (["--data", str(write_codes(tmp / "codes", high=VOCAB + 5, seed=1)),
                                                   "--vocab-size", str(VOCAB)], "outside the vocabulary"),
     "tokenizer/model vocabulary mismatch": vocabulary_mismatch,
+    "resumed with another optimizer": resumed_with_another_optimizer,
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
 }
 
