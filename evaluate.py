@@ -15,6 +15,10 @@ cached in out/classifier.pt) and uses it the way FID uses Inception:
   (c) inpainting class-keeping: after the centre of a real image is regenerated under its own
       label (sample.py), how often the classifier still sees the original class.
 
+And one number that needs no CNN: (d) ARPG itself as a classifier of real images
+(`likelihood_classification`): does the model know what each class looks like, whatever its
+samples show?
+
 sample.py does the generating and calls the functions below; this file alone gives the numbers
 for real images (the reference every generated number is compared with) and scores sample files:
 
@@ -201,6 +205,33 @@ def real_image_rows(classifier, n, image_size=64):
     _, reference_features = classify(classifier, make_builtin_dataset(n, seed=REFERENCE_SEED, image_size=image_size)[0])
     images, labels = make_builtin_dataset(n, seed=SECOND_REAL_SEED, image_size=image_size)
     return reference_features, [("real images", score_images(classifier, images, labels, reference_features))]
+
+
+@torch.no_grad()
+def likelihood_classification(model, codes, labels, n_orders=4, seed=0, batch_size=250):
+    """(d) The share of real images (their codes (N, L) and labels (N,)) that ARPG assigns to their
+    own class: each image's teacher-forced loss (`ARPG.forward`, the training loss, summed over its
+    tokens) is computed under every class label, in the same n_orders random orders, and the
+    label with the lowest total wins. It is Bayes' rule with equal class priors: argmax p(x | c).
+
+    A model can know the classes this way long before it can draw them: a sample must get every
+    token right, while here the true image only has to be likelier under its own label.
+    """
+    model.eval()
+    codes = codes.to(model.embeddings.weight.device)
+    labels = torch.as_tensor(labels, device=codes.device)
+    N, L = codes.shape
+    generator = torch.Generator().manual_seed(seed)
+    nll = torch.zeros(N, model.config.num_classes, device=codes.device)  # summed over tokens and orders
+    for _ in range(n_orders):
+        order = torch.rand(N, L, generator=generator).argsort(dim=1).to(codes.device)  # one order per image
+        for label in range(model.config.num_classes):
+            for start in range(0, N, batch_size):
+                rows = slice(start, start + batch_size)
+                logits, _ = model(codes[rows], torch.full_like(labels[rows], label), order=order[rows])  # (b, L, V)
+                targets = codes[rows].gather(1, order[rows])             # (b, L), in generation order
+                nll[rows, label] += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1)
+    return (nll.argmin(dim=1) == labels).float().mean().item()
 
 
 def format_table(rows):

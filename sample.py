@@ -415,7 +415,8 @@ def plan_edit(args, model, vq, names):
 # Evaluation on the built-in shapes (evaluate.py holds the classifier and the metrics)
 
 def run_evaluation(args, model, vq, settings, step_counts):
-    """The results table (markdown): real images, tokenizer reconstructions, and samples at each step count."""
+    """The results (markdown): a table of real images, tokenizer reconstructions and samples at each
+    step count, then how many real images ARPG itself assigns to their class."""
     n = args.eval_samples
     side = model.config.grid_size * vq.downsample
     classifier, heldout_accuracy = evaluate.load_classifier(args.classifier, side)
@@ -429,6 +430,9 @@ def run_evaluation(args, model, vq, settings, step_counts):
                                       for i in range(0, n, args.batch_size)])  # (n, H, W, 3)
     rows.append(("tokenizer reconstructions", evaluate.score_images(classifier, reconstructions, real_labels,
                                                                      reference_features)))
+    # Does ARPG know the classes, whatever its samples show? Score those real images under every label.
+    knows = evaluate.likelihood_classification(model, codes.flatten(1), real_labels)
+    print(f"ARPG as a classifier of {n} real images: {knows:.1%} (the label with the lowest loss)")
 
     # Inpainting: the centre (half the width and height) of real images regenerated under their label.
     sources, source_labels = make_builtin_dataset(n, seed=evaluate.INPAINT_SEED, image_size=side)
@@ -447,7 +451,9 @@ def run_evaluation(args, model, vq, settings, step_counts):
         rows.append((f"ARPG, {steps} steps", scores))
         print(f"{steps} steps: accuracy {scores['accuracy']:.1%}, Frechet distance {scores['frechet']:.2f}, "
               f"inpainting keeps class {scores['inpaint_keeps_class']:.1%}")
-    return evaluate.format_table(rows)
+    return (evaluate.format_table(rows) + f"\n\nARPG as a classifier of the {n} real images of the first two rows (the "
+            f"label under which their tokens are likeliest, 4 random orders; `evaluate.likelihood_classification`): "
+            f"{knows:.1%}")
 
 
 # -----------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""evaluate.py: the Frechet distance, the cached classifier, and the command line."""
+"""evaluate.py: the Frechet distance, the cached classifier, ARPG as a classifier, and the command line."""
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
+from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,3 +102,24 @@ def test_cli_scores_a_sample_file_and_refuses_one_without_labels(cached_classifi
     result = subprocess.run(command + [str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "needs arr_0 (images) and labels" in lines[0], result.stderr
+
+
+def test_arpg_as_a_classifier_names_the_classes_it_learnt_and_not_swapped_labels():
+    """A tiny ARPG trained briefly on images whose codes give the class away (class c draws its
+    tokens from 4c..4c+3) assigns fresh images to their own class, and none to a wrong label."""
+    torch.manual_seed(0)
+    model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=16, num_classes=4, block_size=16))
+
+    def draw(n):
+        labels = torch.randint(0, 4, (n,))
+        return labels[:, None] * 4 + torch.randint(0, 4, (n, 16)), labels
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        _, loss = model(*draw(32))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    codes, labels = draw(40)
+    assert evaluate.likelihood_classification(model, codes, labels, n_orders=2, batch_size=16) == 1.0
+    assert evaluate.likelihood_classification(model, codes, (labels + 1) % 4, n_orders=2) == 0.0

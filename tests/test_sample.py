@@ -1,5 +1,6 @@
 """sample.py on tiny random models: grids, determinism, FID files, zero-shot editing, bad input."""
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -207,13 +208,15 @@ def test_ema_weights_are_used_when_present_unless_no_ema(ckpts):
 # --- evaluation ---
 
 def test_eval_writes_a_table_with_real_and_generated_rows(ckpts, tmp_path):
-    """--eval scores real images, tokenizer reconstructions and samples at each step count, into one table."""
+    """--eval scores real images, tokenizer reconstructions and samples at each step count, into one
+    table, followed by ARPG's own classification of the real images."""
     classifier = str(tmp_path / "classifier.pt")
     evaluate.load_classifier(classifier, n_train=100, train_steps=5, log=lambda line: None)  # cheap stand-in
     path = run(ckpts, tmp_path, "--eval", "2", "4", "--eval-samples", "20", "--classifier", classifier, out="eval.md")
     table = Path(path).read_text()
     for row in ("real images", "tokenizer reconstructions", "ARPG, 2 steps", "ARPG, 4 steps"):
         assert f"| {row} | 20 |" in table, f"row {row!r} missing from\n{table}"
+    assert re.search(r"ARPG as a classifier of the 20 real images .*: \d+\.\d%$", table.strip()), table
 
 
 # --- bad input: one clear error, nothing written ---
