@@ -12,8 +12,9 @@ does the rest: order, schedule, guidance, sampling.
                      -> kv (layers, 2, B, H, N+T, D), shared_kv (2, B, H, N+T, D)
     guided.onnx      target_slots (K,) int64, shared_kv (2, B, H, N, D) -> logits (B, K, V) float32
     vq_decoder.onnx  codes (B, h, w) int64 -> images (B, 3, h*f, w*f) float32 in [-1, 1]
-    arpg_onnx.json   config, token ids ([MASK], classes, null class), grid, dtype, class names and
-                     sample.py's default rows, parity figures, and the export id stamped into every graph
+    arpg_onnx.json   config, token ids ([MASK], classes, null class), grid, dtype, class names,
+                     sample.py's default rows and top-p, parity figures, and the export id stamped
+                     into every graph
 
 B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
 of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's zero
@@ -192,12 +193,13 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
 # -----------------------------------------------------------------------------
 # The whole export
 
-def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dynamo=False):
+def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dynamo=False, top_p=1.0):
     """Export `model` (and `vq`'s decoder unless None) to out_dir; returns the metadata written.
 
     fp16: ARPG graphs with fp16 weights and caches (logits stay fp32), for GPUs; the VQ decoder
     stays fp32 (GroupNorm over large activations is fragile in fp16, and it runs once per image).
     grid: (rows, cols) the graphs' RoPE table covers; default the training grid.
+    top_p: the nucleus threshold onnx_sampler.py samples with by default (sample.py's for the model).
     """
     start = time.perf_counter()
     config = model.config
@@ -269,6 +271,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
             "class_names": list(class_names) if class_names is not None else None,
             # The rows sample.py draws by default, so `python onnx_sampler.py` draws the same ones.
             "default_classes": default_classes(class_names or range(config.num_classes)),
+            "top_p": top_p,                                                # and its default nucleus threshold
             "dtype": "float16" if fp16 else "float32",                     # of the caches and the ARPG weights
             "cache": {"pass1_layers": layers, "heads": heads, "head_dim": head_dim},
             "graphs": {name: os.path.basename(path) for name, path in graphs.items()},
@@ -311,9 +314,10 @@ def main():
     parser.set_defaults(device="cpu", dtype="float32")
     args = parser.parse_args()
 
-    model, vq, class_names, description = load_models(args)
+    model, vq, class_names, description, top_p = load_models(args)
     print(f"exporting {description}")
-    export_onnx(model, vq, args.out, fp16=args.fp16, grid=args.grid, class_names=class_names, dynamo=args.dynamo)
+    export_onnx(model, vq, args.out, fp16=args.fp16, grid=args.grid, class_names=class_names, dynamo=args.dynamo,
+                top_p=top_p)
 
 
 if __name__ == "__main__":

@@ -274,7 +274,8 @@ def main():
     parser.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES), help="tokens revealed per step")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling mass (default: sample.py's for this model, stored by export.py; 1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (order and samples)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                         help="ONNX Runtime execution provider: auto = CUDA when it really works, else CPU")
@@ -284,14 +285,15 @@ def main():
     sampler = OnnxSampler(args.onnx_dir, args.device)
     classes = args.classes or sampler.metadata["default_classes"]
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
+    top_p = sampler.metadata.get("top_p", 1.0) if args.top_p is None else args.top_p  # older exports: off
     tokens = sampler.generate(labels, steps=args.steps, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
-                              schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed)
+                              schedule=args.schedule, temperature=args.temperature, top_k=args.top_k, top_p=top_p,
+                              seed=args.seed)
     images = sampler.decode(tokens)                                       # (R*C, H, W, 3)
     names = sampler.metadata["class_names"] or [str(c) for c in range(sampler.num_classes)]
     save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
                     [names[c] for c in classes], args.out)
-    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, "
+    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, top-p {top_p}, "
           f"ONNX Runtime on {sampler.device}")
 
 

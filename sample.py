@@ -91,7 +91,9 @@ def parse_args(argv=None):
                           help="how many tokens each step reveals (arccos: few early, many late; the paper's)")
     decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
-    decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    decoding.add_argument("--top-p", type=float, default=None,
+                          help="nucleus sampling threshold (default: the checkpoint's, 0.8 for the tiny recipe; "
+                               "1: off, the paper's and official checkpoints')")
     decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
                           help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), 1.1-1.3x "
                                "on a 2-core CPU (bench.py); readable: the reference loop. Both give the same tokens")
@@ -143,7 +145,8 @@ def parse_args(argv=None):
 # Loading the two checkpoints, and checking that they belong together
 
 def load_models(args):
-    """(ARPG in eval mode, VQ tokenizer in eval mode, class names, a one-line description)."""
+    """(ARPG in eval mode, VQ tokenizer in eval mode, class names, a one-line description, and the
+    nucleus sampling threshold the checkpoint recommends: 1.0, i.e. off, when it names none)."""
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"ARPG checkpoint not found: {args.ckpt} (train one with `python train.py`, "
                                 f"or pass --ckpt)")
@@ -176,7 +179,7 @@ def load_models(args):
                    f"({'EMA' if use_ema else 'trained'} weights, {args.dtype}), {config.num_classes} classes, "
                    f"{config.grid_size}x{config.grid_size} tokens | tokenizer {vq.config.codebook_size} codes, "
                    f"{vq.downsample}x downsampling -> {side}x{side} images")
-    return model, vq, names, description
+    return model, vq, names, description, checkpoint.get("sample_top_p", 1.0)
 
 
 def is_builtin(names):
@@ -493,6 +496,8 @@ def check_flags(args):
             raise ValueError(f"{flag} only applies to --edit {' / '.join(modes)}")
     if args.mask is not None and args.box is not None:
         raise ValueError("give --mask or --box, not both")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def check_against_model(args, config):
@@ -512,10 +517,12 @@ def default_classes(names):
     return [round(i * (len(names) - 1) / 7) for i in range(8)]  # 8 spread over the range
 
 
-def decoding_settings(args):
-    """The keyword arguments of ARPG.generate that come from the command line (all but steps)."""
+def decoding_settings(args, default_top_p=1.0):
+    """The keyword arguments of ARPG.generate that come from the command line (all but steps);
+    without --top-p, the checkpoint's default_top_p."""
     return dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, schedule=args.schedule,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, fast=args.sampler == "fast")
+                temperature=args.temperature, top_k=args.top_k,
+                top_p=default_top_p if args.top_p is None else args.top_p, fast=args.sampler == "fast")
 
 
 def counting(batches, total):
@@ -529,11 +536,11 @@ def counting(batches, total):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
-    model, vq, names, description = load_models(args)
+    model, vq, names, description, default_top_p = load_models(args)
     config = model.config
-    print(description)
+    settings = decoding_settings(args, default_top_p)
+    print(f"{description} | top-p {settings['top_p']}")
     check_against_model(args, config)
-    settings = decoding_settings(args)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     full = Canvas((config.grid_size, config.grid_size))
     side = config.grid_size * vq.downsample

@@ -136,7 +136,7 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
     """Every edit puts the input's tokens on the canvas, returns them unchanged and decodes every other position."""
     args = sample.parse_args(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], "--edit", mode, "--per-class", "3",
                               "--steps", "16", *extra])
-    model, vq, names, _ = sample.load_models(args)
+    model, vq, names, _, _ = sample.load_models(args)
     canvas, input_panel, mask_panel, classes = sample.plan_edit(args, model, vq, names)
     assert canvas.grid == grid, f"canvas {canvas.grid}, expected {grid}"
     labels = torch.tensor(classes).repeat_interleave(3)
@@ -195,6 +195,17 @@ def test_official_layout_is_recognised_with_imagenet_class_ids(ckpts, tmp_path):
     assert sample.default_classes([str(c) for c in range(1000)]) == sample.IMAGENET_SHOWCASE, "ImageNet defaults"
 
 
+def test_top_p_defaults_to_the_checkpoints_then_off_and_the_flag_wins(ckpts, tmp_path):
+    """train.py's checkpoints name the nucleus threshold their recipe samples with; sample.py uses it
+    unless --top-p is given, and 1.0 (off, the paper's) for checkpoints that name none."""
+    with_top_p = str(tmp_path / "arpg.pt")
+    save_atomic({**torch.load(ckpts["arpg"], weights_only=True), "sample_top_p": 0.7}, with_top_p)
+    for path, flag, expected in [(with_top_p, [], 0.7), (with_top_p, ["--top-p", "0.9"], 0.9), (ckpts["arpg"], [], 1.0)]:
+        args = sample.parse_args(["--ckpt", path, "--vq-ckpt", ckpts["vq"], *flag])
+        default_top_p = sample.load_models(args)[4]
+        assert sample.decoding_settings(args, default_top_p)["top_p"] == expected, f"{path} {flag}"
+
+
 def test_ema_weights_are_used_when_present_unless_no_ema(ckpts):
     """A checkpoint with an EMA copy samples from it; --no-ema takes the trained weights."""
     base = ["--ckpt", ckpts["ema"], "--vq-ckpt", ckpts["vq"]]
@@ -229,6 +240,7 @@ def write_png(path, height, width):
 @pytest.mark.parametrize("case, message", [
     (["--classes", "10"], "--classes 10 out of range"),
     (["--steps", "0"], "steps must be between 1 and 64"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--steps", "65"], "steps must be between 1 and 64"),
     (["--edit", "inpaint", "--mask", "MASK_40x64"], "same size"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
