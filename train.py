@@ -612,6 +612,8 @@ def fill_in_defaults(args, world_size):
     if not (0 <= args.warmup < 1 and 0 <= args.decay < 1 and args.warmup + args.decay <= 1):
         raise ValueError(f"--warmup {args.warmup} and --decay {args.decay} must be fractions of the run in [0, 1) "
                          f"that add up to at most 1")
+    if not 0 < args.sample_top_p <= 1:
+        raise ValueError(f"--sample-top-p must be in (0, 1], got {args.sample_top_p}")
     if args.resume and not os.path.isfile(args.out):
         raise FileNotFoundError(f"nothing to resume: {args.out} not found (drop --resume to start afresh)")
 

@@ -285,6 +285,7 @@ BAD_INPUTS = {
     "tokenizer/model vocabulary mismatch": vocabulary_mismatch,
     "resumed with another optimizer": resumed_with_another_optimizer,
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
+    "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p must be in \(0, 1\]"),
 }
 
 
