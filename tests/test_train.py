@@ -117,6 +117,20 @@ def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
         assert_same_tensors(a[key], b[key], key)
 
 
+def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
+    """Checkpoints written before Muon hold one AdamW state dict, not a list: --resume --muon-lr 0
+    continues them."""
+    data = write_codes(tmp_path / "codes")
+    common = ["--data", str(data), *FAST, "--muon-lr", "0", "--save-every", "0", "--out", str(tmp_path / "arpg.pt")]
+    assert run_train(*common, "--max-steps", "2").returncode == 0
+    checkpoint = load(tmp_path / "arpg.pt")
+    (checkpoint["optimizer"],) = checkpoint["optimizer"]                  # the old layout: one dict
+    torch.save(checkpoint, tmp_path / "arpg.pt")
+    resumed = run_train(*common, "--max-steps", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(tmp_path / "arpg.pt")["step"] == 4
+
+
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) trains, checks both ranks hold identical weights,
     and writes one checkpoint."""
