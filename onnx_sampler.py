@@ -98,8 +98,9 @@ def read_metadata(folder):
     return metadata
 
 
-def start_sessions(folder, graphs, device):
+def start_sessions(folder, graphs, device, single_threaded=()):
     """An InferenceSession per graph, on CUDA when asked for and really available; and the device used.
+    The graphs named in `single_threaded` run their CPU work on one thread (see OnnxSampler).
 
     onnxruntime-gpu lists CUDAExecutionProvider even where CUDA or cuDNN is missing; a session
     then falls back to the CPU after printing a long complaint. So we ask for CUDA with ORT's
@@ -109,15 +110,21 @@ def start_sessions(folder, graphs, device):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
     wants_cuda = device != "cpu"
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
-    options = ort.SessionOptions()
-    # ORT's CPU threads spin-wait after each run by default, for the next one. Here the next run
-    # waits for numpy's sampling, which the spinning threads slow down: off, the loop ran 2.7x
-    # faster on 2 busy cores (tiny model, batch 16, 32 steps).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    def session_options(name):
+        options = ort.SessionOptions()
+        # ORT's CPU threads spin-wait after each run by default, for the next one. Here the next run
+        # waits for numpy's sampling, which the spinning threads slow down: off, the loop ran 2.7x
+        # faster on 2 busy cores (tiny model, batch 16, 32 steps).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if name in single_threaded:
+            options.intra_op_num_threads = 1
+        return options
+
     if wants_cuda:
         ort.set_default_logger_severity(4)                               # fatal only, while CUDA is tried
     try:
-        sessions = {name: ort.InferenceSession(os.path.join(folder, graph_file), options, providers=providers)
+        sessions = {name: ort.InferenceSession(os.path.join(folder, graph_file), session_options(name), providers=providers)
                     for name, graph_file in graphs.items()}
     finally:
         ort.set_default_logger_severity(2)                               # back to ORT's default (warnings)
@@ -145,7 +152,14 @@ class OnnxSampler:
 
     def __init__(self, folder="out/onnx", device="auto"):
         self.metadata = read_metadata(folder)
-        self.sessions, self.device = start_sessions(folder, self.metadata["graphs"], device)
+        # A narrow model's steps are too small to share between CPU threads: handing work to ORT's
+        # thread pool costs more than it saves. At width 128 (tiny) on 2 cores, one thread per ARPG
+        # graph took a 16-image 32-step call from 61.1 to 48.8 ms, and 64 images at 64 steps from
+        # 376 to 354 ms (64 images at 32 steps: 190 and 193). Wider models keep ORT's default;
+        # the VQ decoder's convolutions always do.
+        narrow = self.metadata["arpg_config"]["dim"] <= 256
+        self.sessions, self.device = start_sessions(folder, self.metadata["graphs"], device,
+                                                    single_threaded=("context", "guided") if narrow else ())
         # Every graph carries the id of the export that wrote it: files of two exports (another
         # model, another config, another dtype) must never be run together.
         for name, session in self.sessions.items():

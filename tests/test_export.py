@@ -239,6 +239,15 @@ assert "torch" not in sys.modules
     assert "2 classes x 3 images" in output and "top-p 0.8," in output, output  # the checkpoint's default
 
 
+def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_default(exported):
+    """Width 128: the context and guided sessions get one intra-op thread (their steps are too
+    small to share; bench.py measures the gain), the VQ decoder keeps ORT's default (0 = all cores)."""
+    folder, _, _ = exported
+    sessions = onnx_sampler.OnnxSampler(str(folder), device="cpu").sessions
+    threads = {name: session.get_session_options().intra_op_num_threads for name, session in sessions.items()}
+    assert threads == {"context": 1, "guided": 1, "vq_decoder": 0}, threads
+
+
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     """A missing checkpoint, a missing graph, graphs mixed from two exports and an explicit but
     unavailable CUDA provider each end with one 'error:' line and exit code 2."""
