@@ -13,7 +13,7 @@ does the rest: order, schedule, guidance, sampling.
     guided.onnx      target_slots (K,) int64, shared_kv (2, B, H, N, D) -> logits (B, K, V) float32
     vq_decoder.onnx  codes (B, h, w) int64 -> images (B, 3, h*f, w*f) float32 in [-1, 1]
     arpg_onnx.json   config, token ids ([MASK], classes, null class), grid, dtype, class names,
-                     sample.py's default rows and top-p, parity figures, and the export id stamped
+                     sample.py's default rows, guidance and top-p, parity figures, and the export id stamped
                      into every graph
 
 B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
@@ -53,7 +53,7 @@ import torch.nn as nn
 from arpg import ARPG
 from data import run_script
 from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
-from sample import add_checkpoint_arguments, default_classes, load_models
+from sample import SAMPLING_DEFAULTS, add_checkpoint_arguments, default_classes, load_models
 from tokenizer import VQModel
 
 OPSET = 18              # supported by every onnxruntime since 1.14
@@ -193,13 +193,13 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
 # -----------------------------------------------------------------------------
 # The whole export
 
-def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dynamo=False, top_p=1.0):
+def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dynamo=False, sampling=SAMPLING_DEFAULTS):
     """Export `model` (and `vq`'s decoder unless None) to out_dir; returns the metadata written.
 
     fp16: ARPG graphs with fp16 weights and caches (logits stay fp32), for GPUs; the VQ decoder
     stays fp32 (GroupNorm over large activations is fragile in fp16, and it runs once per image).
     grid: (rows, cols) the graphs' RoPE table covers; default the training grid.
-    top_p: the nucleus threshold onnx_sampler.py samples with by default (sample.py's for the model).
+    sampling: the guidance and top-p onnx_sampler.py uses by default (sample.py's for the model).
     """
     start = time.perf_counter()
     config = model.config
@@ -271,7 +271,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
             "class_names": list(class_names) if class_names is not None else None,
             # The rows sample.py draws by default, so `python onnx_sampler.py` draws the same ones.
             "default_classes": default_classes(class_names or range(config.num_classes)),
-            "top_p": top_p,                                                # and its default nucleus threshold
+            "sampling": dict(sampling),                                    # and its default guidance and top-p
             "dtype": "float16" if fp16 else "float32",                     # of the caches and the ARPG weights
             "cache": {"pass1_layers": layers, "heads": heads, "head_dim": head_dim},
             "graphs": {name: os.path.basename(path) for name, path in graphs.items()},
@@ -314,10 +314,10 @@ def main():
     parser.set_defaults(device="cpu", dtype="float32")
     args = parser.parse_args()
 
-    model, vq, class_names, description, top_p = load_models(args)
+    model, vq, class_names, description, sampling = load_models(args)
     print(f"exporting {description}")
     export_onnx(model, vq, args.out, fp16=args.fp16, grid=args.grid, class_names=class_names, dynamo=args.dynamo,
-                top_p=top_p)
+                sampling=sampling)
 
 
 if __name__ == "__main__":

@@ -283,7 +283,9 @@ def main():
                              "every class of a model with up to 16, else 8)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps (the paper uses 32 or 64)")
-    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance scale (default: sample.py's for this model, stored by export.py; "
+                             "1 = off)")
     parser.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES), help="how guidance ramps up")
     parser.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES), help="tokens revealed per step")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -299,16 +301,18 @@ def main():
     sampler = OnnxSampler(args.onnx_dir, args.device)
     classes = args.classes or sampler.metadata["default_classes"]
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
-    top_p = sampler.metadata.get("top_p", 1.0) if args.top_p is None else args.top_p  # older exports: off
-    tokens = sampler.generate(labels, steps=args.steps, cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule,
+    defaults = sampler.metadata.get("sampling", {"cfg_scale": 4.0, "top_p": 1.0})  # older exports: sample.py's then
+    cfg = defaults["cfg_scale"] if args.cfg is None else args.cfg
+    top_p = defaults["top_p"] if args.top_p is None else args.top_p
+    tokens = sampler.generate(labels, steps=args.steps, cfg_scale=cfg, cfg_schedule=args.cfg_schedule,
                               schedule=args.schedule, temperature=args.temperature, top_k=args.top_k, top_p=top_p,
                               seed=args.seed)
     images = sampler.decode(tokens)                                       # (R*C, H, W, 3)
     names = sampler.metadata["class_names"] or [str(c) for c in range(sampler.num_classes)]
     save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
                     [names[c] for c in classes], args.out)
-    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, top-p {top_p}, "
-          f"ONNX Runtime on {sampler.device}")
+    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, cfg {cfg}, "
+          f"top-p {top_p}, ONNX Runtime on {sampler.device}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ from tokenizer import VQModel, images_to_tensor, tensor_to_images
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
 EDIT_MODES = ["inpaint", "class-edit", "outpaint", "expand"]
 EMPTY_GREY = 128  # what the input panel shows where nothing was given
+# Guidance and nucleus sampling for a checkpoint that names none (official files, older ones of
+# ours): guidance 4, top-p off as in the paper. train.py saves its recipe's own under "sampling".
+SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "top_p": 1.0}
 
 
 # -----------------------------------------------------------------------------
@@ -83,8 +86,9 @@ def parse_args(argv=None):
     decoding.add_argument("--steps", type=int, default=32,
                           help="decoding steps for a whole canvas, 1..tokens per image (paper: 64; 32 is as good); "
                                "edits use the same tokens per step, so fewer steps for fewer unknown tokens")
-    decoding.add_argument("--cfg", type=float, default=4.0,
-                          help="classifier-free guidance scale (1: off; official ARPG-L: 5.0, XL: 6.0, XXL: 7.5)")
+    decoding.add_argument("--cfg", type=float, default=None,
+                          help="classifier-free guidance scale (default: the checkpoint's, 3 for the tiny recipe, "
+                               "else 4; 1: off; official ARPG-L: 5.0, XL: 6.0, XXL: 7.5)")
     decoding.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES),
                           help="linear: guidance grows from 1 to --cfg as the canvas fills; constant: always --cfg")
     decoding.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES),
@@ -146,7 +150,7 @@ def parse_args(argv=None):
 
 def load_models(args):
     """(ARPG in eval mode, VQ tokenizer in eval mode, class names, a one-line description, and the
-    nucleus sampling threshold the checkpoint recommends: 1.0, i.e. off, when it names none)."""
+    sampling defaults the checkpoint names, over SAMPLING_DEFAULTS)."""
     if not os.path.isfile(args.ckpt):
         raise FileNotFoundError(f"ARPG checkpoint not found: {args.ckpt} (train one with `python train.py`, "
                                 f"or pass --ckpt)")
@@ -179,7 +183,7 @@ def load_models(args):
                    f"({'EMA' if use_ema else 'trained'} weights, {args.dtype}), {config.num_classes} classes, "
                    f"{config.grid_size}x{config.grid_size} tokens | tokenizer {vq.config.codebook_size} codes, "
                    f"{vq.downsample}x downsampling -> {side}x{side} images")
-    return model, vq, names, description, checkpoint.get("sample_top_p", 1.0)
+    return model, vq, names, description, {**SAMPLING_DEFAULTS, **checkpoint.get("sampling", {})}
 
 
 def is_builtin(names):
@@ -517,12 +521,12 @@ def default_classes(names):
     return [round(i * (len(names) - 1) / 7) for i in range(8)]  # 8 spread over the range
 
 
-def decoding_settings(args, default_top_p=1.0):
+def decoding_settings(args, defaults=SAMPLING_DEFAULTS):
     """The keyword arguments of ARPG.generate that come from the command line (all but steps);
-    without --top-p, the checkpoint's default_top_p."""
-    return dict(cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, schedule=args.schedule,
-                temperature=args.temperature, top_k=args.top_k,
-                top_p=default_top_p if args.top_p is None else args.top_p, fast=args.sampler == "fast")
+    --cfg and --top-p fall back to `defaults` (the checkpoint's, from load_models)."""
+    return dict(cfg_scale=defaults["cfg_scale"] if args.cfg is None else args.cfg, cfg_schedule=args.cfg_schedule,
+                schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
+                top_p=defaults["top_p"] if args.top_p is None else args.top_p, fast=args.sampler == "fast")
 
 
 def counting(batches, total):
@@ -536,10 +540,10 @@ def counting(batches, total):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
-    model, vq, names, description, default_top_p = load_models(args)
+    model, vq, names, description, sampling = load_models(args)
     config = model.config
-    settings = decoding_settings(args, default_top_p)
-    print(f"{description} | top-p {settings['top_p']}")
+    settings = decoding_settings(args, sampling)
+    print(f"{description} | guidance {settings['cfg_scale']}, top-p {settings['top_p']}")
     check_against_model(args, config)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     full = Canvas((config.grid_size, config.grid_size))
@@ -585,7 +589,7 @@ def main(argv=None):
         save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, P, H, W, 3)
                         [names[c] for c in classes], out)
         print(f"wrote {out}: {len(classes)} classes x {args.per_class} samples of {side}x{side}, "
-              f"{args.steps} steps, cfg {args.cfg}")
+              f"{args.steps} steps, cfg {settings['cfg_scale']}")
 
 
 if __name__ == "__main__":

@@ -72,13 +72,14 @@ RECIPES = {
     # The matrices of the two passes are trained by Muon (`Muon`, below) at lr 0.02, the rest by
     # AdamW: in the same 600 steps the final loss fell from 1.203 to 1.085 and from 1.188 to 1.104
     # (seeds 0 and 1; class accuracy in the README).
-    # Its models are sampled with nucleus sampling at 0.8 (the checkpoint carries it as sample.py's
-    # default): with Muon, class accuracy 42.8% -> 50.0% and 40.0% -> 48.8% (seeds 0 and 1), and the
-    # Frechet distance 54.6 -> 23.1 and 51.6 -> 22.7 (README). The paper samples without it.
+    # Its models are sampled with nucleus sampling at 0.8 and guidance 3 (the checkpoint carries both
+    # as sample.py's defaults). With Muon, seeds 0 and 1, class accuracy 42.8% -> 50.8% and 40.0% ->
+    # 49.8%, Frechet distance 54.6 -> 11.2 and 51.6 -> 13.4 (README). The paper samples without
+    # nucleus sampling; 4 is sample.py's guidance when a checkpoint names none.
     "tiny": dict(batch_size=64, lr=3e-3, muon_lr=0.02, warmup=0.05, decay=0.3, max_steps=600, ema=0.0, dropout=0.0,
-                 sample_top_p=0.8, log_every=25, sample_every=200, save_every=200),
+                 sample_cfg=3.0, sample_top_p=0.8, log_every=25, sample_every=200, save_every=200),
     "paper": dict(batch_size=1024, lr=None, muon_lr=0.0, warmup=0.25, decay=0.0, max_steps=None, ema=0.9999,
-                  dropout=0.1, sample_top_p=1.0, log_every=100, sample_every=5000, save_every=5000),
+                  dropout=0.1, sample_cfg=4.0, sample_top_p=1.0, log_every=100, sample_every=5000, save_every=5000),
 }
 PAPER_LR_PER_256 = 1e-4     # SPEC 5: lr scales with the global batch (ARPG-L: batch 1024 -> 4e-4)
 PAPER_EPOCHS = 400          # SPEC 5: the paper's training length; max_steps = epochs * images / batch
@@ -149,7 +150,9 @@ def parse_args(argv=None):
     run.add_argument("--sample-every", type=int, default=None,
                      help="write a sample grid every N steps (0: only at the end); needs the tokenizer")
     run.add_argument("--sample-steps", type=int, default=16, help="decoding steps of the sample grids")
-    run.add_argument("--sample-cfg", type=float, default=4.0, help="classifier-free guidance scale of the sample grids")
+    run.add_argument("--sample-cfg", type=float, default=None,
+                     help="classifier-free guidance scale of the grids, saved in the checkpoint as sample.py's "
+                          "default (tiny: 3; else 4)")
     run.add_argument("--sample-columns", type=int, default=8, help="samples per class in a grid")
     run.add_argument("--sample-top-p", type=float, default=None,
                      help="nucleus sampling threshold of the grids, saved in the checkpoint as sample.py's default "
@@ -442,7 +445,7 @@ def save_checkpoint(path, model, ema, optimizers, step, loss, args, class_names)
         "args": vars(args),
         "class_names": list(class_names),
         "tokenizer": args.tokenizer,  # the decoder for sample.py
-        "sample_top_p": args.sample_top_p,  # sample.py's default nucleus threshold for this model
+        "sampling": {"cfg_scale": args.sample_cfg, "top_p": args.sample_top_p},  # sample.py's defaults for it
     }
     if ema is not None:
         checkpoint["ema"] = ema.state_dict()
@@ -598,8 +601,8 @@ def fill_in_defaults(args, world_size):
     """Resolve the None flags from the recipe of --size (all but the paper's epoch-based step count,
     which needs the data), then check them: before any process group or file exists."""
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
-    for key in ("batch_size", "muon_lr", "warmup", "decay", "max_steps", "ema", "dropout", "sample_top_p", "log_every",
-                "sample_every", "save_every"):
+    for key in ("batch_size", "muon_lr", "warmup", "decay", "max_steps", "ema", "dropout", "sample_cfg", "sample_top_p",
+                "log_every", "sample_every", "save_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.lr = args.lr or recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256

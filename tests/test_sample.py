@@ -195,15 +195,16 @@ def test_official_layout_is_recognised_with_imagenet_class_ids(ckpts, tmp_path):
     assert sample.default_classes([str(c) for c in range(1000)]) == sample.IMAGENET_SHOWCASE, "ImageNet defaults"
 
 
-def test_top_p_defaults_to_the_checkpoints_then_off_and_the_flag_wins(ckpts, tmp_path):
-    """train.py's checkpoints name the nucleus threshold their recipe samples with; sample.py uses it
-    unless --top-p is given, and 1.0 (off, the paper's) for checkpoints that name none."""
-    with_top_p = str(tmp_path / "arpg.pt")
-    save_atomic({**torch.load(ckpts["arpg"], weights_only=True), "sample_top_p": 0.7}, with_top_p)
-    for path, flag, expected in [(with_top_p, [], 0.7), (with_top_p, ["--top-p", "0.9"], 0.9), (ckpts["arpg"], [], 1.0)]:
-        args = sample.parse_args(["--ckpt", path, "--vq-ckpt", ckpts["vq"], *flag])
-        default_top_p = sample.load_models(args)[4]
-        assert sample.decoding_settings(args, default_top_p)["top_p"] == expected, f"{path} {flag}"
+def test_guidance_and_top_p_default_to_the_checkpoints_and_the_flags_win(ckpts, tmp_path):
+    """train.py's checkpoints name the guidance and top-p their recipe samples with; sample.py uses
+    them unless --cfg / --top-p are given, and guidance 4 with top-p off for checkpoints naming none."""
+    named = str(tmp_path / "arpg.pt")
+    save_atomic({**torch.load(ckpts["arpg"], weights_only=True), "sampling": {"cfg_scale": 2.5, "top_p": 0.7}}, named)
+    for path, flags, expected in [(named, [], (2.5, 0.7)), (named, ["--cfg", "5", "--top-p", "0.9"], (5.0, 0.9)),
+                                  (ckpts["arpg"], [], (4.0, 1.0))]:
+        args = sample.parse_args(["--ckpt", path, "--vq-ckpt", ckpts["vq"], *flags])
+        settings = sample.decoding_settings(args, sample.load_models(args)[4])
+        assert (settings["cfg_scale"], settings["top_p"]) == expected, f"{path} {flags}: {settings}"
 
 
 def test_ema_weights_are_used_when_present_unless_no_ema(ckpts):
