@@ -150,10 +150,10 @@ def parse_args(argv=None):
     run.add_argument("--sample-every", type=int, default=None,
                      help="write a sample grid every N steps (0: only at the end); needs the tokenizer")
     run.add_argument("--sample-steps", type=int, default=16, help="decoding steps of the sample grids")
+    run.add_argument("--sample-columns", type=int, default=8, help="samples per class in a grid")
     run.add_argument("--sample-cfg", type=float, default=None,
                      help="classifier-free guidance scale of the grids, saved in the checkpoint as sample.py's "
                           "default (tiny: 3; else 4)")
-    run.add_argument("--sample-columns", type=int, default=8, help="samples per class in a grid")
     run.add_argument("--sample-top-p", type=float, default=None,
                      help="nucleus sampling threshold of the grids, saved in the checkpoint as sample.py's default "
                           "(tiny: 0.8; 1: off, the paper's)")
