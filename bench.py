@@ -177,7 +177,8 @@ lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {'n/a' if peak != peak el
 if train_row:
     batch, ips, peak = train_row
     optimizer_names = "AdamW and Muon" if recipe["muon_lr"] > 0 else "AdamW"
-    lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, {ips:.1f} img/s"
+    lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, "
+                  f"{ips:.1f} img/s"
               + ("" if peak != peak else f", peak {peak:.2f} GB") + "."]
 table = "\n".join(lines)
 print("\n" + table)

@@ -124,7 +124,8 @@ def start_sessions(folder, graphs, device, single_threaded=()):
     if wants_cuda:
         ort.set_default_logger_severity(4)                               # fatal only, while CUDA is tried
     try:
-        sessions = {name: ort.InferenceSession(os.path.join(folder, graph_file), session_options(name), providers=providers)
+        sessions = {name: ort.InferenceSession(os.path.join(folder, graph_file), session_options(name),
+                                               providers=providers)
                     for name, graph_file in graphs.items()}
     finally:
         ort.set_default_logger_severity(2)                               # back to ORT's default (warnings)
@@ -284,14 +285,15 @@ def main():
     parser.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps (the paper uses 32 or 64)")
     parser.add_argument("--cfg", type=float, default=None,
-                        help="classifier-free guidance scale (default: sample.py's for this model, stored by export.py; "
-                             "1 = off)")
+                        help="classifier-free guidance scale (default: sample.py's for this model, stored by "
+                             "export.py; 1 = off)")
     parser.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES), help="how guidance ramps up")
     parser.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES), help="tokens revealed per step")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=None,
-                        help="nucleus sampling mass (default: sample.py's for this model, stored by export.py; 1 = off)")
+                        help="nucleus sampling mass (default: sample.py's for this model, stored by export.py; "
+                             "1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (order and samples)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                         help="ONNX Runtime execution provider: auto = CUDA when it really works, else CPU")

@@ -348,7 +348,8 @@ def make_optimizers(model, lr, weight_decay, device, muon_lr=0.0):
     """The optimizers of one training step: AdamW, plus Muon for the matrices of the two passes
     when muon_lr > 0. Each parameter group keeps its peak learning rate as "peak_lr"."""
     muon = [p for p in model.layers.parameters() if p.dim() == 2] if muon_lr > 0 else []
-    rest = [p for p in model.parameters() if id(p) not in {id(q) for q in muon}]
+    in_muon = {id(p) for p in muon}
+    rest = [p for p in model.parameters() if id(p) not in in_muon]
     # Weight decay on matrices and embeddings (>= 2 dims) only, never on norm weights.
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "peak_lr": lr},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": lr}]
@@ -682,8 +683,9 @@ def main(argv=None):
         ema.load_state_dict(model.state_dict())
     log(f"model: {config}")
     log(f"{sum(p.numel() for p in model.parameters()):,} parameters; training: " + ", ".join(
-        f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "muon_lr", "min_lr", "warmup", "decay", "max_steps",
-                                            "weight_decay", "grad_clip", "ema", "dropout", "precision", "seed")) +
+        f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "muon_lr", "min_lr", "warmup", "decay",
+                                            "max_steps", "weight_decay", "grad_clip", "ema", "dropout", "precision",
+                                            "seed")) +
         f"; {world_size} process(es) on {device.type}")
     if start_step:
         log(f"resuming {args.out} at step {start_step}")
