@@ -58,11 +58,17 @@ def record_guided_calls(model):
 # --- parity with the official implementation ---
 
 def test_teacher_forced_logits_match_official(official):
-    """Random-order teacher forcing gives the official logits (<= 1e-4) and loss for the same order."""
+    """Random-order teacher forcing gives the official logits and loss for the same order, to fp32 rounding.
+
+    The fixture is float32 from one CPU; another CPU's kernels sum in another order. On an AVX-512 machine
+    our float32 logits differ from it by up to 1.3e-4 (mean 7e-6, logits up to 12), and the fixture itself
+    is 2.7e-4 away from our float64 logits, so 1e-3 (1e-4 of the logits' range) bounds rounding, not bugs.
+    """
     logits, loss = official(torch.from_numpy(REF["tokens"]), torch.from_numpy(REF["classes"]),
                             torch.from_numpy(REF["order"]))
-    diff = (logits - torch.from_numpy(REF["tf_logits"])).abs().max().item()
-    assert diff <= 1e-4, f"max |logit difference| {diff:.2e} > 1e-4"
+    diff = (logits - torch.from_numpy(REF["tf_logits"])).abs()
+    assert diff.max() <= 1e-3, f"max |logit difference| {diff.max():.2e} > 1e-3"
+    assert diff.mean() <= 5e-5, f"mean |logit difference| {diff.mean():.2e} > 5e-5"
     assert abs(loss.item() - REF["tf_loss"].item()) <= 1e-5, f"loss {loss.item()} vs {REF['tf_loss'].item()}"
 
 
