@@ -493,7 +493,11 @@ class VQModel(nn.Module):
 COMMITMENT_BETA = 0.25      # weight of the commitment loss (VQ-VAE's beta; LlamaGen uses 0.25 too)
 AUTOENCODER_WARMUP = 0.25   # fraction of training spent as a plain autoencoder, before quantizing
 RESTART_EVERY = 50          # steps between dead-code restarts
-DEFAULT_STEPS = 800         # steps when neither max_steps nor minutes is given (~3 min on 2 CPU cores)
+# Steps when neither max_steps nor minutes is given: about 2.4 min on 2 CPU cores. 1200 rather than
+# 800: held-out PSNR 23.8 -> 26.4 dB (seed 0) and 25.1 -> 26.1 dB (seed 1) on an Intel AVX-512 machine,
+# and the ARPG trained on its codes reached loss 1.04 instead of 1.27 and 50.8% class accuracy
+# instead of 44.8% (README).
+DEFAULT_STEPS = 1200
 
 
 def psnr_from_mse(mse):
@@ -537,8 +541,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
          moved onto live latents, so the whole codebook stays in use.
     On the built-in shapes the warm-up is worth about 3 dB of PSNR at the same budget.
 
-    Stops after `max_steps`, or after `minutes` of wall time, whichever comes first (800 steps
-    if neither is given); stages and the learning rate (warm-up + cosine) follow that budget.
+    Stops after `max_steps`, or after `minutes` of wall time, whichever comes first (DEFAULT_STEPS,
+    1200, if neither is given); stages and the learning rate (warm-up + cosine) follow that budget.
     Every 200 steps and at the end the checkpoint {"model", "config", "step"} is written
     atomically to `out_path`, and with `log_dir` a reconstruction grid `vq_recon.png` too.
     """
