@@ -493,7 +493,7 @@ class VQModel(nn.Module):
 COMMITMENT_BETA = 0.25      # weight of the commitment loss (VQ-VAE's beta; LlamaGen uses 0.25 too)
 AUTOENCODER_WARMUP = 0.25   # fraction of training spent as a plain autoencoder, before quantizing
 RESTART_EVERY = 50          # steps between dead-code restarts
-# Steps when neither max_steps nor minutes is given: about 2.4 min on 2 CPU cores. 1200 rather than
+# Steps when neither max_steps nor minutes is given: 2.4-2.9 min on 2 CPU cores. 1200 rather than
 # 800: held-out PSNR 23.8 -> 26.4 dB (seed 0) and 25.1 -> 26.1 dB (seed 1) on an Intel AVX-512 machine,
 # and the ARPG trained on its codes reached loss 1.04 instead of 1.27 and 51.3% class accuracy
 # instead of 44.8% (1000 samples each; README).
