@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -93,13 +94,14 @@ def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
     """Ctrl-C saves a checkpoint; --resume then ends with exactly the weights, EMA and optimizer
     state of a run that was never stopped (data order, orders, label and token dropout restored)."""
     data = write_codes(tmp_path / "codes", per_class=4)  # 12 images, batch 8: epochs end mid-batch
-    common = ["--data", str(data), *FAST, "--max-steps", "30", "--ema", "0.9", "--save-every", "0"]
-    straight = run_train(*common, "--out", str(tmp_path / "straight.pt"))
+    common = ["--data", str(data), *FAST, "--ema", "0.9", "--save-every", "0"]
+    straight = run_train(*common, "--max-steps", "30", "--out", str(tmp_path / "straight.pt"))
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "stopped.pt"
-    process = subprocess.Popen([sys.executable, "train.py", *common, "--out", str(out)], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=ONE_THREAD)
+    process = subprocess.Popen([sys.executable, "train.py", *common, "--max-steps", "30", "--out", str(out)], cwd=REPO,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env=ONE_THREAD)
     for line in process.stdout:  # like Ctrl-C in a terminal: the signal goes to the whole process group
         if line.startswith("step 3/"):
             os.killpg(process.pid, signal.SIGINT)
@@ -109,12 +111,28 @@ def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
     stopped_at = load(out)["step"]
     assert 3 <= stopped_at < 30, f"the run should have stopped early and saved, saved step {stopped_at}"
 
-    resumed = run_train(*common, "--out", str(out), "--resume")
+    resumed = run_train(*common, "--out", str(out), "--resume")  # the step count comes from the checkpoint
     assert resumed.returncode == 0, resumed.stderr
     a, b = load(tmp_path / "straight.pt"), load(out)
     assert a["step"] == b["step"] == 30, "both runs end at the last step"
     for key in ("model", "ema", "optimizer"):
         assert_same_tensors(a[key], b[key], key)
+
+
+def test_total_minutes_picks_a_step_count_that_fits(tmp_path):
+    """--total-minutes times a few steps, then trains as many as fit in the budget: the count is
+    printed, saved as the schedule's length, and the run ends near the budget, not far beyond it."""
+    data = write_codes(tmp_path / "codes")
+    started = time.perf_counter()
+    result = run_train("--data", str(data), *FAST, "--total-minutes", "0.15", "--log-every", "100000",
+                       "--save-every", "0", "--out", str(tmp_path / "arpg.pt"))
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("--total-minutes 0.15:")]
+    steps = int(line.split()[-2])
+    checkpoint = load(tmp_path / "arpg.pt")
+    assert checkpoint["step"] == checkpoint["args"]["max_steps"] == steps > 50, line
+    assert seconds < 2 * 9 + 15, f"a 9-second budget took {seconds:.0f} s (start-up included)"
 
 
 def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
