@@ -545,17 +545,18 @@ def optimizer_step(train_model, model, optimizers, loader, args, device, distrib
     return loss_sum
 
 
-def steps_within(minutes, run_started, model, dataset, args, world_size, device, log, probe_steps=8):
+def steps_within(minutes, run_started, model, dataset, args, rank, world_size, device, log, probe_steps=8):
     """The step count that ends the whole run within `minutes` of `run_started` (--total-minutes).
 
     A few optimizer steps are timed on a throwaway copy of the model with its own optimizers, so
     the real run starts from the untouched weights; the step count then fixes the learning-rate
     schedule and is saved in the checkpoint (--resume continues to the same step). 5% of the time
     left is kept back for the sample grids and checkpoints written along the way and at the end.
+    Under torchrun each process times its share of the batch without DDP's communication.
     """
     probe = copy.deepcopy(model)
     optimizers = make_optimizers(probe, args.lr, args.weight_decay, device, args.muon_lr)
-    loader = step_loader(dataset, args, 0, 0, 1, device)
+    loader = step_loader(dataset, args, 0, rank, world_size, device)
     optimizer_step(probe, probe, optimizers, loader, args, device)       # first-call costs are not typical
     started = time.perf_counter()
     for _ in range(probe_steps):
@@ -731,7 +732,8 @@ def main(argv=None):
         if args.resume:
             args.max_steps = checkpoint["args"]["max_steps"]              # the one it started with
         elif args.total_minutes:
-            args.max_steps = steps_within(args.total_minutes, run_started, model, dataset, args, world_size, device, log)
+            args.max_steps = steps_within(args.total_minutes, run_started, model, dataset, args, rank, world_size,
+                                          device, log)
         else:
             args.max_steps = math.ceil(PAPER_EPOCHS * len(dataset) / args.batch_size)
     log(f"model: {config}")
