@@ -23,6 +23,7 @@ from onnx_sampler import OnnxSampler
 from tokenizer import VQ_PRESETS, VQModel, tensor_to_images
 
 ROOT = Path(__file__).resolve().parent.parent
+PASS_LAYERS = ARPG_PRESETS["tiny"].n_layer // 2   # blocks per pass: the context graph caches one K/V per block
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -78,7 +79,7 @@ def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
         assert metadata["parity_max_abs_diff"][name] <= 1e-4, f"{name}: {metadata['parity_max_abs_diff'][name]}"
     session = ort.InferenceSession(str(folder / "context.onnx"), providers=["CPUExecutionProvider"])
     shapes = {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
-    assert shapes["past_kv"] == [2, 2, "batch", 4, "past", 32], f"context signature {shapes}"
+    assert shapes["past_kv"] == [PASS_LAYERS, 2, "batch", 4, "past", 32], f"context signature {shapes}"
     assert shapes["ids"] == ["batch", "new"] and shapes["slots"] == ["new"], f"context signature {shapes}"
     V = ARPG_PRESETS["tiny"].vocab_size
     assert metadata["mask_id"] == V and metadata["null_class_id"] == V + 10 + 1, "token ids in the JSON"
@@ -99,7 +100,7 @@ def test_context_graph_equals_arpg_context(exported, batch, new, past):
     with torch.no_grad():
         caches = model.context(ids[:, :past], model.rope[slots[:past]][None]) if past else None
         expected = caches_as_tensors(model.context(ids[:, past:], model.rope[slots[past:]][None], caches=caches))
-    past_kv, past_shared_kv = caches_as_tensors(caches) if past else (torch.zeros(2, 2, batch, 4, 0, 32),
+    past_kv, past_shared_kv = caches_as_tensors(caches) if past else (torch.zeros(PASS_LAYERS, 2, batch, 4, 0, 32),
                                                                       torch.zeros(2, batch, 4, 0, 32))
     outputs = session.run(None, {"ids": ids[:, past:].numpy(), "slots": slots[past:].numpy(),
                                  "past_kv": past_kv.numpy(), "past_shared_kv": past_shared_kv.numpy()})
