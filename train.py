@@ -15,7 +15,8 @@ out/tokenizer.pt exists, tokenizes the images, trains the `tiny` ARPG and writes
 and out/samples.png (one row per class; a grid every --sample-every steps in out/samples/).
 
     python train.py                                   # CPU: built-in shapes, about 9 minutes
-    python train.py --max-steps 300                   # quicker and rougher (the schedule shrinks with it)
+    python train.py --total-minutes 5                 # a smaller budget: fewer ARPG steps
+    python train.py --max-steps 300                   # a fixed step count (the schedule shrinks with it)
     python train.py --minutes 3                       # stop (and save) after 3 minutes; --resume continues
     python train.py --resume                          # continue out/arpg.pt exactly where it stopped
     python train.py --size L --data /data/imagenet_codes --tokenizer vq_ds16_c2i.pt     # one GPU
