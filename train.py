@@ -647,8 +647,8 @@ def train(args, model, ema, optimizers, dataset, start_step, vq, rank, world_siz
 # Putting it together
 
 def fill_in_defaults(args, world_size):
-    """Resolve the None flags from the recipe of --size (all but the paper's epoch-based step count,
-    which needs the data), then check them: before any process group or file exists."""
+    """Resolve the None flags from the recipe of --size (all but --max-steps, which needs the data
+    and the model: main), then check them: before any process group or file exists."""
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
     for key in ("batch_size", "muon_lr", "warmup", "decay", "total_minutes", "ema", "dropout", "sample_cfg",
                 "sample_top_p", "log_every", "sample_every", "save_every"):
