@@ -22,7 +22,7 @@ from train import Muon, StepSampler, build_dataset, learning_rate, main, make_op
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, LENGTH = 32, 16                     # small codes: a 4 x 4 grid of 32 codes keeps every run fast
-FAST = ["--vocab-size", str(VOCAB), "--batch-size", "8", "--log-every", "1", "--device", "cpu"]
+FAST = ["--vocab-size", str(VOCAB), "--batch-size", "8", "--log-every", "1", "--device", "cpu", "--no-compile"]
 
 
 def write_codes(root, n_classes=3, per_class=5, n_aug=2, llamagen_layout=False, high=VOCAB, seed=0):
@@ -77,7 +77,7 @@ def test_loss_falls_on_builtin_data(tmp_path):
     torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"])}, tokenizer)
     result = run_train("--tokenizer", str(tokenizer), "--num-images", "100", "--max-steps", "25",
                        "--batch-size", "16", "--lr", "3e-3", "--log-every", "5", "--sample-columns", "2",
-                       "--sample-steps", "4", "--out", str(tmp_path / "arpg.pt"))
+                       "--sample-steps", "4", "--no-compile", "--out", str(tmp_path / "arpg.pt"))
     assert result.returncode == 0, result.stderr
     losses = logged_losses(result.stdout)
     vocab = VQ_PRESETS["small"].codebook_size
@@ -134,6 +134,28 @@ def test_total_minutes_picks_a_step_count_that_fits(tmp_path):
     checkpoint = load(tmp_path / "arpg.pt")
     assert checkpoint["step"] == checkpoint["args"]["max_steps"] == steps > 50, line
     assert seconds < 2 * 9 + 15, f"a 9-second budget took {seconds:.0f} s (start-up included)"
+
+
+def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_path):
+    """--compile (the tiny recipe's default) trains the weights --no-compile trains, up to float
+    rounding; where compiling fails (here: no C++ compiler) one warning line says so and the run
+    trains eagerly, to exactly the --no-compile weights."""
+    data = write_codes(tmp_path / "codes")
+    common = ["--data", str(data), *FAST, "--max-steps", "3", "--save-every", "0"]
+    runs = {"eager": ([], None), "compiled": (["--compile"], None),
+            "no compiler": (["--compile"], {**os.environ, "CXX": str(tmp_path / "no-such-compiler")})}
+    weights = {}
+    for name, (flags, env) in runs.items():
+        result = run_train(*common, *flags, "--out", str(tmp_path / f"{name}.pt"), env=env)
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+        warned = [line for line in result.stdout.splitlines() if line.startswith("warning: torch.compile failed")]
+        assert len(warned) == (name == "no compiler"), f"{name}: {result.stdout}"
+        assert ("torch.compile: " in result.stdout) == (name == "compiled"), f"{name}: {result.stdout}"
+        weights[name] = load(tmp_path / f"{name}.pt")["model"]
+    for key, value in weights["eager"].items():
+        assert torch.equal(weights["no compiler"][key], value), f"the eager fallback differs at {key}"
+        assert torch.allclose(weights["compiled"][key], value, rtol=0, atol=1e-4), \
+            f"compiled training differs at {key}: {(weights['compiled'][key] - value).abs().max():.2e}"
 
 
 def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
