@@ -199,7 +199,8 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     fp16: ARPG graphs with fp16 weights and caches (logits stay fp32), for GPUs; the VQ decoder
     stays fp32 (GroupNorm over large activations is fragile in fp16, and it runs once per image).
     grid: (rows, cols) the graphs' RoPE table covers; default the training grid.
-    sampling: the guidance, its schedule and top-p onnx_sampler.py uses by default (sample.py's for the model).
+    sampling: the guidance, its schedule, the decoding schedule and top-p onnx_sampler.py uses by default
+              (sample.py's for the model).
     """
     start = time.perf_counter()
     config = model.config

@@ -289,7 +289,8 @@ def main():
                              "export.py; 1 = off)")
     parser.add_argument("--cfg-schedule", default=None, choices=list(CFG_SCHEDULES),
                         help="how guidance changes as the canvas fills (default: sample.py's for this model)")
-    parser.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES), help="tokens revealed per step")
+    parser.add_argument("--schedule", default=None, choices=list(MASK_SCHEDULES),
+                        help="tokens revealed per step (default: sample.py's for this model)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=None,
@@ -305,19 +306,19 @@ def main():
     classes = args.classes or sampler.metadata["default_classes"]
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
     # Exports from before these were stored get sample.py's defaults of then.
-    defaults = {"cfg_scale": 4.0, "cfg_schedule": "linear", "top_p": 1.0, **sampler.metadata.get("sampling", {})}
-    cfg = defaults["cfg_scale"] if args.cfg is None else args.cfg
-    cfg_schedule = defaults["cfg_schedule"] if args.cfg_schedule is None else args.cfg_schedule
-    top_p = defaults["top_p"] if args.top_p is None else args.top_p
-    tokens = sampler.generate(labels, steps=args.steps, cfg_scale=cfg, cfg_schedule=cfg_schedule,
-                              schedule=args.schedule, temperature=args.temperature, top_k=args.top_k, top_p=top_p,
-                              seed=args.seed)
+    defaults = {"cfg_scale": 4.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 1.0,
+                **sampler.metadata.get("sampling", {})}
+    given = {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule, "schedule": args.schedule, "top_p": args.top_p}
+    settings = {key: defaults[key] if value is None else value for key, value in given.items()}
+    tokens = sampler.generate(labels, steps=args.steps, temperature=args.temperature, top_k=args.top_k,
+                              seed=args.seed, **settings)
     images = sampler.decode(tokens)                                       # (R*C, H, W, 3)
     names = sampler.metadata["class_names"] or [str(c) for c in range(sampler.num_classes)]
     save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
                     [names[c] for c in classes], args.out)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, "
-          f"cfg {cfg} ({cfg_schedule}), top-p {top_p}, ONNX Runtime on {sampler.device}")
+          f"cfg {settings['cfg_scale']} ({settings['cfg_schedule']}), {settings['schedule']} schedule, "
+          f"top-p {settings['top_p']}, ONNX Runtime on {sampler.device}")
 
 
 if __name__ == "__main__":

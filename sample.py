@@ -44,10 +44,10 @@ from tokenizer import VQModel, images_to_tensor, tensor_to_images
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
 EDIT_MODES = ["inpaint", "class-edit", "outpaint", "expand"]
 EMPTY_GREY = 128  # what the input panel shows where nothing was given
-# Guidance and nucleus sampling for a checkpoint that names none (official files, older ones of
-# ours): guidance growing linearly to 4, top-p off, as in the paper. train.py saves its recipe's
-# own under "sampling".
-SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "cfg_schedule": "linear", "top_p": 1.0}
+# Guidance, decoding schedule and nucleus sampling for a checkpoint that names none (official
+# files, older ones of ours): guidance growing linearly to 4, the arccos schedule, top-p off, as in
+# the paper. train.py saves its recipe's own under "sampling".
+SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 1.0}
 
 
 # -----------------------------------------------------------------------------
@@ -93,8 +93,10 @@ def parse_args(argv=None):
     decoding.add_argument("--cfg-schedule", default=None, choices=list(CFG_SCHEDULES),
                           help="linear: guidance grows from 1 to --cfg as the canvas fills (the paper's); constant: "
                                "always --cfg (default: the checkpoint's, constant for the tiny recipe, else linear)")
-    decoding.add_argument("--schedule", default="arccos", choices=list(MASK_SCHEDULES),
-                          help="how many tokens each step reveals (arccos: few early, many late; the paper's)")
+    decoding.add_argument("--schedule", default=None, choices=list(MASK_SCHEDULES),
+                          help="how many tokens each step reveals (arccos: few early, many late, the paper's; cosine: "
+                               "one at a time for longer, fewer at the end; default: the checkpoint's, cosine for the "
+                               "tiny recipe, else arccos)")
     decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
     decoding.add_argument("--top-p", type=float, default=None,
@@ -525,11 +527,11 @@ def default_classes(names):
 
 def decoding_settings(args, defaults=SAMPLING_DEFAULTS):
     """The keyword arguments of ARPG.generate that come from the command line (all but steps);
-    --cfg, --cfg-schedule and --top-p fall back to `defaults` (the checkpoint's, from load_models)."""
-    return dict(cfg_scale=defaults["cfg_scale"] if args.cfg is None else args.cfg,
-                cfg_schedule=defaults["cfg_schedule"] if args.cfg_schedule is None else args.cfg_schedule,
-                schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
-                top_p=defaults["top_p"] if args.top_p is None else args.top_p, fast=args.sampler == "fast")
+    --cfg, --cfg-schedule, --schedule and --top-p fall back to `defaults` (the checkpoint's, from
+    load_models)."""
+    given = {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule, "schedule": args.schedule, "top_p": args.top_p}
+    return dict({key: defaults[key] if value is None else value for key, value in given.items()},
+                temperature=args.temperature, top_k=args.top_k, fast=args.sampler == "fast")
 
 
 def counting(batches, total):
@@ -546,7 +548,8 @@ def main(argv=None):
     model, vq, names, description, sampling = load_models(args)
     config = model.config
     settings = decoding_settings(args, sampling)
-    print(f"{description} | guidance {settings['cfg_scale']} ({settings['cfg_schedule']}), top-p {settings['top_p']}")
+    print(f"{description} | guidance {settings['cfg_scale']} ({settings['cfg_schedule']}), {settings['schedule']} "
+          f"schedule, top-p {settings['top_p']}")
     check_against_model(args, config)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     full = Canvas((config.grid_size, config.grid_size))
@@ -592,7 +595,7 @@ def main(argv=None):
         save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, P, H, W, 3)
                         [names[c] for c in classes], out)
         print(f"wrote {out}: {len(classes)} classes x {args.per_class} samples of {side}x{side}, "
-              f"{args.steps} steps, cfg {settings['cfg_scale']} ({settings['cfg_schedule']})")
+              f"{args.steps} steps ({settings['schedule']}), cfg {settings['cfg_scale']} ({settings['cfg_schedule']})")
 
 
 if __name__ == "__main__":

@@ -47,9 +47,9 @@ def exported(tmp_path_factory):
     ema = ARPG(ARPG_PRESETS["tiny"]).eval()
     torch.nn.init.normal_(ema.head.weight, std=0.02)   # a zero head makes every logit equal
     trained = {k: v + 0.01 * torch.randn_like(v) for k, v in ema.state_dict().items()}
+    sampling = {"cfg_scale": 2.5, "cfg_schedule": "constant", "schedule": "cosine", "top_p": 0.8}
     torch.save({"model": trained, "ema": ema.state_dict(), "config": asdict(ema.config), "step": 1,
-                "class_names": CLASS_NAMES, "sampling": {"cfg_scale": 2.5, "cfg_schedule": "constant", "top_p": 0.8}},
-               folder / "arpg.pt")
+                "class_names": CLASS_NAMES, "sampling": sampling}, folder / "arpg.pt")
     vq = VQModel(VQ_PRESETS["small"]).eval()
     torch.save({"model": vq.state_dict(), "config": asdict(vq.config)}, folder / "tokenizer.pt")
     code, output = run("export.py", "--ckpt", str(folder / "arpg.pt"), "--vq-ckpt", str(folder / "tokenizer.pt"),
@@ -86,7 +86,7 @@ def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
     assert metadata["mask_id"] == V and metadata["null_class_id"] == V + 10 + 1, "token ids in the JSON"
     assert metadata["class_names"] == CLASS_NAMES, f"class names {metadata['class_names']}"
     assert metadata["default_classes"] == list(range(10)), f"default rows {metadata['default_classes']}"
-    assert metadata["sampling"] == {"cfg_scale": 2.5, "cfg_schedule": "constant", "top_p": 0.8}, \
+    assert metadata["sampling"] == {"cfg_scale": 2.5, "cfg_schedule": "constant", "schedule": "cosine", "top_p": 0.8}, \
         f"sampling {metadata['sampling']}"
 
 
@@ -239,7 +239,8 @@ assert "torch" not in sys.modules
     code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--classes", "0", "5", "--per-class", "3",
                        "--steps", "4", "--device", "cpu", "--out", str(png), env=env)
     assert code == 0 and png.stat().st_size > 0, output
-    assert "2 classes x 3 images" in output and "cfg 2.5 (constant), top-p 0.8," in output, output  # the checkpoint's defaults
+    # The checkpoint's sampling defaults, carried by the export:
+    assert "2 classes x 3 images" in output and "cfg 2.5 (constant), cosine schedule, top-p 0.8," in output, output
 
 
 def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_default(exported):

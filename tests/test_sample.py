@@ -196,18 +196,21 @@ def test_official_layout_is_recognised_with_imagenet_class_ids(ckpts, tmp_path):
 
 
 def test_guidance_and_top_p_default_to_the_checkpoints_and_the_flags_win(ckpts, tmp_path):
-    """train.py's checkpoints name the guidance, its schedule and the top-p their recipe samples with;
-    sample.py uses them unless --cfg / --cfg-schedule / --top-p are given, and the paper's linear
-    guidance to 4 with top-p off for checkpoints naming none."""
+    """train.py's checkpoints name the guidance, its schedule, the decoding schedule and the top-p
+    their recipe samples with; sample.py uses them unless --cfg / --cfg-schedule / --schedule /
+    --top-p are given, and the paper's linear guidance to 4, arccos schedule and top-p off for
+    checkpoints naming none."""
     named = str(tmp_path / "arpg.pt")
     save_atomic({**torch.load(ckpts["arpg"], weights_only=True),
-                 "sampling": {"cfg_scale": 2.5, "cfg_schedule": "constant", "top_p": 0.7}}, named)
-    flags = ["--cfg", "5", "--cfg-schedule", "linear", "--top-p", "0.9"]
-    for path, flags, expected in [(named, [], (2.5, "constant", 0.7)), (named, flags, (5.0, "linear", 0.9)),
-                                  (ckpts["arpg"], [], (4.0, "linear", 1.0))]:
+                 "sampling": {"cfg_scale": 2.5, "cfg_schedule": "constant", "schedule": "cosine", "top_p": 0.7}},
+                named)
+    flags = ["--cfg", "5", "--cfg-schedule", "linear", "--schedule", "arccos", "--top-p", "0.9"]
+    for path, flags, expected in [(named, [], (2.5, "constant", "cosine", 0.7)),
+                                  (named, flags, (5.0, "linear", "arccos", 0.9)),
+                                  (ckpts["arpg"], [], (4.0, "linear", "arccos", 1.0))]:
         args = sample.parse_args(["--ckpt", path, "--vq-ckpt", ckpts["vq"], *flags])
         settings = sample.decoding_settings(args, sample.load_models(args)[4])
-        assert (settings["cfg_scale"], settings["cfg_schedule"], settings["top_p"]) == expected, \
+        assert tuple(settings[key] for key in ("cfg_scale", "cfg_schedule", "schedule", "top_p")) == expected, \
             f"{path} {flags}: {settings}"
 
 
