@@ -63,10 +63,11 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # Recipes: the defaults that depend on the model size. Every flag that defaults to None takes
 # its value from here. L / XL / XXL follow the paper (SPEC 5); `tiny` is tuned for the default
 # CPU run, which has a time budget rather than a step count (--total-minutes 9): the tiny model
-# is still learning when it stops (1000 steps: 70.2% class accuracy, 1436 steps: 73.7%, with the
-# sampling below; README), so the run takes as many steps as the machine fits into 9 minutes, tokenizer
-# included, and stays within the 10 minutes promised on a slow one. --max-steps fixes the count
-# instead, for results that do not depend on the machine's speed.
+# is still learning when it stops (1000 steps: 70.2% class accuracy, 1436 steps: 73.7%, with
+# constant guidance and the arccos schedule; README), so the run takes as many steps as the
+# machine fits into 9 minutes, tokenizer included, and stays within the 10 minutes promised on a
+# slow one. --max-steps fixes the count instead, for results that do not depend on the machine's
+# speed.
 
 RECIPES = {
     # A few minutes on a CPU is far too little to overfit: dropout would only slow learning, and an
@@ -86,13 +87,12 @@ RECIPES = {
     # shape lies and what it is, are drawn almost unguided; a constant 2.5 guides them too: class
     # accuracy 65.2% -> 71.9%, 68.0% -> 73.7% and 63.9% -> 70.2% for three models of the default run
     # (1000 samples each at 32 steps, as `sample.py --eval` draws them; guidance falling from 3 to 1
-    # did no better). And they reveal
-    # tokens on the cosine schedule, not the paper's arccos: at 32 steps on 64 tokens, arccos ends
-    # with steps of 3, 3, 3, 4 and 10 tokens, drawn independently of each other, where cosine reveals
-    # one token per step for the first 13 steps and 2-3 after: 71.9% -> 79.4%, 73.7% -> 80.9%,
-    # 73.6% -> 80.1% and 70.2% -> 78.8% for four models (2 tokens every step: 72.0%). The paper
-    # samples without nucleus sampling; sample.py's defaults for a checkpoint naming none are its
-    # linear guidance at 4 and its arccos schedule.
+    # did no better). And they reveal tokens on the cosine schedule, not the paper's arccos: at 32
+    # steps on 64 tokens, arccos ends with steps of 3, 3, 3, 4 and 10 tokens, drawn independently of
+    # each other, where cosine reveals one token per step for the first 13 steps and 2-3 after:
+    # 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1% and 70.2% -> 78.8% for four models (2 tokens
+    # every step: 72.0%). The paper samples without nucleus sampling; sample.py's defaults for a
+    # checkpoint naming none are its linear guidance at 4 and its arccos schedule.
     "tiny": dict(batch_size=64, lr=3e-3, muon_lr=0.02, warmup=0.05, decay=0.3, total_minutes=9.0, ema=0.0,
                  dropout=0.0, compile=True, sample_cfg=2.5, sample_cfg_schedule="constant", sample_schedule="cosine",
                  sample_top_p=0.8, log_every=25, sample_every=200, save_every=200),
@@ -710,8 +710,9 @@ def fill_in_defaults(args, world_size):
     """Resolve the None flags from the recipe of --size (all but --max-steps, which needs the data
     and the model: main), then check them: before any process group or file exists."""
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
-    for key in ("batch_size", "muon_lr", "warmup", "decay", "total_minutes", "ema", "dropout", "compile", "sample_cfg",
-                "sample_cfg_schedule", "sample_schedule", "sample_top_p", "log_every", "sample_every", "save_every"):
+    for key in ("batch_size", "muon_lr", "warmup", "decay", "total_minutes", "ema", "dropout", "compile",
+                "sample_cfg", "sample_cfg_schedule", "sample_schedule", "sample_top_p", "log_every", "sample_every",
+                "save_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.lr = args.lr or recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
