@@ -37,6 +37,7 @@ from tqdm import tqdm
 import evaluate
 from arpg import ARPG, CFG_SCHEDULES, MASK_SCHEDULES, read_checkpoint, unwrap_state_dict
 from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
+from schedules import SAMPLING_DEFAULTS
 from tokenizer import VQModel, images_to_tensor, tensor_to_images
 
 # LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
@@ -44,10 +45,6 @@ from tokenizer import VQModel, images_to_tensor, tensor_to_images
 IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
 EDIT_MODES = ["inpaint", "class-edit", "outpaint", "expand"]
 EMPTY_GREY = 128  # what the input panel shows where nothing was given
-# Guidance, decoding schedule and nucleus sampling for a checkpoint that names none (official
-# files, older ones of ours): guidance growing linearly to 4, the arccos schedule, top-p off, as in
-# the paper. train.py saves its recipe's own under "sampling".
-SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 1.0}
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """
-Decoding schedules (SPEC 6), in plain Python: shared by arpg.py and onnx_sampler.py.
+Decoding schedules (SPEC 6) and the default sampling settings, in plain Python: shared by arpg.py,
+sample.py and onnx_sampler.py.
 
 They live in a file of their own, free of torch and numpy, so that the ONNX Runtime sampler,
 which must run without PyTorch, uses the very same rules as `ARPG.generate`.
@@ -37,3 +38,8 @@ CFG_SCHEDULES = {
     "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
     "constant": lambda scale, filled: scale,
 }
+
+# Guidance, decoding schedule and nucleus sampling for a checkpoint (or an export) that names none:
+# official files and older ones of ours get the paper's guidance growing linearly to 4, its arccos
+# schedule and top-p off. train.py saves its recipe's own under "sampling".
+SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 1.0}
