@@ -163,7 +163,18 @@ try:
     ort_version = onnxruntime.__version__
 except ImportError:
     ort_version = "not installed"
-device_name = torch.cuda.get_device_name(device) if on_gpu else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+device_name = torch.cuda.get_device_name(device) if on_gpu else f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
 lines = [
     f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
     f"with {config.block_size} tokens per image "
