@@ -51,7 +51,8 @@ from schedules import CFG_SCHEDULES, MASK_SCHEDULES, reveal_counts
 @dataclass
 class ARPGConfig:
     dim: int = 1024                    # model width C
-    n_layer: int = 24                  # total blocks: the first half are Pass 1, the second half Pass 2
+    n_layer: int = 24                  # total blocks: Pass 1's, then Pass 2's
+    pass1_layers: Optional[int] = None  # blocks of Pass 1 (the rest are Pass 2); None: half, the paper's split
     n_head: int = 16                   # attention heads H (head dim D = dim / n_head)
     vocab_size: int = 16384            # codebook size V of the VQ tokenizer
     num_classes: int = 1000            # class labels (ImageNet: 1000)
@@ -72,12 +73,26 @@ class ARPGConfig:
         if self.dim % self.n_head or (self.dim // self.n_head) % 4:
             raise ValueError(f"dim {self.dim} must split into {self.n_head} heads whose size is a multiple of 4 "
                              "(2-D RoPE rotates pairs of channels in two halves)")
-        if self.n_layer % 2:
-            raise ValueError(f"n_layer must be even (half Pass 1, half Pass 2), got {self.n_layer}")
+        if self.pass1_layers is None and self.n_layer % 2:
+            raise ValueError(f"n_layer must be even (half Pass 1, half Pass 2), got {self.n_layer}; "
+                             f"or set pass1_layers")
+        if not 1 <= self.context_depth < self.n_layer:
+            raise ValueError(f"pass1_layers must leave at least one block for each pass, got {self.pass1_layers} "
+                             f"of {self.n_layer}")
         if self.class_rope not in ("zero", "identity"):
             raise ValueError(f"class_rope must be 'zero' or 'identity', got {self.class_rope!r}")
         if math.isqrt(self.block_size) ** 2 != self.block_size:
             raise ValueError(f"block_size must be a square grid of tokens, got {self.block_size}")
+
+    @property
+    def context_depth(self) -> int:
+        """Blocks of Pass 1, the context decoder."""
+        return self.n_layer // 2 if self.pass1_layers is None else self.pass1_layers
+
+    @property
+    def guided_depth(self) -> int:
+        """Blocks of Pass 2, the guided decoder."""
+        return self.n_layer - self.context_depth
 
     @property
     def grid_size(self) -> int:
@@ -86,13 +101,17 @@ class ARPGConfig:
 
 
 # Parameter counts: ARPG-L 319,845,376; ARPG-XL 718,997,760; ARPG-XXL 1,302,449,664 (16384 codes,
-# 1000 classes, as released); tiny 1,547,648 (128 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
+# 1000 classes, as released); tiny 1,514,880 (128 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
 # tiny's depth was picked at the default run's 9-minute budget (seed 0, 1000 samples at 32 steps):
 # 4 layers (2 + 2) take 1314 steps, 56.9% class accuracy; 6 layers 959 steps, 65.6%; 8 layers 743
-# steps, 59.3%.
+# steps, 59.3%. Its 6 blocks are split 2 + 4, not 3 + 3: a Pass-2 block is where a target's query
+# reads the canvas, and reading it well matters more than encoding the known tokens once more. After
+# 1000 steps (two seeds): class accuracy 71.8% -> 75.1% and 71.8% -> 74.1%, final loss 0.937 -> 0.916
+# and 0.939 -> 0.913; 4 + 2: 70.1% and 0.970. A Pass-2 block has no key/value projections, so the
+# model is also 2% smaller and its step 1-4% faster.
 ARPG_PRESETS = {
-    "tiny": ARPGConfig(dim=128, n_layer=6, n_head=4, vocab_size=128, num_classes=10, block_size=64,
-                       class_rope="identity", query_position=True),  # both departures: RoPE section, ARPG.guided
+    "tiny": ARPGConfig(dim=128, n_layer=6, pass1_layers=2, n_head=4, vocab_size=128, num_classes=10, block_size=64,
+                       class_rope="identity", query_position=True),  # departures: RoPE section, ARPG.guided; the split just above
     "L": ARPGConfig(dim=1024, n_layer=24, n_head=16),
     "XL": ARPGConfig(dim=1280, n_layer=36, n_head=20),
     "XXL": ARPGConfig(dim=1536, n_layer=48, n_head=24),
@@ -286,8 +305,8 @@ class TwoPassDecoder(nn.Module):
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.self_dec = nn.ModuleList(ContextBlock(config) for _ in range(config.n_layer // 2))   # Pass 1
-        self.cross_dec = nn.ModuleList(GuidedBlock(config) for _ in range(config.n_layer // 2))  # Pass 2
+        self.self_dec = nn.ModuleList(ContextBlock(config) for _ in range(config.context_depth))  # Pass 1
+        self.cross_dec = nn.ModuleList(GuidedBlock(config) for _ in range(config.guided_depth))   # Pass 2
         # Between the passes: one norm and ONE shared key/value projection that every Pass-2 block
         # reads. Sharing it is what halves ARPG's KV-cache memory (paper Table 5, "shared KV").
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -791,9 +810,10 @@ def infer_config(state) -> ARPGConfig:
     """
     n_rows, dim = state["embeddings.weight"].shape
     vocab_size = state["head.weight"].shape[0]
-    n_layer = 2 * len({k.split(".")[2] for k in state if k.startswith("layers.self_dec.")})
+    context, guided = (len({k.split(".")[2] for k in state if k.startswith(f"layers.{name}.")})
+                       for name in ("self_dec", "cross_dec"))  # blocks per pass
     heads = {preset.dim: preset.n_head for preset in ARPG_PRESETS.values()}
     if dim not in heads:
         raise ValueError(f"cannot infer the head count of a model of width {dim}; pass config=ARPGConfig(...)")
-    return replace(ARPG_PRESETS["L"], dim=dim, n_layer=n_layer, n_head=heads[dim], vocab_size=vocab_size,
-                   num_classes=n_rows - vocab_size - 3)
+    return replace(ARPG_PRESETS["L"], dim=dim, n_layer=context + guided, pass1_layers=None if context == guided else context,
+                   n_head=heads[dim], vocab_size=vocab_size, num_classes=n_rows - vocab_size - 3)

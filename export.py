@@ -165,7 +165,7 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
              (codes[:, 4:], positions[4:6] + 1)]                          # (ids (B, T), slots (T,)) per step
 
     diffs = {"context": 0.0}
-    layers, heads, head_dim = config.n_layer // 2, config.n_head, config.dim // config.n_head
+    layers, heads, head_dim = config.context_depth, config.n_head, config.dim // config.n_head
     caches = None
     past_kv = np.zeros((layers, 2, B, heads, 0, head_dim), dtype)        # what the sampler starts from
     past_shared_kv = np.zeros((2, B, heads, 0, head_dim), dtype)
@@ -225,7 +225,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         # Example inputs for tracing: sizes that differ from each other and from 0 and 1, so no
         # dimension is mistaken for a constant.
         B, T, N, K = 2, 3, 4, 5
-        layers, heads, head_dim = config.n_layer // 2, config.n_head, config.dim // config.n_head
+        layers, heads, head_dim = config.context_depth, config.n_head, config.dim // config.n_head
         ids = torch.randint(0, config.vocab_size, (B, T), device=device)
         slots = torch.arange(1, T + 1, device=device)
         past_kv = torch.randn(layers, 2, B, heads, N, head_dim, device=device, dtype=dtype)

@@ -125,6 +125,23 @@ def test_preset_state_dict_matches_official_keys_and_shapes(size):
     assert infer_config(model.state_dict()) == ARPG_PRESETS[size], f"{size} not recognised from its shapes"
 
 
+def test_an_uneven_split_of_the_blocks_is_built_loaded_and_recognised():
+    """pass1_layers sets how many blocks Pass 1 gets (tiny: 2 of 6); the state dict then holds that
+    many self_dec blocks, the weights alone give the split back, and a split that leaves a pass
+    empty is refused."""
+    config = replace(ARPG_PRESETS["L"], dim=128, n_head=4, n_layer=5, pass1_layers=1, vocab_size=64, num_classes=10)
+    model = ARPG(config)
+    blocks = {name: len({k.split(".")[2] for k in model.state_dict() if k.startswith(f"layers.{name}.")})
+              for name in ("self_dec", "cross_dec")}
+    assert blocks == {"self_dec": 1, "cross_dec": 4}, blocks
+    assert infer_config(model.state_dict()) == config
+    loaded = ARPG.from_checkpoint({"model": model.state_dict()})  # no config saved: inferred from the shapes
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="at least one block for each pass"):
+            replace(config, pass1_layers=bad)
+
+
 @pytest.mark.parametrize("class_rope, query_position, shift_matters",
                          [("zero", False, False), ("identity", False, True), ("zero", True, True)])
 def test_only_the_tiny_departures_make_a_shifted_canvas_predict_differently(class_rope, query_position, shift_matters):

@@ -23,7 +23,7 @@ from onnx_sampler import OnnxSampler
 from tokenizer import VQ_PRESETS, VQModel, tensor_to_images
 
 ROOT = Path(__file__).resolve().parent.parent
-PASS_LAYERS = ARPG_PRESETS["tiny"].n_layer // 2   # blocks per pass: the context graph caches one K/V per block
+PASS_LAYERS = ARPG_PRESETS["tiny"].context_depth   # the context graph caches one K/V per Pass-1 block
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -133,7 +133,8 @@ def test_total_minutes_picks_a_step_count_that_fits(tmp_path):
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("--total-minutes 0.15:")]
     steps = int(line.split()[-2])
     checkpoint = load(tmp_path / "arpg.pt")
-    assert checkpoint["step"] == checkpoint["args"]["max_steps"] == steps > 50, line
+    # Batch-8 steps take ~50-100 ms on one core, ~200 ms on a busy one: the budget fits well over 10.
+    assert checkpoint["step"] == checkpoint["args"]["max_steps"] == steps > 10, line
     assert seconds < 2 * 9 + 15, f"a 9-second budget took {seconds:.0f} s (start-up included)"
 
 
