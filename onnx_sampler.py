@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from data import run_script, save_image_grid
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
 
 METADATA_FILE = "arpg_onnx.json"
 METADATA_FORMAT = "arpg-onnx/1"
@@ -305,9 +305,8 @@ def main():
     sampler = OnnxSampler(args.onnx_dir, args.device)
     classes = args.classes or sampler.metadata["default_classes"]
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
-    defaults = {**SAMPLING_DEFAULTS, **sampler.metadata.get("sampling", {})}  # older exports store fewer
-    given = {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule, "schedule": args.schedule, "top_p": args.top_p}
-    settings = {key: defaults[key] if value is None else value for key, value in given.items()}
+    stored = {**SAMPLING_DEFAULTS, **sampler.metadata.get("sampling", {})}  # older exports store fewer
+    settings = sampling_settings(args, stored)
     tokens = sampler.generate(labels, steps=args.steps, temperature=args.temperature, top_k=args.top_k,
                               seed=args.seed, **settings)
     images = sampler.decode(tokens)                                       # (R*C, H, W, 3)

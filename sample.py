@@ -37,7 +37,7 @@ from tqdm import tqdm
 import evaluate
 from arpg import ARPG, CFG_SCHEDULES, MASK_SCHEDULES, read_checkpoint, unwrap_state_dict
 from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
-from schedules import SAMPLING_DEFAULTS
+from schedules import SAMPLING_DEFAULTS, sampling_settings
 from tokenizer import VQModel, images_to_tensor, tensor_to_images
 
 # LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
@@ -526,9 +526,8 @@ def decoding_settings(args, defaults=SAMPLING_DEFAULTS):
     """The keyword arguments of ARPG.generate that come from the command line (all but steps);
     --cfg, --cfg-schedule, --schedule and --top-p fall back to `defaults` (the checkpoint's, from
     load_models)."""
-    given = {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule, "schedule": args.schedule, "top_p": args.top_p}
-    return dict({key: defaults[key] if value is None else value for key, value in given.items()},
-                temperature=args.temperature, top_k=args.top_k, fast=args.sampler == "fast")
+    return dict(sampling_settings(args, defaults), temperature=args.temperature, top_k=args.top_k,
+                fast=args.sampler == "fast")
 
 
 def counting(batches, total):

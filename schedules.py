@@ -43,3 +43,10 @@ CFG_SCHEDULES = {
 # official files and older ones of ours get the paper's guidance growing linearly to 4, its arccos
 # schedule and top-p off. train.py saves its recipe's own under "sampling".
 SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 1.0}
+
+
+def sampling_settings(args, defaults):
+    """SAMPLING_DEFAULTS' four settings: from the command line where given (args.cfg, .cfg_schedule,
+    .schedule, .top_p; None = not given), else from `defaults` (a checkpoint's or an export's)."""
+    flags = {"cfg_scale": args.cfg, "cfg_schedule": args.cfg_schedule, "schedule": args.schedule, "top_p": args.top_p}
+    return {key: defaults[key] if value is None else value for key, value in flags.items()}

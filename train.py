@@ -70,7 +70,8 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # speed.
 
 RECIPES = {
-    # A few minutes on a CPU is far too little to overfit: dropout would only slow learning, and an
+    # A few minutes on a CPU leave little room to overfit (after 1000 steps the loss on the training
+    # images is 0.06 below that on held-out ones; README): dropout would only slow learning, and an
     # EMA would mostly average the early, worse weights (the final decay already settles them).
     # The learning rate stays at its peak until the last 30% of the steps, then falls linearly,
     # instead of the paper's cosine: a short run then spends fewer steps at a small learning rate
