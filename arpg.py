@@ -206,7 +206,8 @@ class FeedForward(nn.Module):
 # -----------------------------------------------------------------------------
 # Attention. Masks are always explicit arguments: a boolean (queries, keys) tensor where True
 # means "may attend", or None for "everything". Training passes a causal mask; inference passes
-# None on purpose (SPEC 6). Nothing here looks at `self.training` to decide what is visible.
+# None on purpose (SPEC 6), except to the prefill of known tokens when editing (`generate`).
+# Nothing here looks at `self.training` to decide what is visible.
 
 def attend(q, k, v, mask, dropout_p):
     """Scaled dot-product attention; q (B, H, K, D), k and v (B, H, N, D) -> (B, K, H*D)."""
@@ -484,8 +485,9 @@ class ARPG(nn.Module):
 
         Zero-shot editing (SPEC 7): known_tokens (B, rows*cols) with known_mask (B, rows*cols)
         True where a token is given. Pass 1 is prefilled with the class token and every known
-        token (each at its own position), then only the unknown positions are decoded, in `order`
-        with the known positions skipped. Known tokens come back unchanged.
+        token (each at its own position, causally in the sequence `order` gives them), then only
+        the unknown positions are decoded, in `order` with the known positions skipped. Known
+        tokens come back unchanged.
 
         fast=True runs the same loop on preallocated caches (`StaticCachePasses`, below): the same
         tokens, faster; compile=True also compiles its steps (worth it on GPUs for long runs).
@@ -516,11 +518,18 @@ class ARPG(nn.Module):
         class_ids = self.class_ids(labels.to(device))[:, None]           # (B, 1)
         tokens = torch.zeros(B, L, dtype=torch.long, device=device)
         feed_ids, feed_slots = class_ids, torch.zeros(1, dtype=torch.long, device=device)
+        prefill_mask = None
         if known_mask is not None:
-            known_pos = known_mask[0].nonzero().squeeze(1)                # (L - U,) in raster order
+            known_pos = order[known_mask[0][order]]                       # (L - U,) in generation order
             tokens[:, known_pos] = known_tokens[:, known_pos].to(device)
             feed_ids = torch.cat([class_ids, tokens[:, known_pos]], dim=1)  # (B, 1 + L - U)
             feed_slots = torch.cat([feed_slots, known_pos + 1])
+            # The known tokens are read as if they had been generated first, one by one in `order`:
+            # causally, exactly as in training. Read all at once with no mask (as the decoding steps
+            # are), each would see tokens it never saw in training; with 32 of 64 tokens given, the
+            # `tiny` model's completions then kept the class of real images 71.7% of the time,
+            # against 89.7% with this mask (README, zero-shot editing).
+            prefill_mask = torch.ones(len(feed_slots), len(feed_slots), dtype=torch.bool, device=device).tril()
         if guided:  # the unconditional half: null class, same revealed tokens
             feed_ids = torch.cat([feed_ids, feed_ids], dim=0)             # (2B, T)
             feed_ids[B:, 0] = self.null_class_id
@@ -528,8 +537,9 @@ class ARPG(nn.Module):
         passes = StaticCachePasses(self, len(feed_ids), feed_ids.shape[1] + U, compile) if fast else self
         caches, decoded = None, 0
         for n_reveal in reveal_counts(U, steps, schedule):
-            # 3. Pass 1 reads only what is new; no mask: tokens fed together see each other.
-            caches = passes.context(feed_ids, rope[feed_slots][None], mask=None, caches=caches)
+            # 3. Pass 1 reads only what is new; no mask (after the prefill): tokens fed together see each other.
+            caches = passes.context(feed_ids, rope[feed_slots][None], mask=prefill_mask, caches=caches)
+            prefill_mask = None
             # 4. Pass 2: one [MASK] query per target, rotated by the target's position.
             target_pos = unknown_order[decoded:decoded + n_reveal]       # (K,)
             logits = passes.guided(rope[target_pos + 1][None], caches[-1])  # (B or 2B, K, V)
@@ -666,10 +676,9 @@ class StaticCachePasses:
         self.guided = torch.compile(self._guided, dynamic=True) if compile else self._guided
 
     def context(self, ids, rope, mask=None, caches=None):
-        assert mask is None, "the fast path is for inference, which uses no mask"
         if caches is None:                                                # a new batch of images starts
             self.filled = 0
-        self.context_step(ids, rope, self.filled)
+        self.context_step(ids, rope, self.filled, mask)
         self.filled += ids.shape[1]
         return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
 
@@ -680,8 +689,9 @@ class StaticCachePasses:
         gate, up = F.linear(self._norm(x, norm_weight), w13).chunk(2, dim=-1)  # (.., hidden) each
         return x + F.linear(F.silu(gate) * up, w2)
 
-    def _context_step(self, ids, rope, start):
-        """Pass 1 for T new tokens, written into the caches at [start, start + T): ARPG.context in place."""
+    def _context_step(self, ids, rope, start, mask=None):
+        """Pass 1 for T new tokens, written into the caches at [start, start + T): ARPG.context in place.
+        mask: None, or (T, start + T) bool, True = may attend (the causal prefill of known tokens)."""
         x = F.embedding(ids, self.embeddings)                             # (B, T, C)
         B, T, C = x.shape
         end = start + T
@@ -691,7 +701,7 @@ class StaticCachePasses:
             q, k = rotate(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, D) each
             cache[0, :, :, start:end] = k
             cache[1, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
-            out = attend_small(q, cache[0, :, :, :end], cache[1, :, :, :end])  # (B, T, C)
+            out = attend_small(q, cache[0, :, :, :end], cache[1, :, :, :end], mask)  # (B, T, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         k, v = F.linear(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
         self.buffers[-1][0, :, :, start:end] = rotate(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)
@@ -727,15 +737,17 @@ def rotate(x, cos, sin):
     return (x32 * cos + swapped * sin).type_as(x)
 
 
-def attend_small(q, k, v):
-    """attend() without the mask and dropout, spelled out as softmax(q k^T / sqrt(D)) v.
+def attend_small(q, k, v, mask=None):
+    """attend() without dropout, spelled out as softmax(q k^T / sqrt(D)) v; mask (K, N) or None.
 
     Same result, to float rounding. At inference each call has only a few queries, and the
     fused CPU kernel behind scaled_dot_product_attention spends more time setting up than
     computing (about 2x slower per call at `tiny` size); two batched matrix multiplies are cheaper.
     """
-    weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1)  # (B, H, K, N)
-    return rearrange(weights @ v, "b h k d -> b k (h d)")
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, K, N)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return rearrange(torch.softmax(scores, dim=-1) @ v, "b h k d -> b k (h d)")
 
 
 # -----------------------------------------------------------------------------

@@ -248,6 +248,26 @@ def test_known_tokens_come_back_unchanged_and_only_the_rest_is_decoded():
     assert torch.equal(decoded, order[~known_mask[0][order]]), "decoded positions are not the unknown ones in order"
 
 
+def test_editing_one_token_per_step_is_greedy_teacher_forcing():
+    """The prefill of known tokens is causal, as in training: decoding the unknown tokens one per step,
+    greedily, gives exactly the tokens that teacher forcing (`forward`) predicts greedily, one after the
+    other, in the order known tokens (in `order`'s sequence) then unknown ones."""
+    model = small_model()
+    known_mask = torch.zeros(2, 16, dtype=torch.bool)
+    known_mask[:, [0, 2, 5, 6, 7, 11, 12, 15]] = True
+    known_tokens = torch.randint(0, 64, (2, 16))
+    labels, order = torch.tensor([3, 7]), torch.randperm(16)
+    tokens = model.generate(labels, steps=8, cfg_scale=1.0, top_k=1, order=order,
+                            known_tokens=known_tokens, known_mask=known_mask)
+
+    full_order = torch.cat([order[known_mask[0][order]], order[~known_mask[0][order]]])  # (16,)
+    expected = known_tokens.clone()
+    for i in range(8, 16):                                                # each unknown position in turn
+        logits, _ = model(expected, labels, order=full_order.expand(2, -1))  # (2, 16, V), causal in full_order
+        expected[:, full_order[i]] = logits[:, i].argmax(-1)
+    assert torch.equal(tokens, expected), f"{(tokens != expected).sum().item()} tokens differ from teacher forcing"
+
+
 def test_larger_rectangular_grid_decodes_every_token():
     """Outpainting canvas: a 4 x 8 grid on a model trained on 4 x 4 yields 32 valid codes per row."""
     model = small_model()
