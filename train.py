@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from arpg import ARPG, ARPG_PRESETS, ARPGConfig, load_strict, read_checkpoint, save_atomic
 from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
-from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, images_to_tensor, list_image_folder,
+from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, list_image_folder,
                        tensor_to_images, train_tokenizer)
 
 # -----------------------------------------------------------------------------
@@ -248,19 +248,11 @@ def scan_class_folders(root):
                      f"files or images ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-@torch.no_grad()
-def tokenize(vq, images, device, batch_size=256):
-    """uint8 images (n, H, W, 3) -> codes (n, h*w) int64 with the tokenizer, in batches."""
-    codes = [vq.encode(images_to_tensor(images[i:i + batch_size]).to(device)).flatten(1).cpu()  # (b, h*w)
-             for i in range(0, len(images), batch_size)]
-    return torch.cat(codes).numpy()
-
-
 def build_dataset(args, vq, preset, device):
     """The training set as TokenGrids, from --data or the built-in shapes (SPEC 8 layouts)."""
     if args.data is None:
         images, labels = make_builtin_dataset(args.num_images, seed=args.seed)
-        codes = tokenize(vq, images, device)                              # (n, L)
+        codes = vq.encode_images(images).flatten(1).numpy()               # (n, L)
         return TokenGrids(codes[:, None], labels, CLASS_NAMES, vq.config.codebook_size, codes.shape[1])
 
     names, files, kind = scan_class_folders(args.data)

@@ -157,7 +157,7 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
     assert torch.equal(tokens[:, known], given[:, known]), "known tokens changed"
     assert (tokens[:, ~known] != given[:, ~known]).any(), "the unknown positions were not filled"
     image, _ = sample.edit_input(args, model, vq, names)
-    codes = sample.encode(vq, image[None])[0]                            # (8, 8) the input's tokens
+    codes = vq.encode_images(image[None])[0]                             # (8, 8) the input's tokens
     top, left = offset
     placed = given[0].view(rows, cols)[top:top + 8, left:left + 8]
     placed_known = known.view(rows, cols)[top:top + 8, left:left + 8]

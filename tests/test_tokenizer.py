@@ -136,6 +136,15 @@ def test_encode_decode_shapes_and_ranges(height, width):
     assert torch.equal(vq.codes_to_latents(codes), vq.quantize.lookup(codes)), "codes_to_latents is not the lookup"
 
 
+def test_encode_images_in_batches_equals_one_encode():
+    """encode_images (uint8 in, batches of a few images) gives the codes of one encode() of all of them."""
+    vq = tiny_model()
+    images = random_images(7, 16, 16)
+    expected = vq.encode(images_to_tensor(images))                        # (7, 2, 2)
+    codes = vq.encode_images(images, batch_size=3)
+    assert codes.device.type == "cpu" and torch.equal(codes, expected), "batched codes differ from one encode"
+
+
 def test_bad_inputs_give_clear_errors():
     """Wrong channel count, sizes not divisible by f, uint8 tensors and out-of-range codes are ValueErrors."""
     vq = tiny_model()
