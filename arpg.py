@@ -536,7 +536,8 @@ class ARPG(nn.Module):
             # are), each would see tokens it never saw in training: given 32 of their 64 tokens, a
             # default-run `tiny` model's completions of real images kept their class 76.9% of the
             # time, against 95.0% with this mask (README, zero-shot editing).
-            prefill_mask = torch.ones(len(feed_slots), len(feed_slots), dtype=torch.bool, device=device).tril()
+            T = len(feed_slots)                                           # the class token and the known tokens
+            prefill_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T): each sees those before it
         if guided:  # the unconditional half: null class, same revealed tokens
             feed_ids = torch.cat([feed_ids, feed_ids], dim=0)             # (2B, T)
             feed_ids[B:, 0] = self.null_class_id
