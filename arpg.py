@@ -215,9 +215,16 @@ class FeedForward(nn.Module):
 # means "may attend", or None for "everything". Training passes a causal mask; inference passes
 # None on purpose (SPEC 6), except to the prefill of known tokens when editing (`generate`).
 # Nothing here looks at `self.training` to decide what is visible.
+#
+# Under bf16 autocast on a CPU the attention itself runs in fp32: PyTorch's fused CPU attention
+# is about 7x slower backwards in bf16, while the matrix multiplies around it are where bf16 pays
+# (on a CPU with AMX tiles, the `tiny` training step 286 -> 150 ms; train.py's --precision).
 
 def attend(q, k, v, mask, dropout_p):
     """Scaled dot-product attention; q (B, H, K, D), k and v (B, H, N, D) -> (B, K, H*D)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return attend(q.float(), k.float(), v.float(), mask, dropout_p)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, K, D)
     return rearrange(out, "b h k d -> b k (h d)")
 

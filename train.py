@@ -168,7 +168,7 @@ def parse_args(argv=None):
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
     run.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                     help="autocast dtype for forward passes (default: bf16 on CUDA, fp32 on CPU)")
+                     help="autocast dtype for forward passes (default: bf16 on CUDA and on CPUs with AMX, else fp32)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the training forward/backward (tiny: on, and off again with a one-line "
                           "warning where compiling fails; else off)")
@@ -702,6 +702,19 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
 # -----------------------------------------------------------------------------
 # Putting it together
 
+def default_precision(device):
+    """bf16 autocast on CUDA (the paper's) and on a CPU with AMX, Intel's bf16 matrix tiles; fp32
+    elsewhere. With AMX, bf16 matrix multiplies are several times faster than fp32 ones (the
+    attention stays fp32: `arpg.attend`): on a 2-core Xeon the compiled `tiny` step took 150 ms
+    instead of 286 ms, for the same final loss after 1045 steps (0.8875 against 0.8899) and the same
+    class accuracy (76.3% against 76.9%). Without AMX (an AMD CPU with AVX-512 BF16 instructions,
+    an earlier session) bf16 was no faster, so it is not the default there."""
+    if device.startswith("cuda"):
+        return "bf16"
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if has_amx else "fp32"
+
+
 def fill_in_defaults(args, world_size):
     """Resolve the None flags from the recipe of --size (all but --max-steps, which needs the data
     and the model: main), then check them: before any process group or file exists."""
@@ -712,7 +725,7 @@ def fill_in_defaults(args, world_size):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.lr = args.lr or recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
-    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.precision = args.precision or default_precision(args.device)
     if args.workers is None:  # processes that read files in the background; the built-in data is in memory
         args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
     if args.batch_size % (world_size * args.grad_accum):
