@@ -138,6 +138,26 @@ def test_total_minutes_picks_a_step_count_that_fits(tmp_path):
     assert seconds < 2 * 9 + 15, f"a 9-second budget took {seconds:.0f} s (start-up included)"
 
 
+def test_a_probe_that_is_too_fast_is_corrected_from_the_real_steps(tmp_path, monkeypatch, capsys):
+    """If the timed probe promises 4x the steps that really fit, the count is re-planned from the
+    loop's own pace while the learning rate is at its peak: the run saves the smaller count it
+    reached, after its full decay."""
+    import train
+    probe = train.throwaway_steps
+    monkeypatch.setattr(train, "throwaway_steps", lambda *args, **kwargs: probe(*args, **kwargs) / 4)
+    data = write_codes(tmp_path / "codes")
+    main(["--data", str(data), *FAST, "--total-minutes", "0.15", "--save-every", "0", "--out",
+          str(tmp_path / "arpg.pt")])
+    stdout = capsys.readouterr().out
+    (line,) = [line for line in stdout.splitlines() if line.startswith("--total-minutes 0.15:")]
+    planned = int(line.split()[-2])
+    checkpoint = load(tmp_path / "arpg.pt")
+    assert "re-planned" in stdout
+    assert checkpoint["step"] == checkpoint["args"]["max_steps"] < planned / 2, (line, checkpoint["step"])
+    final_lr = checkpoint["optimizer"][0]["param_groups"][0]["lr"]
+    assert final_lr < 0.1 * checkpoint["args"]["lr"], f"the decay did not finish: lr {final_lr}"
+
+
 def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_path):
     """--compile (the tiny recipe's default) trains the weights --no-compile trains, up to float
     rounding, and the same ones every time (what an exact --resume needs); where compiling fails
