@@ -81,11 +81,13 @@ RECIPES = {
     # same 600 steps the final loss fell from 1.203 to 1.085 and from 1.188 to 1.104 (Muon lr 0.02,
     # seeds 0 and 1; class accuracy in the README). Muon's lr is 0.015 rather than 0.02: class
     # accuracy 77.4% -> 80.1% and 75.8% -> 77.0% (991 fp32 steps, seeds 0 and 1), 82.3% -> 84.3%
-    # (1601 bf16 steps, seed 0; final loss 0.827 -> 0.791, on held-out images 0.888 -> 0.857). AdamW, left with the embeddings, the output head,
-    # the norms and the query-position map, peaks at 6e-3: after 1000 steps (2 + 4 blocks, seeds 0 and
-    # 1) class accuracy 74.1% -> 76.4% and 75.1% -> 79.4%, final loss 0.913 -> 0.899 and 0.916 -> 0.885,
-    # against 3e-3 (1.2e-2: 76.5%, seed 1).
-    # Its steps are compiled (`compile_or_not`: 1.2x faster on a 2-core CPU, after ~30 s of compiling).
+    # (1601 bf16 steps, seed 0; final loss 0.827 -> 0.791, on held-out images 0.888 -> 0.857).
+    # AdamW, left with the embeddings, the output head, the norms and the query-position map, peaks
+    # at 6e-3: after 1000 steps (2 + 4 blocks, seeds 0 and 1) class accuracy 74.1% -> 76.4% and
+    # 75.1% -> 79.4%, final loss 0.913 -> 0.899 and 0.916 -> 0.885, against 3e-3 (1.2e-2: 76.5%,
+    # seed 1).
+    # Its steps are compiled (`compile_or_not`: 1.2x faster on a 2-core CPU, after ~30 s of compiling)
+    # and, on a CPU with AMX, run in bf16 (`default_precision`: 1.5-1.9x faster again).
     # Its models are sampled with nucleus sampling at 0.8 and a constant guidance of 2.0 (the
     # checkpoint carries these and the decoding schedule as sample.py's defaults). Top-p 0.8 took
     # class accuracy from 42.8% to 50.0% (seed 0, with Muon; README). The paper's guidance grows
