@@ -634,23 +634,20 @@ def steps_within(minutes, run_started, train_model, model, dataset, args, rank, 
     checkpoints. Returns (steps, the deadline on time.perf_counter's clock).
     """
     seconds_per_step = throwaway_steps(train_model, model, dataset, args, rank, world_size, device, probe_steps)
-    seconds_left = 60 * minutes - (time.perf_counter() - run_started)
-    steps = torch.tensor(max(1, int(0.95 * seconds_left / seconds_per_step)), device=device)
-    if world_size > 1:                                                    # every process trains the same count
-        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
-    log(f"--total-minutes {minutes:g}: {1000 * seconds_per_step:.0f} ms per step and {seconds_left / 60:.1f} min "
-        f"left: {steps.item()} steps")
-    return steps.item(), run_started + 60 * minutes
+    deadline = run_started + 60 * minutes
+    steps = steps_that_fit(deadline, seconds_per_step, device, world_size > 1)
+    log(f"--total-minutes {minutes:g}: {1000 * seconds_per_step:.0f} ms per step and "
+        f"{(deadline - time.perf_counter()) / 60:.1f} min left: {steps} steps")
+    return steps, deadline
 
 
-def replan_steps(step, seconds_per_step, deadline, max_steps, device, distributed):
-    """The step count that ends training by `deadline` at the pace so far (`steps_within`); the
-    same on every process. Unchanged unless it differs by more than 1%, so the total does not
-    flicker with each measurement."""
-    fits = torch.tensor(step + max(1, int(0.95 * (deadline - time.perf_counter()) / seconds_per_step)), device=device)
+def steps_that_fit(deadline, seconds_per_step, device, distributed):
+    """How many more steps of `seconds_per_step` end by `deadline` (time.perf_counter's clock),
+    with 5% of the time kept back; the smallest count over the processes, so all train the same."""
+    steps = torch.tensor(max(1, int(0.95 * (deadline - time.perf_counter()) / seconds_per_step)), device=device)
     if distributed:
-        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
-    return fits.item() if abs(fits.item() - max_steps) > 0.01 * max_steps else max_steps
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+    return steps.item()
 
 
 def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank, world_size, device,
@@ -710,11 +707,12 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
                 loss_count, interval_start = 0, time.perf_counter()
                 if deadline is not None and warmup_steps <= step < args.max_steps - decay_steps:
                     pace = (time.perf_counter() - started) / (step - start_step)  # seconds a step, pauses included
-                    replanned = replan_steps(step, pace, deadline, args.max_steps, device, distributed)
-                    if replanned != args.max_steps and is_main:
-                        print(f"re-planned at {1000 * pace:.0f} ms per step: {replanned} steps fit the time left "
-                              f"(not {args.max_steps})", flush=True)
-                    args.max_steps, decay_steps = replanned, round(args.decay * replanned)
+                    replanned = step + steps_that_fit(deadline, pace, device, distributed)
+                    if abs(replanned - args.max_steps) > 0.01 * args.max_steps:  # not for every flicker of the pace
+                        if is_main:
+                            print(f"re-planned at {1000 * pace:.0f} ms per step: {replanned} steps fit the time "
+                                  f"left (not {args.max_steps})", flush=True)
+                        args.max_steps, decay_steps = replanned, round(args.decay * replanned)
             if stopping:
                 break
             pause_start = time.perf_counter()  # saving and sampling do not count in ms/step
@@ -742,7 +740,8 @@ def default_precision(device):
     attention stays fp32: `arpg.attend`): on a 2-core Xeon the compiled `tiny` step took 150 ms
     instead of 286 ms, for the same final loss after 1045 steps (0.8875 against 0.8899) and the same
     class accuracy (76.3% against 76.9%). Without AMX (an AMD CPU with AVX-512 BF16 instructions,
-    an earlier session) bf16 was no faster, so it is not the default there."""
+    an earlier session, with the attention still in bf16) bf16 was no faster, so it is not the
+    default there."""
     if device.startswith("cuda"):
         return "bf16"
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
