@@ -216,17 +216,31 @@ class FeedForward(nn.Module):
 # None on purpose (SPEC 6), except to the prefill of known tokens when editing (`generate`).
 # Nothing here looks at `self.training` to decide what is visible.
 #
-# Under bf16 autocast on a CPU the attention itself runs in fp32: PyTorch's fused CPU attention
-# is about 7x slower backwards in bf16, while the matrix multiplies around it are where bf16 pays
-# (on a CPU with AMX tiles, the `tiny` training step 286 -> 150 ms; train.py's --precision).
+# On a CPU under bf16 autocast, attention is spelled out (`attend_unfused`) rather than fused:
+# PyTorch's fused CPU attention is about 7x slower backwards in bf16, and running it in fp32
+# between bf16 matrix multiplies still left the `tiny` training step 10-20% slower than two bf16
+# batched matrix multiplies around an fp32 softmax (2-core AMD EPYC: 216-231 ms against 195-206).
 
 def attend(q, k, v, mask, dropout_p):
     """Scaled dot-product attention; q (B, H, K, D), k and v (B, H, N, D) -> (B, K, H*D)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return attend(q.float(), k.float(), v.float(), mask, dropout_p)
+        return attend_unfused(q, k, v, mask, dropout_p)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, K, D)
     return rearrange(out, "b h k d -> b k (h d)")
+
+
+def attend_unfused(q, k, v, mask=None, dropout_p=0.0):
+    """attend() spelled out as softmax(q k^T / sqrt(D)) v, the softmax in fp32; mask (K, N) or None.
+
+    Same result, to float rounding. Besides bf16 training on a CPU (above), it serves inference:
+    there each call has only a few queries, and the fused CPU kernel spends more time setting up
+    than computing (about 2x slower per call at `tiny` size).
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, K, N)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.dropout(torch.softmax(scores.float(), dim=-1), dropout_p).type_as(v)
+    return rearrange(weights @ v, "b h k d -> b k (h d)")
 
 
 class SelfAttention(nn.Module):
@@ -660,7 +674,7 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 #      the official sampler does) copies the whole cache every step.
 #   2. Fewer, larger operations. Each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's
 #      w1/w3 run as one matrix multiply each; RoPE is x * cos + swap(x) * sin with tables built
-#      once per step (`rotate`); attention is two batched matrix multiplies (`attend_small`);
+#      once per step (`rotate`); attention is two batched matrix multiplies (`attend_unfused`);
 #      and the code is plain functions of weight tensors, not module calls. At the `tiny` size on
 #      a CPU, a decoding call is ~30,000 small operations whose Python and dispatch overhead costs
 #      about as much as the arithmetic, so their number is what this path cuts.
@@ -716,7 +730,7 @@ class StaticCachePasses:
             q, k = rotate(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, D) each
             cache[0, :, :, start:end] = k
             cache[1, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
-            out = attend_small(q, cache[0, :, :, :end], cache[1, :, :, :end], mask)  # (B, T, C)
+            out = attend_unfused(q, cache[0, :, :, :end], cache[1, :, :, :end], mask)  # (B, T, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         k, v = F.linear(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
         self.buffers[-1][0, :, :, start:end] = rotate(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)
@@ -732,7 +746,7 @@ class StaticCachePasses:
             x = x + F.linear(target_rope.flatten(-2), self.query_position)  # + (1, K, C), the same for every row
         for attn_norm, q_weight, proj, ffn_norm, w13, w2 in self.guided_blocks:
             q = rotate(F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1), cos, sin)
-            out = attend_small(q.transpose(1, 2), k, v)                   # (B, K, C)
+            out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
 
@@ -750,19 +764,6 @@ def rotate(x, cos, sin):
     x32 = x.float()
     swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)             # (odd, even) per pair
     return (x32 * cos + swapped * sin).type_as(x)
-
-
-def attend_small(q, k, v, mask=None):
-    """attend() without dropout, spelled out as softmax(q k^T / sqrt(D)) v; mask (K, N) or None.
-
-    Same result, to float rounding. At inference each call has only a few queries, and the
-    fused CPU kernel behind scaled_dot_product_attention spends more time setting up than
-    computing (about 2x slower per call at `tiny` size); two batched matrix multiplies are cheaper.
-    """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, K, N)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return rearrange(torch.softmax(scores, dim=-1) @ v, "b h k d -> b k (h d)")
 
 
 # -----------------------------------------------------------------------------

@@ -87,7 +87,7 @@ RECIPES = {
     # 75.1% -> 79.4%, final loss 0.913 -> 0.899 and 0.916 -> 0.885, against 3e-3 (1.2e-2: 76.5%,
     # seed 1).
     # Its steps are compiled (`compile_or_not`: 1.2x faster on a 2-core CPU, after ~30 s of compiling)
-    # and, on a CPU with AMX, run in bf16 (`default_precision`: 1.5-1.9x faster again).
+    # and, on a CPU with bf16 matrix instructions, run in bf16 (`default_precision`: 1.6-1.9x faster again).
     # Its models are sampled with nucleus sampling at 0.8 and a constant guidance of 2.0 (the
     # checkpoint carries these and the decoding schedule as sample.py's defaults). Top-p 0.8 took
     # class accuracy from 42.8% to 50.0% (seed 0, with Muon; README). The paper's guidance grows
@@ -177,7 +177,8 @@ def parse_args(argv=None):
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
     run.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                     help="autocast dtype for forward passes (default: bf16 on CUDA and on CPUs with AMX, else fp32)")
+                     help="autocast dtype for forward passes (default: bf16 on CUDA and on CPUs with bf16 "
+                          "instructions, AVX-512 BF16 or AMX; else fp32)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the training forward/backward (tiny: on, and off again with a one-line "
                           "warning where compiling fails; else off)")
@@ -735,17 +736,17 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
 # Putting it together
 
 def default_precision(device):
-    """bf16 autocast on CUDA (the paper's) and on a CPU with AMX, Intel's bf16 matrix tiles; fp32
-    elsewhere. With AMX, bf16 matrix multiplies are several times faster than fp32 ones (the
-    attention stays fp32: `arpg.attend`): on a 2-core Xeon the compiled `tiny` step took 150 ms
-    instead of 286 ms, for the same final loss after 1045 steps (0.8875 against 0.8899) and the same
-    class accuracy (76.3% against 76.9%). Without AMX (an AMD CPU with AVX-512 BF16 instructions,
-    an earlier session, with the attention still in bf16) bf16 was no faster, so it is not the
-    default there."""
+    """bf16 autocast on CUDA (the paper's) and on a CPU with bf16 matrix instructions (AVX-512 BF16
+    or AMX tiles); fp32 elsewhere. There bf16 matrix multiplies are much faster than fp32 ones:
+    the compiled `tiny` step took 150 ms instead of 286 ms on a 2-core Xeon with AMX, 195-206 ms
+    instead of 325-344 ms on a 2-core AMD EPYC with AVX-512 BF16 (the attention is spelled out for
+    it: `arpg.attend`), for the same final loss after 1045 steps (0.8875 against 0.8899, Xeon) and
+    the same class accuracy (76.3% against 76.9%)."""
     if device.startswith("cuda"):
         return "bf16"
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if has_amx else "fp32"
+    has_bf16_matmul = any(getattr(torch.cpu, check, lambda: False)()
+                          for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if has_bf16_matmul else "fp32"
 
 
 def fill_in_defaults(args, world_size):

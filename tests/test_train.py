@@ -166,7 +166,7 @@ def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_p
     data = write_codes(tmp_path / "codes", per_class=30)
     # Two threads and batch 64: with one thread, or at batch 8, even compiled kernels that are not
     # deterministic happen to repeat themselves.
-    # fp32: in bf16 (the default on CPUs with AMX) fused kernels round differently from eager ones.
+    # fp32: in bf16 (the default on CPUs with bf16 instructions) fused kernels round differently from eager ones.
     common = ["--data", str(data), *FAST, "--batch-size", "64", "--max-steps", "3", "--save-every", "0",
               "--precision", "fp32"]
     two_threads = {"OMP_NUM_THREADS": "2"}
