@@ -449,9 +449,27 @@ class VQModel(nn.Module):
     def encode_images(self, images_uint8, batch_size=64):
         """uint8 images (N, H, W, 3) -> codes (N, H/f, W/f) int64 on the CPU, in batches. 64 images a
         batch, not more: on a 2-core CPU the small tokenizer's activations then stay in the caches
-        (the 5000 built-in images: 15 s in batches of 256, 6 s in batches of 64)."""
-        return torch.cat([self.encode(images_to_tensor(images_uint8[i:i + batch_size])).cpu()
-                          for i in range(0, len(images_uint8), batch_size)])
+        (the 5000 built-in images: 15 s in batches of 256, 6 s in batches of 64).
+
+        With local codes, a patch's code depends on that patch alone, so each distinct patch is
+        encoded once, as an f x f image of its own, and its code copied to every place it occurs.
+        Flat backgrounds repeat: of the 1.28M patches of the 20,000 built-in images, 32.5% are
+        distinct, and tokenizing them takes ~3x less time."""
+        images_uint8 = np.asarray(images_uint8)
+        if not self.config.local_codes:
+            return torch.cat([self.encode(images_to_tensor(images_uint8[i:i + batch_size])).cpu()
+                              for i in range(0, len(images_uint8), batch_size)])
+        N, H, W, _ = images_uint8.shape
+        f = self.downsample
+        patches = rearrange(images_uint8, "n (h p) (w q) c -> (n h w) p q c", p=f, q=f)  # (N*h*w, f, f, 3)
+        as_bytes = np.ascontiguousarray(patches).reshape(len(patches), -1)  # one row of f*f*3 bytes each
+        _, first, where = np.unique(as_bytes.view(np.dtype((np.void, as_bytes.shape[1]))).ravel(),
+                                    return_index=True, return_inverse=True)
+        distinct = patches[first]                                         # (U, f, f, 3)
+        chunk = batch_size * (H // f) * (W // f)                          # as many patches as batch_size images
+        codes = torch.cat([self.encode(images_to_tensor(distinct[i:i + chunk])).cpu().flatten()
+                           for i in range(0, len(distinct), chunk)])      # (U,)
+        return codes[torch.from_numpy(where.ravel())].view(N, H // f, W // f)
 
     @torch.no_grad()
     def decode(self, codes):

@@ -133,7 +133,7 @@ def parse_args(argv=None):
                       help="codebook size of pre-tokenized codes (default: the tokenizer's when given, "
                            "else the preset's)")
     what.add_argument("--num-images", type=int, default=20000,
-                      help="built-in dataset size (drawn and tokenized once at start, ~35 s on 2 cores)")
+                      help="built-in dataset size (drawn and tokenized once at start, ~20 s on 2 cores)")
     what.add_argument("--image-size", type=int, default=None,
                       help="image folders are resized and centre-cropped to this side (default: the preset's "
                            "grid x the tokenizer's downsampling: 16 x 16 for L with VQ-16, 8 x 8 for tiny)")

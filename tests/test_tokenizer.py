@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 
+from data import make_builtin_dataset
 from tokenizer import (VQ_PRESETS, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
                        tensor_to_images, train_tokenizer)
 
@@ -143,6 +145,21 @@ def test_encode_images_in_batches_equals_one_encode():
     expected = vq.encode(images_to_tensor(images))                        # (7, 2, 2)
     codes = vq.encode_images(images, batch_size=3)
     assert codes.device.type == "cpu" and torch.equal(codes, expected), "batched codes differ from one encode"
+
+
+def test_local_codes_are_encoded_once_per_distinct_patch_and_equal_one_encode():
+    """With local codes, encode_images encodes each distinct patch once; the codes are those of one
+    encode() of all the images (built-in shapes, whose flat backgrounds repeat patch for patch)."""
+    torch.manual_seed(0)
+    vq = VQModel(replace(TINY, local_codes=True)).eval()
+    images, _ = make_builtin_dataset(12, seed=0, image_size=32)
+    encoded = []
+    vq.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(inputs[0])))
+    codes = vq.encode_images(images, batch_size=5)
+    distinct = len(np.unique(rearrange(images, "n (h p) (w q) c -> (n h w) (p q c)", p=4, q=4), axis=0))
+    assert sum(encoded) == distinct < 12 * 8 * 8, f"encoded {sum(encoded)} patches, {distinct} distinct"
+    expected = vq.encode(images_to_tensor(images))                        # (12, 8, 8)
+    assert torch.equal(codes, expected), "codes of distinct patches differ from one encode"
 
 
 def test_bad_inputs_give_clear_errors():
