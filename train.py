@@ -86,8 +86,9 @@ RECIPES = {
     # at 6e-3: after 1000 steps (2 + 4 blocks, seeds 0 and 1) class accuracy 74.1% -> 76.4% and
     # 75.1% -> 79.4%, final loss 0.913 -> 0.899 and 0.916 -> 0.885, against 3e-3 (1.2e-2: 76.5%,
     # seed 1).
-    # Its steps are compiled (`compile_or_not`: 1.2x faster on a 2-core CPU, after ~30 s of compiling)
-    # and, on a CPU with bf16 matrix instructions, run in bf16 (`default_precision`: 1.6-1.9x faster again).
+    # Its steps are compiled (`compile_or_not`: on a 2-core CPU 1.2x faster in fp32, ~1.1x in bf16,
+    # after 30-55 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run
+    # in bf16 (`default_precision`: 1.6-1.9x faster than fp32).
     # Its models are sampled with nucleus sampling at 0.8 and a constant guidance of 2.0 (the
     # checkpoint carries these and the decoding schedule as sample.py's defaults). Top-p 0.8 took
     # class accuracy from 42.8% to 50.0% (seed 0, with Muon; README). The paper's guidance grows
