@@ -218,7 +218,7 @@ class FeedForward(nn.Module):
 #
 # On a CPU under bf16 autocast, attention is spelled out (`attend_unfused`) rather than fused:
 # PyTorch's fused CPU attention is about 7x slower backwards in bf16, and running it in fp32
-# between bf16 matrix multiplies still left the `tiny` training step 10-20% slower than two bf16
+# between bf16 matrix multiplies still left the `tiny` training step ~10% slower than two bf16
 # batched matrix multiplies around an fp32 softmax (2-core AMD EPYC: 216-231 ms against 195-206).
 
 def attend(q, k, v, mask, dropout_p):
