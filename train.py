@@ -9,12 +9,12 @@ warm-up then cosine decay to 1e-5, gradient clipping at 1.0, bf16 autocast, labe
 (so classifier-free guidance works at sampling time), EMA weights. The `tiny` CPU recipe departs
 from it where a few minutes of training need it (RECIPES below): Muon for the weight matrices.
 
-With no arguments it does everything on a CPU with no download, in about 9 minutes on 2 cores:
+With no arguments it does everything on a CPU with no download, in about 9.5 minutes on 2 cores:
 draws the built-in shapes dataset (data.py), trains the small VQ tokenizer (tokenizer.py) unless
 out/tokenizer.pt exists, tokenizes the images, trains the `tiny` ARPG and writes out/arpg.pt
 and out/samples.png (one row per class; a grid every --sample-every steps in out/samples/).
 
-    python train.py                                   # CPU: built-in shapes, about 9 minutes
+    python train.py                                   # CPU: built-in shapes, about 9.5 minutes
     python train.py --total-minutes 5                 # a smaller budget: fewer ARPG steps
     python train.py --max-steps 300                   # a fixed step count (the schedule shrinks with it)
     python train.py --minutes 3                       # stop (and save) after 3 minutes; --resume continues
@@ -62,10 +62,10 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # -----------------------------------------------------------------------------
 # Recipes: the defaults that depend on the model size. Every flag that defaults to None takes
 # its value from here. L / XL / XXL follow the paper (SPEC 5); `tiny` is tuned for the default
-# CPU run, which has a time budget rather than a step count (--total-minutes 9): the tiny model
+# CPU run, which has a time budget rather than a step count (--total-minutes 9.5): the tiny model
 # is still learning when it stops (1000 steps: 70.2% class accuracy, 1436 steps: 73.7%, with
 # constant guidance and the arccos schedule; README), so the run takes as many steps as the
-# machine fits into 9 minutes, tokenizer included, and stays within the 10 minutes promised on a
+# machine fits into 9.5 minutes, tokenizer included, and stays within the 10 minutes promised on a
 # slow one. --max-steps fixes the count instead, for results that do not depend on the machine's
 # speed.
 
@@ -105,7 +105,7 @@ RECIPES = {
     # 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1% and 70.2% -> 78.8% for four models (2 tokens
     # every step: 72.0%). The paper samples without nucleus sampling; sample.py's defaults for a
     # checkpoint naming none are its linear guidance at 4 and its arccos schedule.
-    "tiny": dict(batch_size=64, lr=6e-3, muon_lr=0.015, warmup=0.05, decay=0.3, total_minutes=9.0, ema=0.0,
+    "tiny": dict(batch_size=64, lr=6e-3, muon_lr=0.015, warmup=0.05, decay=0.3, total_minutes=9.5, ema=0.0,
                  dropout=0.0, compile=True, sample_cfg=2.0, sample_cfg_schedule="constant", sample_schedule="cosine",
                  sample_top_p=0.8, log_every=25, sample_every=200, save_every=200),
     "paper": dict(batch_size=1024, lr=None, muon_lr=0.0, warmup=0.25, decay=0.0, total_minutes=0.0, ema=0.9999,
@@ -164,7 +164,7 @@ def parse_args(argv=None):
                              "400 epochs of the data, the paper's; --resume: the checkpoint's)")
     recipe.add_argument("--total-minutes", type=float, default=None,
                         help="without --max-steps: as many steps as let the whole run, tokenizer and data included, "
-                             "end within about this many minutes, timed on a few steps first (tiny: 9; 0: off)")
+                             "end within about this many minutes, timed on a few steps first (tiny: 9.5; 0: off)")
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on >= 2-dim tensors")
     recipe.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     recipe.add_argument("--ema", type=float, default=None, help="EMA decay of a weight copy saved as 'ema' (0: off)")
