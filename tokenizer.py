@@ -455,10 +455,12 @@ class VQModel(nn.Module):
         encoded once, as an f x f image of its own, and its code copied to every place it occurs.
         Flat backgrounds repeat: of the 1.28M patches of the 20,000 built-in images, 32.5% are
         distinct, and tokenizing them takes ~3x less time."""
+        def in_batches(images, n):                                        # (M, h, w, 3) -> (M, h/f, w/f)
+            return torch.cat([self.encode(images_to_tensor(images[i:i + n])).cpu() for i in range(0, len(images), n)])
+
         images_uint8 = np.asarray(images_uint8)
         if not self.config.local_codes:
-            return torch.cat([self.encode(images_to_tensor(images_uint8[i:i + batch_size])).cpu()
-                              for i in range(0, len(images_uint8), batch_size)])
+            return in_batches(images_uint8, batch_size)
         N, H, W, _ = images_uint8.shape
         f = self.downsample
         patches = rearrange(images_uint8, "n (h p) (w q) c -> (n h w) p q c", p=f, q=f)  # (N*h*w, f, f, 3)
@@ -467,8 +469,7 @@ class VQModel(nn.Module):
                                     return_index=True, return_inverse=True)
         distinct = patches[first]                                         # (U, f, f, 3)
         chunk = batch_size * (H // f) * (W // f)                          # as many patches as batch_size images
-        codes = torch.cat([self.encode(images_to_tensor(distinct[i:i + chunk])).cpu().flatten()
-                           for i in range(0, len(distinct), chunk)])      # (U,)
+        codes = in_batches(distinct, chunk).flatten()                     # (U,)
         return codes[torch.from_numpy(where.ravel())].view(N, H // f, W // f)
 
     @torch.no_grad()
