@@ -46,6 +46,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from arpg import load_strict, read_checkpoint, save_atomic, unwrap_state_dict
+from muon import Muon
 
 # -----------------------------------------------------------------------------
 # Config and presets
@@ -549,8 +550,31 @@ def _save_reconstruction_grid(vq, images_uint8, path):
     save_image_grid(rows, ["input", "recon"], path)
 
 
+def make_tokenizer_optimizers(vq, lr, muon_lr):
+    """The tokenizer's optimizers: Muon (muon.py) for the convolution kernels between the first and
+    the last layer when muon_lr > 0, AdamW for the rest, with weight decay on its kernels only: not
+    on biases, norms, or the codebook (the codebook is l2-normalised, so shrinking it would only
+    change its effective learning rate). Each parameter group keeps its peak learning rate as
+    "peak_lr". With Muon at 0.02, the default 1200 steps on the built-in shapes reached 27.77 /
+    28.01 / 27.64 dB of held-out PSNR (seeds 0 / 1 / 2) against 26.44 / 26.14 / 25.60 with AdamW
+    alone (Muon at 0.05: 25.97 dB, seed 1)."""
+    first_and_last = {"encoder.conv_in.weight", "decoder.conv_out.weight"}
+    named = list(vq.named_parameters())
+    muon = [p for name, p in named if muon_lr > 0 and p.ndim == 4 and name not in first_and_last]
+    in_muon = {id(p) for p in muon}
+    rest = [(name, p) for name, p in named if id(p) not in in_muon]
+    decays = {name: p.ndim >= 2 and "embedding" not in name for name, p in rest}
+    optimizers = [torch.optim.AdamW(
+        [{"params": [p for name, p in rest if decays[name]], "weight_decay": 0.05, "peak_lr": lr},
+         {"params": [p for name, p in rest if not decays[name]], "weight_decay": 0.0, "peak_lr": lr}],
+        lr=lr, betas=(0.9, 0.95))]
+    if muon:
+        optimizers.append(Muon([{"params": muon, "peak_lr": muon_lr}], lr=muon_lr))
+    return optimizers
+
+
 def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None, batch_size=16, lr=2e-3,
-                    seed=0, device="cpu", log_dir=None):
+                    muon_lr=0.02, seed=0, device="cpu", log_dir=None):
     """
     Train a VQModel from scratch on uint8 images (N, H, W, 3) and return it (in eval mode).
 
@@ -567,6 +591,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
          training goes on; every RESTART_EVERY steps, codes unused in the recent window are
          moved onto live latents, so the whole codebook stays in use.
     On the built-in shapes the warm-up is worth about 3 dB of PSNR at the same budget.
+    The convolution kernels are trained by Muon (peak lr `muon_lr`, 0: AdamW for everything), the
+    rest by AdamW (peak lr `lr`): see `make_tokenizer_optimizers`.
 
     Stops after `max_steps`, or after `minutes` of wall time, whichever comes first (DEFAULT_STEPS,
     1200, if neither is given); stages and the learning rate (warm-up + cosine) follow that budget.
@@ -584,13 +610,7 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     def random_batch(n):
         return images_to_tensor(images_uint8[rng.integers(len(images_uint8), size=n)]).to(device)
 
-    # AdamW with weight decay on conv kernels only: not on biases, norms, or the codebook (the
-    # codebook is l2-normalised, so shrinking it would only change its effective learning rate).
-    decays = {name: p.ndim >= 2 and "embedding" not in name for name, p in vq.named_parameters()}
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for name, p in vq.named_parameters() if decays[name]], "weight_decay": 0.05},
-         {"params": [p for name, p in vq.named_parameters() if not decays[name]], "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95))
+    optimizers = make_tokenizer_optimizers(vq, lr, muon_lr)
     preview = images_uint8[:8]
     log_every, save_every = 25, 200
 
@@ -609,8 +629,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
         progress = max(step / max_steps if max_steps else 0.0, elapsed / (60 * minutes) if minutes else 0.0)
         if progress >= 1.0:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(progress, lr)
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+            group["lr"] = _learning_rate(progress, group["peak_lr"])
         if not quantizing and progress >= AUTOENCODER_WARMUP:  # stage 1 -> stage 2
             quantizing = True
             with torch.no_grad():
@@ -620,9 +640,11 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
         recon, codes, codebook_loss, commitment_loss = vq(batch, quantize=quantizing)
         mse = F.mse_loss(recon, batch)
         loss = mse + codebook_loss + COMMITMENT_BETA * commitment_loss
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         step += 1
 
         if quantizing and step % RESTART_EVERY == 0:
@@ -634,7 +656,7 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
             ms = 1000 * (time.time() - start) / step
             bar.set_postfix_str(f"{'vq' if quantizing else 'autoencoder'} loss {loss.item():.4f} "
                                 f"psnr {psnr_from_mse(mse.item()):.1f} usage {usage:.0%} "
-                                f"lr {optimizer.param_groups[0]['lr']:.1e} {ms:.0f} ms/step "
+                                f"lr {optimizers[0].param_groups[0]['lr']:.1e} {ms:.0f} ms/step "
                                 f"{1000 * batch_size / ms:.0f} img/s", refresh=False)
         if step % save_every == 0:
             save(step)

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arpg import ARPG, ARPG_PRESETS, ARPGConfig, load_strict, read_checkpoint, save_atomic
 from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
+from muon import Muon
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
 from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, list_image_folder,
                        tensor_to_images, train_tokenizer)
@@ -401,67 +402,6 @@ def make_optimizers(model, lr, weight_decay, device, muon_lr=0.0, precision="fp3
         optimizers.append(Muon([{"params": muon, "peak_lr": muon_lr}], lr=muon_lr,
                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32))
     return optimizers
-
-
-def orthogonalize(updates, steps=5):
-    """Roughly the nearest semi-orthogonal matrix to each of `updates` (..., m, n): the same
-    singular vectors, with singular values moved near 1 (about 0.7-1.2, which is all Muon needs).
-
-    After dividing by the Frobenius norm every singular value s is in (0, 1]; each iteration maps
-    X to a X + b (X X^T) X + c (X X^T)^2 X, which applies the odd polynomial a s + b s^3 + c s^5
-    to every singular value. Muon's coefficients make that polynomial steep near 0, so five rounds
-    lift every singular value above ~1/50 of the largest; they were tuned for speed, not to
-    converge exactly to 1. (Directions far weaker than that stay weak.)
-    """
-    x = updates.reshape(-1, *updates.shape[-2:])                         # (batch, m, n): baddbmm wants 3-D
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    tall = x.shape[-2] > x.shape[-1]
-    if tall:                                                              # iterate on the smaller Gram matrix
-        x = x.mT
-    for _ in range(steps):
-        gram = x @ x.mT                                                   # (batch, m, m)
-        # x <- 3.4445 x + (-4.7750 gram + 2.0315 gram @ gram) @ x, each scaled sum folded into a
-        # multiply (baddbmm(c, a, b, beta, alpha) = beta * c + alpha * a @ b): 25 -> 18 ms a tiny step
-        polynomial = torch.baddbmm(gram, gram, gram, beta=-4.7750, alpha=2.0315)
-        x = torch.baddbmm(x, polynomial, x, beta=3.4445)
-    return (x.mT if tall else x).reshape(updates.shape)
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al., 2024) for weight matrices: Nesterov momentum, then the update matrix is
-    orthogonalized, so that it moves the weights by the same amount in every direction it spans.
-
-    Plain momentum updates of a transformer's matrices are dominated by a few directions; making
-    every singular value ~1 lets the rare directions learn as fast as the common ones. This is
-    not in the paper. We use it for the `tiny` CPU recipe, where 600 steps are all there is: the
-    default run's final loss fell from 1.203 (AdamW) to 1.085. The update of an (out, in) matrix
-    is scaled by sqrt(max(1, out / in)), Muon's usual correction for tall matrices. Matrices of
-    one shape are orthogonalized together, as one batch, in `dtype`: bf16 is enough for
-    singular values that only need to land in 0.7-1.2 (Muon's own code uses it), and on a CPU
-    with bf16 instructions it made the `tiny` step 8% faster (2-core AMD EPYC: 195 -> 178 ms).
-    """
-
-    def __init__(self, params, lr, momentum=0.95, dtype=torch.float32):
-        super().__init__(params, dict(lr=lr, momentum=momentum))
-        self.dtype = dtype
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            by_shape = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(p.shape, []).append(p)
-            for (rows, cols), params in by_shape.items():
-                nesterov = []
-                for p in params:
-                    if "momentum" not in self.state[p]:
-                        self.state[p]["momentum"] = torch.zeros_like(p)
-                    momentum = self.state[p]["momentum"].mul_(group["momentum"]).add_(p.grad)
-                    nesterov.append(p.grad + group["momentum"] * momentum)
-                updates = orthogonalize(torch.stack(nesterov).to(self.dtype)) * max(1.0, rows / cols) ** 0.5
-                for p, update in zip(params, updates):
-                    p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 def learning_rate(step, max_steps, peak, minimum, warmup_steps, decay_steps=0):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data import make_builtin_dataset
 from tokenizer import (VQ_PRESETS, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
-                       tensor_to_images, train_tokenizer)
+                       make_tokenizer_optimizers, tensor_to_images, train_tokenizer)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = np.load(FIXTURES / "vq_tiny_reference.npz")
@@ -257,6 +257,23 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
     metrics = evaluate_tokenizer(vq, images)
     assert set(metrics) == {"psnr", "code_usage"}, f"metrics {metrics}"
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
+
+
+def test_tokenizer_muon_takes_the_inner_kernels_and_adamw_everything_else():
+    """muon_lr > 0: Muon holds exactly the 4-dim convolution kernels but the first and the last;
+    AdamW the rest, with weight decay on its kernels only. muon_lr = 0: AdamW holds every weight."""
+    vq = tiny_model()
+    names = {id(p): name for name, p in vq.named_parameters()}
+    adamw, muon = make_tokenizer_optimizers(vq, lr=1e-3, muon_lr=0.02)
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    kernels = {name for name, p in vq.named_parameters() if p.ndim == 4}
+    assert in_muon == kernels - {"encoder.conv_in.weight", "decoder.conv_out.weight"}, sorted(kernels - in_muon)
+    decayed, not_decayed = ({names[id(p)] for p in group["params"]} for group in adamw.param_groups)
+    assert decayed == {"encoder.conv_in.weight", "decoder.conv_out.weight"}, decayed
+    assert not_decayed == set(names.values()) - in_muon - decayed
+    assert all(vq.get_parameter(name).ndim < 4 for name in not_decayed), "a kernel escaped weight decay"
+    (only,) = make_tokenizer_optimizers(vq, lr=1e-3, muon_lr=0.0)
+    assert sum(len(group["params"]) for group in only.param_groups) == len(names)
 
 
 def test_evaluate_tokenizer_psnr_is_infinite_free_and_exact():
