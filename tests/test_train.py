@@ -86,7 +86,7 @@ def test_loss_falls_on_builtin_data(tmp_path):
     assert losses[-1] < losses[0] - 0.5, f"the loss did not fall: {losses}"
     checkpoint = load(tmp_path / "arpg.pt")
     assert checkpoint["step"] == 25 and checkpoint["config"]["vocab_size"] == vocab, "checkpoint contents"
-    assert checkpoint["sampling"] == {"cfg_scale": 2.0, "cfg_schedule": "constant", "schedule": "cosine",
+    assert checkpoint["sampling"] == {"cfg_scale": 2.5, "cfg_schedule": "constant", "schedule": "cosine",
                                       "top_p": 0.8}, \
         "the tiny recipe's sampling travels with it"
     assert (tmp_path / "samples.png").is_file(), "no sample grid written"
