@@ -79,7 +79,7 @@ RECIPES = {
     # instead of the paper's cosine: a short run then spends fewer steps at a small learning rate
     # (after the default run: loss 1.237 -> 1.203 and 1.217 -> 1.188, class accuracy 29.0% -> 36.2%
     # and 29.8% -> 30.0%, for seeds 0 and 1).
-    # The matrices of the two passes are trained by Muon (`Muon`, below), the rest by AdamW: in the
+    # The matrices of the two passes are trained by Muon (muon.py), the rest by AdamW: in the
     # same 600 steps the final loss fell from 1.203 to 1.085 and from 1.188 to 1.104 (Muon lr 0.02,
     # seeds 0 and 1; class accuracy in the README). Muon's lr is 0.015 rather than 0.02: class
     # accuracy 77.4% -> 80.1% and 75.8% -> 77.0% (991 fp32 steps, seeds 0 and 1), 82.3% -> 84.3%
@@ -106,9 +106,8 @@ RECIPES = {
     # at 3.0 (but one model down to 84.7%), 88.0% at 3.5. And they reveal tokens on the cosine
     # schedule, not the paper's arccos: at 32 steps on 64 tokens, arccos ends with steps of 3, 3, 3,
     # 4 and 10 tokens, drawn independently of each other, where cosine reveals one token per step
-    # for the first 13 steps and 2-3 after:
-    # 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1% and 70.2% -> 78.8% for four models (2 tokens
-    # every step: 72.0%). The paper samples without nucleus sampling; sample.py's defaults for a
+    # for the first 13 steps and 2-3 after: 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1% and
+    # 70.2% -> 78.8% for four models (2 tokens every step: 72.0%). The paper samples without nucleus sampling; sample.py's defaults for a
     # checkpoint naming none are its linear guidance at 4 and its arccos schedule.
     "tiny": dict(batch_size=64, lr=6e-3, muon_lr=0.015, warmup=0.05, decay=0.3, total_minutes=9.5, ema=0.0,
                  dropout=0.0, compile=True, sample_cfg=2.5, sample_cfg_schedule="constant", sample_schedule="cosine",

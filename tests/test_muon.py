@@ -30,7 +30,8 @@ def test_muon_steps_each_matrix_by_its_own_orthogonalized_nesterov_momentum(dtyp
     its (out, in*kh*kw) matrix: m = 0.95 m + g; w -= lr * orth(g + 0.95 m) * sqrt(max(1, out/in)),
     with orth in fp32 or in bf16 (to bf16 precision, then)."""
     torch.manual_seed(0)
-    weights = [torch.randn(8, 8), torch.randn(8, 8), torch.randn(24, 8), torch.randn(4, 2, 3, 3), torch.randn(24, 2, 1, 1)]
+    weights = [torch.randn(8, 8), torch.randn(8, 8), torch.randn(24, 8),      # matrices: two of one shape, a tall one
+               torch.randn(4, 2, 3, 3), torch.randn(24, 2, 1, 1)]             # kernels: (4, 18) and a tall (24, 2)
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     optimizer = Muon(params, lr=0.1, dtype=dtype)
     momenta = [torch.zeros_like(w) for w in weights]
