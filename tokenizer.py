@@ -36,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -319,11 +320,15 @@ class VectorQuantizer(nn.Module):
         argmin has no gradient, so the decoder's gradient is copied past the quantizer onto z
         (straight-through estimator): z + (z_q - z).detach() equals z_q but differentiates as z.
         """
-        codes = self.nearest(z)
-        z = self.normalize(z)
-        z_q = self.lookup(codes)
-        codebook_loss = F.mse_loss(z_q, z.detach())
-        commitment_loss = F.mse_loss(z, z_q.detach())
+        # In fp32 even under bf16 autocast (train_tokenizer): rounded distances would pick other
+        # codes, and with 8-dimensional codes this part costs next to nothing.
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            codes = self.nearest(z)
+            z = self.normalize(z)
+            z_q = self.lookup(codes)
+            codebook_loss = F.mse_loss(z_q, z.detach())
+            commitment_loss = F.mse_loss(z, z_q.detach())
         if self.training:
             self.record_usage(codes)
         return z + (z_q - z).detach(), codes, codebook_loss, commitment_loss
@@ -575,7 +580,7 @@ def make_tokenizer_optimizers(vq, lr, muon_lr):
 
 
 def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None, batch_size=16, lr=2e-3,
-                    muon_lr=0.02, seed=0, device="cpu", log_dir=None):
+                    muon_lr=0.02, seed=0, device="cpu", log_dir=None, precision="fp32"):
     """
     Train a VQModel from scratch on uint8 images (N, H, W, 3) and return it (in eval mode).
 
@@ -593,7 +598,9 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
          moved onto live latents, so the whole codebook stays in use.
     On the built-in shapes the warm-up is worth about 3 dB of PSNR at the same budget.
     The convolution kernels are trained by Muon (peak lr `muon_lr`, 0: AdamW for everything), the
-    rest by AdamW (peak lr `lr`): see `make_tokenizer_optimizers`.
+    rest by AdamW (peak lr `lr`): see `make_tokenizer_optimizers`. With precision="bf16" the
+    encoder and decoder run under bf16 autocast, the quantizer and the losses in fp32 (train.py
+    picks it where it is faster: `tokenizer_precision`).
 
     Stops after `max_steps`, or after `minutes` of wall time, whichever comes first (DEFAULT_STEPS,
     1200, if neither is given); stages and the learning rate (warm-up + cosine) follow that budget.
@@ -612,6 +619,7 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
         return images_to_tensor(images_uint8[rng.integers(len(images_uint8), size=n)]).to(device)
 
     optimizers = make_tokenizer_optimizers(vq, lr, muon_lr)
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     preview = images_uint8[:8]
     log_every, save_every = 25, 200
 
@@ -639,8 +647,9 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
                 vq.quantize.init_from_latents(vq.encode_latents(random_batch(4 * batch_size)))
 
         batch = random_batch(batch_size)
-        recon, codes, codebook_loss, commitment_loss = vq(batch, quantize=quantizing)
-        mse = F.mse_loss(recon, batch)
+        with autocast:
+            recon, codes, codebook_loss, commitment_loss = vq(batch, quantize=quantizing)
+        mse = F.mse_loss(recon.float(), batch)
         loss = mse + codebook_loss + COMMITMENT_BETA * commitment_loss
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)

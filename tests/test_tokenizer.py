@@ -259,6 +259,35 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
 
 
+def test_quantizer_searches_in_fp32_under_bf16_autocast():
+    """train_tokenizer(precision="bf16") runs the model under bf16 autocast, but the nearest-code
+    search stays fp32: bf16 distances (3 significant digits) would pick other codes."""
+    torch.manual_seed(0)
+    quantizer = VQModel(TINY).quantize
+    quantizer.embedding.weight.data = torch.randn(TINY.codebook_size, TINY.codebook_embed_dim)
+    latents = torch.randn(8, TINY.codebook_embed_dim, 16, 16)            # 2048 latents
+    z_q, codes, codebook_loss, _ = quantizer(latents)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_q_autocast, codes_autocast, codebook_loss_autocast, _ = quantizer(latents)
+    assert torch.equal(codes_autocast, codes), "the search ran in bf16 under autocast"
+    assert z_q_autocast.dtype == torch.float32 and torch.equal(z_q_autocast, z_q), "lookup not in fp32"
+    assert codebook_loss_autocast.item() == codebook_loss.item(), "VQ losses not in fp32"
+
+
+def test_train_tokenizer_in_bf16_follows_fp32(tmp_path):
+    """A few bf16-autocast steps land near the fp32 steps' weights (bf16 rounds the activations,
+    so not on them)."""
+    images = random_images(16, 16, 16)
+    weights = {}
+    for precision in ("fp32", "bf16"):
+        vq = train_tokenizer(images, TINY, str(tmp_path / f"{precision}.pt"), max_steps=4, batch_size=8,
+                             precision=precision)
+        weights[precision] = torch.cat([p.detach().flatten() for p in vq.parameters()])
+    start = torch.cat([p.detach().flatten() for p in tiny_model().parameters()])
+    moved, gap = (weights["fp32"] - start).norm(), (weights["bf16"] - weights["fp32"]).norm()
+    assert gap < 0.1 * moved, f"bf16 steps ended {gap:.4f} from the fp32 ones, which moved {moved:.4f}"
+
+
 def test_tokenizer_muon_takes_the_inner_kernels_and_adamw_everything_else():
     """muon_lr > 0: Muon holds exactly the 4-dim convolution kernels but the first and the last;
     AdamW the rest, with weight decay on its kernels only. muon_lr = 0: AdamW holds every weight."""
