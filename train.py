@@ -64,12 +64,12 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # Recipes: the defaults that depend on the model size. Every flag that defaults to None takes
 # its value from here. L / XL / XXL follow the paper (SPEC 5); `tiny` is tuned for the default
 # CPU run, which has a time budget rather than a step count (--total-minutes 9.5): the tiny model
-# is still learning when it stops (seed 0, the tokenizer in fp32: 88.6% class accuracy after the 1566
-# steps of a default run, 92.4% after 2000 with --max-steps; README), so the run takes as many
-# steps as the machine fits into 9.5 minutes, tokenizer included, and stays within the 10 minutes
-# promised on a slow one (cold-cache runs on a 2-core AMD EPYC ended between 9:16 and 9:34; with 9
-# minutes one took 1465 instead of 1583 steps, seed 0). --max-steps fixes the count instead, for results that do
-# not depend on the machine's speed.
+# is still learning when it stops (seed 0, the tokenizer in fp32: 88.6% class accuracy after the
+# 1566 steps of a default run, 92.4% after 2000 with --max-steps; README), so the run takes as
+# many steps as the machine fits into 9.5 minutes, tokenizer included, and stays within the 10
+# minutes promised on a slow one (cold-cache runs on a 2-core AMD EPYC ended between 9:16 and
+# 9:34; with 9 minutes one took 1465 instead of 1583 steps, seed 0). --max-steps fixes the count
+# instead, for results that do not depend on the machine's speed.
 
 RECIPES = {
     # A few minutes on a CPU leave little room to overfit (after 1000 steps the loss on the training
@@ -107,8 +107,9 @@ RECIPES = {
     # schedule, not the paper's arccos: at 32 steps on 64 tokens, arccos ends with steps of 3, 3, 3,
     # 4 and 10 tokens, drawn independently of each other, where cosine reveals one token per step
     # for the first 13 steps and 2-3 after: 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1% and
-    # 70.2% -> 78.8% for four models (2 tokens every step: 72.0%). The paper samples without nucleus sampling; sample.py's defaults for a
-    # checkpoint naming none are its linear guidance at 4 and its arccos schedule.
+    # 70.2% -> 78.8% for four models (2 tokens every step: 72.0%). The paper samples without
+    # nucleus sampling; sample.py's defaults for a checkpoint naming none are its linear guidance
+    # at 4 and its arccos schedule.
     "tiny": dict(batch_size=64, lr=6e-3, muon_lr=0.015, warmup=0.05, decay=0.3, total_minutes=9.5, ema=0.0,
                  dropout=0.0, compile=True, sample_cfg=2.5, sample_cfg_schedule="constant", sample_schedule="cosine",
                  sample_top_p=0.8, log_every=25, sample_every=400, save_every=200),
@@ -697,9 +698,13 @@ def default_precision(device):
     the same class accuracy (76.3% against 76.9%)."""
     if device.startswith("cuda"):
         return "bf16"
-    has_bf16_matmul = any(getattr(torch.cpu, check, lambda: False)()
-                          for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return "bf16" if has_bf16_matmul else "fp32"
+    return "bf16" if cpu_has("avx512_bf16") or cpu_has("amx_tile") else "fp32"
+
+
+def cpu_has(feature):
+    """Whether this CPU has an instruction set torch checks for ("avx512_bf16", "amx_tile"); False
+    where this torch build has no such check."""
+    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
 
 
 def tokenizer_precision(args, device):
@@ -708,8 +713,7 @@ def tokenizer_precision(args, device):
     with AVX-512 BF16 (1200 steps in 166 s instead of 185 s, seed 0) for the same held-out PSNR
     (27.92 / 28.07 dB against 27.77 / 28.01, seeds 0 / 1), but slower on an earlier session's Xeon
     with AMX, where the fp32 tokenizer was already the faster one (2 min 24 s against AMD's ~3 min)."""
-    amx_cpu = device.type == "cpu" and torch.cpu._is_amx_tile_supported()
-    return "fp32" if amx_cpu else args.precision
+    return "fp32" if device.type == "cpu" and cpu_has("amx_tile") else args.precision
 
 
 def fill_in_defaults(args, world_size):
