@@ -126,7 +126,7 @@ def test_preset_state_dict_matches_official_keys_and_shapes(size):
 
 
 def test_an_uneven_split_of_the_blocks_is_built_loaded_and_recognised():
-    """pass1_layers sets how many blocks Pass 1 gets (tiny: 2 of 6); the state dict then holds that
+    """pass1_layers sets how many blocks Pass 1 gets (tiny: 2 of 7); the state dict then holds that
     many self_dec blocks, the weights alone give the split back, and a split that leaves a pass
     empty is refused."""
     config = replace(ARPG_PRESETS["L"], dim=128, n_head=4, n_layer=5, pass1_layers=1, vocab_size=64, num_classes=10)
