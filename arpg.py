@@ -109,11 +109,11 @@ class ARPGConfig:
 # After 1000 steps (6 blocks, two seeds): class accuracy 71.8% -> 75.1% and 71.8% -> 74.1%, final
 # loss 0.937 -> 0.916 and 0.939 -> 0.913 for 2 + 4 against 3 + 3; 4 + 2: 70.1% and 0.970. A Pass-2
 # block has no key/value projections, so the model is also 2% smaller and its step 1-4% faster.
-# Once the recipe fitted ~1500 six-block steps into the budget, a seventh block (2 + 5), whose step
-# is ~18% slower: in the same 5.2 minutes of training (1315 steps against 1500, the same tokenizers)
-# 92.6% against 89.5% (seed 0) and 87.2% against 88.3% (seed 1), two sampling seeds each; default
-# runs with it (and train.TOKENIZER_STEPS) 90.8 / 89.8 / 88.5% against 91.2 / 88.1 / 85.6% (seeds
-# 0 / 1 / 2), Frechet distance 1.57 against 2.95 (seed 0; README).
+# Once the recipe fitted ~1500 six-block steps into the budget, a seventh block went in (2 + 5; its
+# step is ~18% slower). In the same 5.2 minutes of training (1315 steps against 1500, the same
+# tokenizers): 92.6% against 89.5% (seed 0) and 87.2% against 88.3% (seed 1), two sampling seeds
+# each; default runs with it (and train.TOKENIZER_STEPS) 90.8 / 89.8 / 88.5% against 91.2 / 88.1 /
+# 85.6% (seeds 0 / 1 / 2), Frechet distance 1.57 against 2.95 (seed 0; README).
 ARPG_PRESETS = {
     "tiny": ARPGConfig(dim=128, n_layer=7, pass1_layers=2, n_head=4, vocab_size=128, num_classes=10, block_size=64,
                        class_rope="identity", query_position=True),  # departures: RoPE section, ARPG.guided, the split

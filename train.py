@@ -66,10 +66,10 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # CPU run, which has a time budget rather than a step count (--total-minutes 9.5): the tiny model
 # is still learning when it stops (6 blocks, seed 0, the tokenizer in fp32: 88.6% class accuracy
 # after the 1566 steps of a default run, 92.4% after 2000 with --max-steps; README), so the run
-# takes as many steps as the machine fits into 9.5 minutes, tokenizer included, and stays within the 10
-# minutes promised on a slow one (cold-cache runs on a 2-core AMD EPYC ended between 9:16 and
-# 9:34; with 9 minutes one took 1465 instead of 1583 steps, seed 0). --max-steps fixes the count
-# instead, for results that do not depend on the machine's speed.
+# takes as many steps as the machine fits into 9.5 minutes, tokenizer included, and stays within
+# the 10 minutes promised on a slow one (cold-cache runs on a 2-core AMD EPYC ended between 9:16
+# and 9:34; with 9 minutes one took 1465 instead of 1583 steps, seed 0). --max-steps fixes the
+# count instead, for results that do not depend on the machine's speed.
 
 RECIPES = {
     # A few minutes on a CPU leave little room to overfit (after 1000 steps the loss on the training
