@@ -88,8 +88,8 @@ RECIPES = {
     # at 6e-3: after 1000 steps (2 + 4 blocks, seeds 0 and 1) class accuracy 74.1% -> 76.4% and
     # 75.1% -> 79.4%, final loss 0.913 -> 0.899 and 0.916 -> 0.885, against 3e-3 (1.2e-2: 76.5%,
     # seed 1).
-    # Its blocks are compiled for training (`compile_blocks`: on a 2-core CPU 1.2x faster steps,
-    # after ~35 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run
+    # Its steps are compiled (`compile_or_not`: on a 2-core CPU 1.2x faster in fp32, ~1.1x in bf16,
+    # after 30-55 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run
     # in bf16 (`default_precision`: 1.6-1.9x faster than fp32).
     # Its models are sampled with nucleus sampling at 0.8 and a constant guidance of 2.5 (the
     # checkpoint carries these and the decoding schedule as sample.py's defaults). Top-p 0.8 took
@@ -191,7 +191,7 @@ def parse_args(argv=None):
                      help="autocast dtype for forward passes (default: bf16 on CUDA and on CPUs with bf16 "
                           "instructions, AVX-512 BF16 or AMX; else fp32)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile each block's training forward/backward (tiny: on, and off again with a one-line "
+                     help="torch.compile the training forward/backward (tiny: on, and off again with a one-line "
                           "warning where compiling fails; else off)")
     run.add_argument("--workers", type=int, default=None,
                      help="DataLoader processes reading .npy files (default: 4 per GPU, up to the CPU count)")
@@ -476,10 +476,9 @@ def save_sample_grid(model, vq, class_names, path, args, device):
     classes = list(range(n_classes)) if n_classes <= 16 else [round(i * (n_classes - 1) / 7) for i in range(8)]
     labels = torch.tensor(classes, device=device).repeat_interleave(args.sample_columns)  # (R*C,)
     generator = torch.Generator(device).manual_seed(args.seed)  # the same noise every time: grids are comparable
-    with torch.compiler.set_stance("force_eager"):  # blocks compiled for training would recompile for each step's shapes
-        tokens = model.generate(labels, steps=args.sample_steps, cfg_scale=args.sample_cfg,  # (R*C, L)
-                                cfg_schedule=args.sample_cfg_schedule, schedule=args.sample_schedule,
-                                top_p=args.sample_top_p, generator=generator)
+    tokens = model.generate(labels, steps=args.sample_steps, cfg_scale=args.sample_cfg,  # (R*C, L)
+                            cfg_schedule=args.sample_cfg_schedule, schedule=args.sample_schedule,
+                            top_p=args.sample_top_p, generator=generator)
     grid = model.config.grid_size
     images = tensor_to_images(vq.decode(tokens.view(-1, grid, grid)))  # (R*C, H, W, 3)
     images = images.reshape(len(classes), args.sample_columns, *images.shape[1:])  # (R, C, H, W, 3)
@@ -518,7 +517,7 @@ def step_loader(dataset, args, start_step, rank, world_size, device):
 
 def optimizer_step(train_model, model, optimizers, loader, args, device, distributed=False):
     """One optimizer step over --grad-accum micro-batches; returns the sum of their losses (a tensor).
-    train_model is `model` itself, or its DDP (distributed=True)."""
+    train_model is `model` itself, or its DDP (distributed=True) or compiled wrapper."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     loss_sum = torch.zeros((), device=device)
     for micro in range(args.grad_accum):
@@ -555,19 +554,13 @@ def throwaway_steps(train_model, model, dataset, args, rank, world_size, device,
     return seconds_per_step
 
 
-def compile_blocks(train_model, model, dataset, args, rank, world_size, device, log):
-    """torch.compile each of the model's blocks in place, tried on a throwaway step of train_model;
-    where compiling fails (no C++ compiler for the CPU backend, an unsupported platform), a
-    one-line warning, and the blocks run eagerly again.
+def compile_or_not(train_model, model, dataset, args, rank, world_size, device, log):
+    """torch.compile(train_model), tried on a throwaway step; train_model itself, with a one-line
+    warning, where compiling fails (no C++ compiler for the CPU backend, an unsupported platform).
 
-    Compiling fuses the chains of element-wise operations (RMSNorm, RoPE, SwiGLU and their
-    gradients) that leave the matrix multiplies only 60% of an eager step: on the 2-core CPU of
-    the default run, ~1.2x faster steps (290 -> 241 ms in fp32; 250-305 against 310-380 ms in
-    bf16). Block by block rather than the whole step (as torchtitan does for large models): the
-    blocks of each pass share one compiled graph, forward and backward, so a cold compile takes
-    half the time (34 s against 64 s, `tiny` on the AMD EPYC) for the same step time (287 against
-    292 ms, 300-step runs in turn), and those 30 s go to training steps. The rest of the step (the
-    embeddings, gathers, head and loss) runs eagerly, and so does sampling (`save_sample_grid`).
+    On the 2-core CPU of the default run, compiling takes about 30 s and makes a tiny step 1.2x
+    faster (290 -> 241 ms): it fuses the chains of element-wise operations (RMSNorm, RoPE, SwiGLU
+    and their gradients) that leave the matrix multiplies only 60% of an eager step.
     """
     started = time.perf_counter()
     # The compiled step draws its random numbers (orders, label dropout) from torch's generator, as
@@ -577,17 +570,16 @@ def compile_blocks(train_model, model, dataset, args, rank, world_size, device, 
         # Without it two compiled runs of one seed drift apart (loss 1.4299 against 1.4292 after 150
         # steps), and --resume would no longer end bit-exact. No slower here.
         torch.use_deterministic_algorithms(True)
-    for block in [*model.layers.self_dec, *model.layers.cross_dec]:
-        block.compile()
+    compiled = torch.compile(train_model)
     try:
-        throwaway_steps(train_model, model, dataset, args, rank, world_size, device, timed_steps=0)
+        throwaway_steps(compiled, model, dataset, args, rank, world_size, device, timed_steps=0)
     except Exception as error:  # whatever the compiler stack raises; a real bug raises again in the eager steps
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         log(f"warning: torch.compile failed ({type(error).__name__}: {reason[:160]}); training without it "
             f"(--no-compile skips the attempt)")
-        torch.compiler.set_stance("force_eager")                          # every compiled block runs eagerly again
-        return
+        return train_model
     log(f"torch.compile: {time.perf_counter() - started:.0f} s")
+    return compiled
 
 
 def steps_within(minutes, run_started, train_model, model, dataset, args, rank, world_size, device, log,
@@ -621,9 +613,9 @@ def steps_that_fit(deadline, seconds_per_step, device, distributed):
 def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank, world_size, device,
           deadline=None):
     """Optimizer steps from start_step to args.max_steps, or until stopped; the checkpoint is saved at
-    the end. train_model runs the steps: `model` itself, or its DDP. With a deadline
-    (--total-minutes), args.max_steps is re-planned at each log line while the learning rate is
-    at its peak, so the decay still spans the last args.decay of the steps. Returns
+    the end. train_model runs the steps: `model` itself, or its DDP or compiled wrapper. With a
+    deadline (--total-minutes), args.max_steps is re-planned at each log line while the learning
+    rate is at its peak, so the decay still spans the last args.decay of the steps. Returns
     (the last step, the last logged loss, whether Ctrl-C / SIGTERM stopped it)."""
     is_main, distributed = rank == 0, world_size > 1
     loader = step_loader(dataset, args, start_step, rank, world_size, device)
@@ -818,7 +810,7 @@ def main(argv=None):
         ema.load_state_dict(model.state_dict())
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
-        compile_blocks(train_model, model, dataset, args, rank, world_size, device, log)
+        train_model = compile_or_not(train_model, model, dataset, args, rank, world_size, device, log)
     deadline = None                                                       # set by --total-minutes
     if args.max_steps is None:                                            # the length of the schedule
         if args.resume:
