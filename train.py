@@ -88,8 +88,8 @@ RECIPES = {
     # at 6e-3: after 1000 steps (2 + 4 blocks, seeds 0 and 1) class accuracy 74.1% -> 76.4% and
     # 75.1% -> 79.4%, final loss 0.913 -> 0.899 and 0.916 -> 0.885, against 3e-3 (1.2e-2: 76.5%,
     # seed 1).
-    # Its steps are compiled (`compile_or_not`: on a 2-core CPU 1.2x faster in fp32, ~1.1x in bf16,
-    # after 30-55 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run
+    # Its steps are compiled (`compile_or_not`: on a 2-core CPU 1.2x faster in fp32, 1.1-1.3x in bf16,
+    # after 30-80 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run
     # in bf16 (`default_precision`: 1.6-1.9x faster than fp32).
     # Its models are sampled with nucleus sampling at 0.8 and a constant guidance of 2.5 (the
     # checkpoint carries these and the decoding schedule as sample.py's defaults). Top-p 0.8 took
@@ -558,9 +558,10 @@ def compile_or_not(train_model, model, dataset, args, rank, world_size, device, 
     """torch.compile(train_model), tried on a throwaway step; train_model itself, with a one-line
     warning, where compiling fails (no C++ compiler for the CPU backend, an unsupported platform).
 
-    On the 2-core CPU of the default run, compiling takes about 30 s and makes a tiny step 1.2x
-    faster (290 -> 241 ms): it fuses the chains of element-wise operations (RMSNorm, RoPE, SwiGLU
-    and their gradients) that leave the matrix multiplies only 60% of an eager step.
+    On the 2-core CPU of the default run, compiling takes 30-80 s cold (51-77 s on the AMD EPYC)
+    and makes a tiny step 1.2x faster (290 -> 241 ms in fp32): it fuses the chains of element-wise
+    operations (RMSNorm, RoPE, SwiGLU and their gradients) that leave the matrix multiplies only
+    60% of an eager step.
     """
     started = time.perf_counter()
     # The compiled step draws its random numbers (orders, label dropout) from torch's generator, as
