@@ -113,7 +113,7 @@ class ARPGConfig:
 # step is ~18% slower). In the same 5.2 minutes of training (1315 steps against 1500, the same
 # tokenizers): 92.6% against 89.5% (seed 0) and 87.2% against 88.3% (seed 1), two sampling seeds
 # each; default runs with it (and train.TOKENIZER_STEPS) 90.8 / 89.8 / 88.5% against 91.2 / 88.1 /
-# 85.6% (seeds 0 / 1 / 2), Frechet distance 1.57 against 2.95 (seed 0; README).
+# 85.6% (seeds 0 / 1 / 2), Frechet distance 1.57 against 2.95 (seed 0; EXPERIMENTS.md).
 ARPG_PRESETS = {
     "tiny": ARPGConfig(dim=128, n_layer=7, pass1_layers=2, n_head=4, vocab_size=128, num_classes=10, block_size=64,
                        class_rope="identity", query_position=True),  # departures: RoPE section, ARPG.guided, the split
@@ -144,8 +144,9 @@ ARPG_PRESETS = {
 # between a query at position p and the class key depends on p. The model can then attend to the
 # class as strongly as it likes and learn absolute position from it. On the earlier built-in
 # classes, after the default 600 training steps, the class accuracy of 32-step samples went from
-# 13.6% to 23.0% (README, "What the default run gives"). ImageNet-scale models learn around the quirk; a tiny one on a CPU budget
-# cannot afford to. Grid position p (row-major, p = row * cols + col) is slot p + 1.
+# 13.6% to 23.0% (EXPERIMENTS.md, "What was worth keeping"). ImageNet-scale models learn around
+# the quirk; a tiny one on a CPU budget cannot afford to. Grid position p (row-major,
+# p = row * cols + col) is slot p + 1.
 
 def build_rope_table(rows: int, cols: int, head_dim: int, base: float = 10000.0,
                      class_rope: str = "zero") -> torch.Tensor:
@@ -445,7 +446,7 @@ class ARPG(nn.Module):
         (config.query_position): it adds a learned linear map of the query's RoPE row (the cos and
         sin of its row and column at every frequency) to the [MASK] embedding, so the feed-forward
         layers can use "where am I" directly. After the default 600 training steps on the built-in
-        shapes, class accuracy of 32-step samples went from 21.6% to 29.0% (500 samples; README).
+        shapes, class accuracy of 32-step samples went from 21.6% to 29.0% (500 samples; EXPERIMENTS.md).
         """
         k, v = shared_kv                                                  # (B, H, N, D) each
         B, K = k.shape[0], target_rope.shape[1]

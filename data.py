@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 # the tokenizer sees the image as an 8 x 8 grid of patches, so a class must be recognisable
 # from its silhouette at that scale. An earlier set had a hexagon and a heart: the tokenizer's
 # reconstructions confused them with the circle and the square, and a classifier trained on
-# real images recognised only 89.4% of them (97.8% for this set, same tokenizer recipe; README).
+# real images recognised only 89.4% of them (97.8% for this set, same tokenizer recipe; EXPERIMENTS.md).
 CLASS_NAMES = [
     "circle", "square", "triangle", "star", "cross",
     "ring", "bar", "pair", "crescent", "arrow",

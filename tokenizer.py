@@ -529,7 +529,7 @@ RESTART_EVERY = 50          # steps between dead-code restarts
 # Steps when neither max_steps nor minutes is given: 2.4-2.9 min on 2 CPU cores. 1200 rather than
 # 800: held-out PSNR 23.8 -> 26.4 dB (seed 0) and 25.1 -> 26.1 dB (seed 1) on an Intel AVX-512 machine,
 # and the ARPG trained on its codes reached loss 1.04 instead of 1.27 and 51.3% class accuracy
-# instead of 44.8% (1000 samples each; README). train.py's default run trains it for 900 steps, to
+# instead of 44.8% (1000 samples each; EXPERIMENTS.md). train.py's default run trains it for 900 steps, to
 # leave the ARPG more of its time budget (train.TOKENIZER_STEPS).
 DEFAULT_STEPS = 1200
 

@@ -73,7 +73,7 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 
 RECIPES = {
     # A few minutes on a CPU leave little room to overfit (after 1000 steps the loss on the training
-    # images is 0.06 below that on held-out ones; README): dropout would only slow learning, and an
+    # images is 0.06 below that on held-out ones; EXPERIMENTS.md): dropout would only slow learning, and an
     # EMA would mostly average the early, worse weights (the final decay already settles them).
     # The learning rate stays at its peak until the last 30% of the steps, then falls linearly,
     # instead of the paper's cosine: a short run then spends fewer steps at a small learning rate
@@ -81,7 +81,7 @@ RECIPES = {
     # and 29.8% -> 30.0%, for seeds 0 and 1).
     # The matrices of the two passes are trained by Muon (muon.py), the rest by AdamW: in the
     # same 600 steps the final loss fell from 1.203 to 1.085 and from 1.188 to 1.104 (Muon lr 0.02,
-    # seeds 0 and 1; class accuracy in the README). Muon's lr is 0.015 rather than 0.02: class
+    # seeds 0 and 1; class accuracy in EXPERIMENTS.md). Muon's lr is 0.015 rather than 0.02: class
     # accuracy 77.4% -> 80.1% and 75.8% -> 77.0% (991 fp32 steps, seeds 0 and 1), 82.3% -> 84.3%
     # (1601 bf16 steps, seed 0; final loss 0.827 -> 0.791, on held-out images 0.888 -> 0.857).
     # AdamW, left with the embeddings, the output head, the norms and the query-position map, peaks
@@ -93,7 +93,7 @@ RECIPES = {
     # in bf16 (`default_precision`: 1.6-1.9x faster than fp32).
     # Its models are sampled with nucleus sampling at 0.8 and a constant guidance of 2.5 (the
     # checkpoint carries these and the decoding schedule as sample.py's defaults). Top-p 0.8 took
-    # class accuracy from 42.8% to 50.0% (seed 0, with Muon; README). The paper's guidance grows
+    # class accuracy from 42.8% to 50.0% (seed 0, with Muon; EXPERIMENTS.md). The paper's guidance grows
     # linearly from 1 to its scale as the canvas fills, so the first tokens, which settle where the
     # shape lies and what it is, are drawn almost unguided; a constant 2.5 guides them too: class
     # accuracy 65.2% -> 71.9%, 68.0% -> 73.7% and 63.9% -> 70.2% for three models of the default run
