@@ -1,0 +1,37 @@
+"""bench.py end to end on a small setting (the table it writes), and its refusal of bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
+    out = tmp_path / "bench.md"
+    result = run_bench("--batch", "2", "--steps", "2", "4", "--tokens", "16", "--repeats", "1", "--no-onnx",
+                       "--no-train", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "img/s" not in line]
+    # readable and fast at 2 and 4 steps, then both in raster order (one token per step: 16 steps)
+    assert [(row[0].lstrip("| "), row[2]) for row in rows] == [
+        ("readable", "2"), ("readable", "4"), ("fast", "2"), ("fast", "4"),
+        ("readable, raster", "16"), ("fast, raster", "16")]
+    assert all(float(row[3]) > 0 for row in rows)                      # images per second
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "100"], "--steps must be between 1 and the 64 tokens"),
+    (["--tokens", "50"], "--tokens must be a square number"),
+    (["--batch", "0"], "--batch and --repeats must be at least 1"),
+])
+def test_bench_refuses_bad_input_in_one_line(args, message):
+    result = run_bench(*args, "--no-onnx", "--no-train")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
