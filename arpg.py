@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES, reveal_counts
+from schedules import CFG_SCHEDULES, check_decoding, reveal_counts
 
 # -----------------------------------------------------------------------------
 # Shape legend (used in every shape comment below)
@@ -531,9 +531,7 @@ class ARPG(nn.Module):
         device = self.embeddings.weight.device
         self._check_labels(labels, None)
         B = labels.shape[0]
-        if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "
-                             f"{list(CFG_SCHEDULES)}, got {schedule!r} and {cfg_schedule!r}")
+        check_decoding(schedule, cfg_schedule, temperature, top_k, top_p)
         rope = self.rope_table(rows, cols)                                # (1 + L, D/2, 2)
 
         # 1. Which positions are given, which to decode, and in what order.

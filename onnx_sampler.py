@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from data import run_script, save_image_grid
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
 
 METADATA_FILE = "arpg_onnx.json"
 METADATA_FORMAT = "arpg-onnx/1"
@@ -221,9 +221,7 @@ class OnnxSampler:
         if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must be a non-empty 1-D array of class ids in [0, {self.num_classes}), "
                              f"got {labels.tolist()}")
-        if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "
-                             f"{list(CFG_SCHEDULES)}, got {schedule!r} and {cfg_schedule!r}")
+        check_decoding(schedule, cfg_schedule, temperature, top_k, top_p)
         if not 1 <= steps <= L:
             raise ValueError(f"steps must be between 1 and the {L} tokens to decode, got {steps}")
         rng = np.random.default_rng(seed)

@@ -35,9 +35,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import evaluate
-from arpg import ARPG, CFG_SCHEDULES, MASK_SCHEDULES, read_checkpoint, unwrap_state_dict
+from arpg import ARPG, read_checkpoint, unwrap_state_dict
 from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
-from schedules import SAMPLING_DEFAULTS, sampling_settings
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, sampling_settings
 from tokenizer import VQModel, tensor_to_images
 
 # LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
@@ -94,7 +94,7 @@ def parse_args(argv=None):
                           help="how many tokens each step reveals (arccos: few early, many late, the paper's; cosine: "
                                "one at a time for longer, fewer at the end; default: the checkpoint's, cosine for the "
                                "tiny recipe, else arccos)")
-    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
     decoding.add_argument("--top-p", type=float, default=None,
                           help="nucleus sampling threshold (default: the checkpoint's, 0.8 for the tiny recipe; "
@@ -495,8 +495,6 @@ def check_flags(args):
             raise ValueError(f"{flag} only applies to --edit {' / '.join(modes)}")
     if args.mask is not None and args.box is not None:
         raise ValueError("give --mask or --box, not both")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
 def check_against_model(args, config):

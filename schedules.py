@@ -1,5 +1,5 @@
 """
-Decoding schedules (SPEC 6) and the default sampling settings, in plain Python: shared by arpg.py,
+Decoding schedules (SPEC 6), the default sampling settings and their check, in plain Python: shared by arpg.py,
 sample.py and onnx_sampler.py.
 
 They live in a file of their own, free of torch and numpy, so that the ONNX Runtime sampler,
@@ -38,6 +38,17 @@ CFG_SCHEDULES = {
     "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
     "constant": lambda scale, filled: scale,
 }
+
+def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p):
+    """Refuse decoding settings that cannot work, saying why (both samplers call it first)."""
+    if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "
+                         f"{list(CFG_SCHEDULES)}, got {schedule!r} and {cfg_schedule!r}")
+    if temperature < 0 or top_k < 0:
+        raise ValueError(f"temperature (0: greedy) and top-k (0: off) must be 0 or more, got {temperature} and {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+
 
 # Guidance, decoding schedule and nucleus sampling for a checkpoint (or an export) that names none:
 # official files and older ones of ours get the paper's guidance growing linearly to 4, its arccos

@@ -735,6 +735,16 @@ def fill_in_defaults(args, world_size):
     args.precision = args.precision or default_precision(args.device)
     if args.workers is None:  # processes that read files in the background; the built-in data is in memory
         args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
+    at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "num_images": 1, "tokenizer_steps": 1,
+                "sample_steps": 1, "sample_columns": 1, "log_every": 1, "save_every": 0, "sample_every": 0,
+                "workers": 0, "total_minutes": 0, "lr": 0, "muon_lr": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0}
+    for key, least in at_least.items():
+        if getattr(args, key) is not None and getattr(args, key) < least:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
+    if args.minutes is not None and args.minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    if not (0 <= args.ema < 1 and 0 <= args.dropout < 1):
+        raise ValueError(f"--ema {args.ema} and --dropout {args.dropout} must be in [0, 1)")
     if args.batch_size % (world_size * args.grad_accum):
         raise ValueError(f"global batch {args.batch_size} does not split evenly over {world_size} processes x "
                          f"{args.grad_accum} accumulation steps: pick a multiple of {world_size * args.grad_accum}")

@@ -275,8 +275,13 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     assert code == 2 and len(output.strip().splitlines()) == 1, output
     assert output.startswith("error: context.onnx comes from another export"), output
 
+    sampler = OnnxSampler(str(folder), device="cpu")
     with pytest.raises(ValueError, match="class ids"):
-        OnnxSampler(str(folder), device="cpu").generate(np.array([10]))
+        sampler.generate(np.array([10]))
+    for settings, message in (({"top_p": 0.0}, r"top-p must be in \(0, 1\]"), ({"temperature": -1.0}, "temperature"),
+                              ({"top_k": -2}, "top-k"), ({"schedule": "linear"}, "schedule must be one of")):
+        with pytest.raises(ValueError, match=message):                    # the same check as ARPG.generate's
+            sampler.generate(np.array([1]), **settings)
     if "CUDAExecutionProvider" not in ort.InferenceSession(str(folder / "guided.onnx"), providers=[
             "CUDAExecutionProvider", "CPUExecutionProvider"]).get_providers():
         code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cuda")

@@ -248,7 +248,9 @@ def write_png(path, height, width):
 @pytest.mark.parametrize("case, message", [
     (["--classes", "10"], "--classes 10 out of range"),
     (["--steps", "0"], "steps must be between 1 and 64"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
+    (["--temperature", "-1"], "temperature (0: greedy) and top-k (0: off) must be 0 or more"),
+    (["--top-k", "-3"], "temperature (0: greedy) and top-k (0: off) must be 0 or more"),
     (["--steps", "65"], "steps must be between 1 and 64"),
     (["--edit", "inpaint", "--mask", "MASK_40x64"], "same size"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
@@ -266,7 +268,7 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
              "MISSING": str(tmp_path / "missing.pt"), "VQ": ckpts["vq"], "ARPG": ckpts["arpg"],
              "VQ_OTHER": ckpts["vq_other"]}
     argv = [files.get(arg, arg) for arg in case]
-    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run(ckpts, tmp_path, *argv, out="never.png")
     assert not (tmp_path / "never.png").exists(), "a refused command wrote its output"
 

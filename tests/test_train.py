@@ -337,6 +337,9 @@ BAD_INPUTS = {
     "resumed with another optimizer": resumed_with_another_optimizer,
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
     "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p must be in \(0, 1\]"),
+    "an empty batch": lambda tmp: (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    "a negative time budget": lambda tmp: (["--total-minutes", "-1"], "--total-minutes must be at least 0"),
+    "an EMA that never moves": lambda tmp: (["--ema", "1"], r"must be in \[0, 1\)"),
 }
 
 
