@@ -205,6 +205,8 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     start = time.perf_counter()
     config = model.config
     rows, cols = grid or (config.grid_size,) * 2
+    if rows < 1 or cols < 1:
+        raise ValueError(f"the grid must have at least one row and one column of tokens, got {rows} x {cols}")
     if vq is not None and vq.config.codebook_size != config.vocab_size:
         raise ValueError(f"the tokenizer has {vq.config.codebook_size} codes but ARPG was trained on "
                          f"{config.vocab_size}; pass the tokenizer ARPG was trained with")

@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import evaluate
-from arpg import ARPG, read_checkpoint, unwrap_state_dict
+from arpg import ARPG, read_checkpoint
 from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, sampling_settings
 from tokenizer import VQModel, tensor_to_images
@@ -165,10 +165,7 @@ def load_models(args):
     vq_path = args.vq_ckpt or checkpoint.get("tokenizer") or "out/tokenizer.pt"
     if not os.path.isfile(vq_path):
         raise FileNotFoundError(f"tokenizer checkpoint not found: {vq_path} (pass --vq-ckpt)")
-    vq_checkpoint = read_checkpoint(vq_path)
-    if "embeddings.weight" in unwrap_state_dict(vq_checkpoint):
-        raise ValueError(f"{vq_path} is an ARPG checkpoint, not a tokenizer: pass the VQ tokenizer with --vq-ckpt")
-    vq = VQModel.from_checkpoint(vq_checkpoint)
+    vq = VQModel.from_checkpoint(vq_path)
     if vq.config.codebook_size != config.vocab_size:
         raise ValueError(f"the ARPG checkpoint {args.ckpt} models {config.vocab_size} codes but the tokenizer "
                          f"{vq_path} has {vq.config.codebook_size}: pass the tokenizer it was trained with (--vq-ckpt)")

@@ -507,11 +507,13 @@ class VQModel(nn.Module):
         misshapen key is a ValueError naming it.
         """
         checkpoint = read_checkpoint(path_or_state)
+        where = path_or_state if isinstance(path_or_state, str) else "the given state"
+        if "embeddings.weight" in unwrap_state_dict(checkpoint):                 # ARPG's token table
+            raise ValueError(f"{where} is an ARPG checkpoint, not a tokenizer: pass the VQ tokenizer's checkpoint")
         if config is None:
             stored = checkpoint.get("config")
             config = VQConfig(**stored) if isinstance(stored, dict) else VQ_PRESETS["VQ-16"]
         model = cls(config)
-        where = path_or_state if isinstance(path_or_state, str) else "the given state"
         try:
             load_strict(model, unwrap_state_dict(checkpoint), what=f"VQ checkpoint {where}")
         except ValueError as error:
@@ -775,6 +777,8 @@ def save_npy_atomic(array, path):
 def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_workers=0):
     """Encode every image of `image_dir/<class>/` into `out_dir/<class_id>/<index>.npy`, int64
     (2, h*w): row 0 the centre crop, row 1 its horizontal flip. Returns the number of images."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
     if image_size % vq.downsample:
         raise ValueError(f"image size {image_size} is not divisible by the tokenizer's downsampling "
                          f"factor {vq.downsample}")

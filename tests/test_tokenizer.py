@@ -104,6 +104,9 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
         VQModel.from_checkpoint({"model": tiny_model().state_dict()})  # no config -> VQ-16, wrong shapes
     with pytest.raises(FileNotFoundError, match="not found"):
         VQModel.from_checkpoint(str(tmp_path / "absent.pt"))
+    arpg_state = {"embeddings.weight": torch.zeros(4, 8), "head.weight": torch.zeros(2, 8)}  # ARPG's keys
+    with pytest.raises(ValueError, match="is an ARPG checkpoint, not a tokenizer"):
+        VQModel.from_checkpoint({"model": arpg_state, "config": {"dim": 8}})
 
 
 # -----------------------------------------------------------------------------
@@ -354,17 +357,18 @@ def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
     assert np.array_equal(codes, expected.flatten(1).numpy()), "codes are not those of the crop and its flip"
 
 
-@pytest.mark.parametrize("problem", ["missing folder", "no images", "size not divisible"])
+@pytest.mark.parametrize("problem", ["missing folder", "no images", "size not divisible", "empty batches"])
 def test_tokenize_cli_bad_input_is_one_line_and_nonzero_exit(problem, image_folder, tmp_path, capsys):
     """Bad input ends the CLI with a non-zero exit and a one-line error on stderr."""
     images, ckpt = image_folder
     (tmp_path / "empty" / "class").mkdir(parents=True)
     source, size = {"missing folder": (tmp_path / "absent", "16"), "no images": (tmp_path / "empty", "16"),
-                    "size not divisible": (images, "18")}[problem]
+                    "size not divisible": (images, "18"), "empty batches": (images, "16")}[problem]
+    batch = "0" if problem == "empty batches" else "64"
     with pytest.raises(SystemExit) as stop:
         main(["--tokenize", str(source), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(ckpt),
-              "--image-size", size, "--num-workers", "0", "--device", "cpu"])
+              "--image-size", size, "--batch-size", batch, "--num-workers", "0", "--device", "cpu"])
     message = str(stop.value.code)
     assert stop.value.code != 0 and message.startswith("error: "), f"exit {stop.value.code!r}"
     assert "\n" not in message, f"error is not one line: {message!r}"
-    assert not list((tmp_path / "codes").rglob("*.npy")), "code files written despite the error"
+    assert not (tmp_path / "codes").exists(), "the code folder was created despite the error"
