@@ -121,7 +121,8 @@ def parse_args(argv=None):
     editing.add_argument("--image-class", type=int, default=None,
                          help="class of the input image: picks the built-in image (default 0) and is the "
                               "label for inpaint/outpaint unless --classes is given")
-    editing.add_argument("--image-index", type=int, default=0, help="which built-in image of that class")
+    editing.add_argument("--image-index", type=int, default=0,
+                         help="which built-in image of that class (0-999; drawn in sequence, so low ones are quickest)")
     editing.add_argument("--mask", default=None,
                          help="mask image of the input's size: white = regenerate, black = keep (inpaint, class-edit)")
     editing.add_argument("--box", type=int, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
@@ -482,8 +483,8 @@ def check_flags(args):
             raise ValueError(f"{flag} must be at least 1, got {value}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    if args.image_index < 0:
-        raise ValueError(f"--image-index must be 0 or more, got {args.image_index}")
+    if not 0 <= args.image_index < 1000:  # image i of a class needs the 10 * i images before it drawn first
+        raise ValueError(f"--image-index must be in 0..999, got {args.image_index}")
     used_by = {"--image": ("inpaint", "class-edit", "outpaint"), "--image-class": ("inpaint", "class-edit", "outpaint"),
                "--mask": ("inpaint", "class-edit"), "--box": ("inpaint", "class-edit"),
                "--extend": ("outpaint",), "--grid": ("expand",)}

@@ -251,6 +251,7 @@ def write_png(path, height, width):
     (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
     (["--temperature", "-1"], "temperature (0: greedy) and top-k (0: off) must be 0 or more"),
     (["--top-k", "-3"], "temperature (0: greedy) and top-k (0: off) must be 0 or more"),
+    (["--edit", "inpaint", "--image-index", "1000"], "--image-index must be in 0..999, got 1000"),
     (["--steps", "65"], "steps must be between 1 and 64"),
     (["--edit", "inpaint", "--mask", "MASK_40x64"], "same size"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
