@@ -299,6 +299,8 @@ def main():
                         help="ONNX Runtime execution provider: auto = CUDA when it really works, else CPU")
     parser.add_argument("--out", default="out/onnx_samples.png", help="PNG grid to write")
     args = parser.parse_args()
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
 
     sampler = OnnxSampler(args.onnx_dir, args.device)
     classes = args.classes or sampler.metadata["default_classes"]
