@@ -822,7 +822,8 @@ def main(argv=None):
         n = tokenize_folder(vq, args.tokenize, args.out, args.image_size, args.batch_size, args.num_workers)
     except (FileNotFoundError, ValueError) as error:
         # DataLoader workers wrap errors in a traceback: the last line is the message that matters.
-        sys.exit(f"error: {str(error).strip().splitlines()[-1]}")
+        print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        sys.exit(2)                                                       # as data.run_script does for the others
     print(f"wrote the codes of {n} images to {args.out}")
 
 

@@ -358,8 +358,8 @@ def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing folder", "no images", "size not divisible", "empty batches"])
-def test_tokenize_cli_bad_input_is_one_line_and_nonzero_exit(problem, image_folder, tmp_path, capsys):
-    """Bad input ends the CLI with a non-zero exit and a one-line error on stderr."""
+def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, image_folder, tmp_path, capsys):
+    """Bad input ends the CLI with exit code 2 and a one-line error on stderr."""
     images, ckpt = image_folder
     (tmp_path / "empty" / "class").mkdir(parents=True)
     source, size = {"missing folder": (tmp_path / "absent", "16"), "no images": (tmp_path / "empty", "16"),
@@ -368,7 +368,7 @@ def test_tokenize_cli_bad_input_is_one_line_and_nonzero_exit(problem, image_fold
     with pytest.raises(SystemExit) as stop:
         main(["--tokenize", str(source), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(ckpt),
               "--image-size", size, "--batch-size", batch, "--num-workers", "0", "--device", "cpu"])
-    message = str(stop.value.code)
-    assert stop.value.code != 0 and message.startswith("error: "), f"exit {stop.value.code!r}"
-    assert "\n" not in message, f"error is not one line: {message!r}"
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and message.startswith("error: "), f"exit {stop.value.code!r}: {message!r}"
+    assert message.count("\n") == 1, f"error is not one line: {message!r}"
     assert not (tmp_path / "codes").exists(), "the code folder was created despite the error"
