@@ -48,15 +48,22 @@ parser.add_argument("--profile", action="store_true", help="only print a profile
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--out", default="out/bench.md", help="where to write the markdown table")
 args = parser.parse_args()
+
+
+def refuse(message):
+    """Bad input: one 'error:' line and exit code 2, as the other scripts give (data.run_script)."""
+    parser.exit(2, f"error: {message}\n")
+
+
 tokens_per_image = args.tokens or ARPG_PRESETS[args.size].block_size
 if math.isqrt(tokens_per_image) ** 2 != tokens_per_image:
-    parser.error(f"--tokens must be a square number (the tokens of an n x n grid), got {tokens_per_image}")
+    refuse(f"--tokens must be a square number (the tokens of an n x n grid), got {tokens_per_image}")
 if not all(1 <= steps <= tokens_per_image for steps in args.steps):
-    parser.error(f"--steps must be between 1 and the {tokens_per_image} tokens of an image, got {args.steps}")
+    refuse(f"--steps must be between 1 and the {tokens_per_image} tokens of an image, got {args.steps}")
 if min(args.batch or [1]) < 1 or args.repeats < 1:
-    parser.error(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
+    refuse(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
 if args.device.startswith("cuda") and not torch.cuda.is_available():
-    parser.error("--device cuda, but this torch sees no CUDA GPU (a CPU-only build, or no driver); use --device cpu")
+    refuse("--device cuda, but this torch sees no CUDA GPU (a CPU-only build, or no driver); use --device cpu")
 
 device = torch.device(args.device)
 on_gpu = device.type == "cuda"

@@ -34,4 +34,5 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
 def test_bench_refuses_bad_input_in_one_line(args, message):
     result = run_bench(*args, "--no-onnx", "--no-train")
     assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
