@@ -1,6 +1,6 @@
 """
-Decoding schedules (SPEC 6), the default sampling settings and their check, in plain Python: shared by arpg.py,
-sample.py and onnx_sampler.py.
+Decoding schedules (SPEC 6), the default sampling settings and their check, in plain Python:
+shared by arpg.py, sample.py and onnx_sampler.py.
 
 They live in a file of their own, free of torch and numpy, so that the ONNX Runtime sampler,
 which must run without PyTorch, uses the very same rules as `ARPG.generate`.
@@ -38,6 +38,7 @@ CFG_SCHEDULES = {
     "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,
     "constant": lambda scale, filled: scale,
 }
+
 
 def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p):
     """Refuse decoding settings that cannot work, saying why (both samplers call it first)."""

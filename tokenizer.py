@@ -507,15 +507,16 @@ class VQModel(nn.Module):
         misshapen key is a ValueError naming it.
         """
         checkpoint = read_checkpoint(path_or_state)
+        state = unwrap_state_dict(checkpoint)
         where = path_or_state if isinstance(path_or_state, str) else "the given state"
-        if "embeddings.weight" in unwrap_state_dict(checkpoint):                 # ARPG's token table
+        if "embeddings.weight" in state:                                  # ARPG's token table
             raise ValueError(f"{where} is an ARPG checkpoint, not a tokenizer: pass the VQ tokenizer's checkpoint")
         if config is None:
             stored = checkpoint.get("config")
             config = VQConfig(**stored) if isinstance(stored, dict) else VQ_PRESETS["VQ-16"]
         model = cls(config)
         try:
-            load_strict(model, unwrap_state_dict(checkpoint), what=f"VQ checkpoint {where}")
+            load_strict(model, state, what=f"VQ checkpoint {where}")
         except ValueError as error:
             raise ValueError(f"{error} (config used: {asdict(config)}; pass config=VQConfig(...) "
                              f"if the checkpoint has another architecture)") from None
