@@ -85,7 +85,7 @@ def parse_args(argv=None):
                           help="decoding steps for a whole canvas, 1..tokens per image (paper: 64; 32 is as good); "
                                "edits use the same tokens per step, so fewer steps for fewer unknown tokens")
     decoding.add_argument("--cfg", type=float, default=None,
-                          help="classifier-free guidance scale (default: the checkpoint's, 2.0 for the tiny recipe, "
+                          help="classifier-free guidance scale (default: the checkpoint's, 2.5 for the tiny recipe, "
                                "else 4; 1: off; official ARPG-L: 5.0, XL: 6.0, XXL: 7.5)")
     decoding.add_argument("--cfg-schedule", default=None, choices=list(CFG_SCHEDULES),
                           help="linear: guidance grows from 1 to --cfg as the canvas fills (the paper's); constant: "
