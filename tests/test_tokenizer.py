@@ -198,6 +198,26 @@ def test_straight_through_gradients_reach_the_encoder():
     assert codebook_loss.item() >= 0 and commitment_loss.item() >= 0, "negative VQ losses"
 
 
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 0)])
+def test_conv_shortcut_on_1x1_maps_equals_the_convolution(kernel, padding):
+    """tokenizer.Conv2d's linear shortcut on 1x1 maps gives the convolution's output and gradients."""
+    from tokenizer import Conv2d
+    torch.manual_seed(0)
+    conv = Conv2d(16, 24, kernel, padding=padding)
+    x = torch.randn(5, 16, 1, 1, requires_grad=True)
+    out = conv(x)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad_out)
+    x_ref = x.detach().clone().requires_grad_()
+    weight_ref = conv.weight.detach().clone().requires_grad_()
+    bias_ref = conv.bias.detach().clone().requires_grad_()
+    out_ref = F.conv2d(x_ref, weight_ref, bias_ref, padding=padding)
+    grads_ref = torch.autograd.grad(out_ref, (x_ref, weight_ref, bias_ref), grad_out)
+    torch.testing.assert_close(out, out_ref)
+    for name, grad, grad_ref in zip(("input", "weight", "bias"), grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, msg=f"{name} gradient differs")
+
+
 def test_dead_codes_are_restarted_onto_latents():
     """Codes absent from the usage window move onto (normalised) batch latents; used codes stay put."""
     vq = tiny_model().train()
