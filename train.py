@@ -127,6 +127,13 @@ TOKENIZER_IMAGES = 5000                 # ... on the first this many built-in im
 # ARPGs given the steps that buys (1690 against 1500, 6 blocks) 89.5% -> 89.5% and 88.3% -> 90.5%
 # class accuracy at 32 steps (two sampling seeds each).
 TOKENIZER_STEPS = 900
+# ... or for 2.5 minutes, whichever ends first, when the run has a time budget: on a CPU without
+# bf16 matrix instructions every step of both models costs about twice as much, and the budget's
+# minutes do more for the ARPG than the tokenizer's last steps. (2-core AMD EPYC with AVX2 only,
+# fp32, seed 0: 900 tokenizer steps took 3 min 36 s and left 478 ARPG steps, 69.1% class accuracy;
+# 600 steps took 2 min 26 s and left 565, 75.0%; EXPERIMENTS.md.) Where bf16 runs, 900 steps
+# take about 2 minutes and the cap does not bind.
+TOKENIZER_MINUTES = 2.5
 
 
 def parse_args(argv=None):
@@ -149,7 +156,8 @@ def parse_args(argv=None):
                       help="image folders are resized and centre-cropped to this side (default: the preset's "
                            "grid x the tokenizer's downsampling: 16 x 16 for L with VQ-16, 8 x 8 for tiny)")
     what.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS,
-                      help=f"steps to train the small tokenizer when it is missing (default: {TOKENIZER_STEPS})")
+                      help=f"steps to train the small tokenizer when it is missing (default: {TOKENIZER_STEPS}; "
+                           f"in a run timed by --total-minutes, at most {TOKENIZER_MINUTES} minutes of them)")
     what.add_argument("--out", default="out/arpg.pt", help="checkpoint path; sample grids go beside it")
     what.add_argument("--resume", action="store_true",
                       help="continue from --out: same weights, optimizer, data order and random numbers")
@@ -775,9 +783,13 @@ def main(argv=None):
                 # Trained on 20,000 (each seen once) its reconstructions were classified 97.4% instead of
                 # 99.2% (seed 0), and the ARPG on top of it reached 83.3% instead of 89.5%.
                 images, _ = make_builtin_dataset(min(args.num_images, TOKENIZER_IMAGES), seed=args.seed)
-                log(f"no tokenizer at {args.tokenizer}: training the small one on {len(images)} built-in images")
+                timed = args.max_steps is None and args.total_minutes > 0  # the ARPG gets what time is left
+                minutes = TOKENIZER_MINUTES if timed else None
+                log(f"no tokenizer at {args.tokenizer}: training the small one on {len(images)} built-in images "
+                    f"({args.tokenizer_steps} steps" + (f" or {minutes} minutes, whichever ends first)" if timed else ")"))
                 train_tokenizer(images, VQ_PRESETS["small"], args.tokenizer, max_steps=args.tokenizer_steps,
-                                seed=args.seed, device=device.type, precision=tokenizer_precision(args, device))
+                                minutes=minutes, seed=args.seed, device=device.type,
+                                precision=tokenizer_precision(args, device))
             if world_size > 1:
                 dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
