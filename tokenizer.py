@@ -121,9 +121,10 @@ class Conv2d(nn.Conv2d):
     The local encoder (`VQModel.encode_latents`) brings every 8x8 patch down to a 1x1 map, and
     its last blocks run there. A k x k conv with 'same' zero padding sees a 1x1 input only
     through its centre tap (every other tap falls on padding), so it is exactly a linear map
-    with the centre tap's (out, in) matrix; the other taps get zero gradients either way. On a
-    2-core CPU the library's conv kernels spent ~60 ms of a ~330 ms tokenizer training step on
-    these 1x1 maps (a 3x3 conv's backward took ~10 ms for what is a (1024, 64) x (64, 64) product).
+    with the centre tap's (out, in) matrix; the other taps get zero gradients either way. The
+    library's conv kernels are slow on such maps (on a 2-core AVX2 CPU a 3x3 conv's backward took
+    ~10 ms for what is a (1024, 64) x (64, 64) product): the small tokenizer's training step went
+    from 333 to 230 ms (EXPERIMENTS.md).
     """
 
     def forward(self, x):

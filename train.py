@@ -130,9 +130,10 @@ TOKENIZER_STEPS = 900
 # ... or for 2.5 minutes, whichever ends first, when the run has a time budget: on a CPU without
 # bf16 matrix instructions every step of both models costs about twice as much, and the budget's
 # minutes do more for the ARPG than the tokenizer's last steps. (2-core AMD EPYC with AVX2 only,
-# fp32, seed 0: 900 tokenizer steps took 3 min 36 s and left 478 ARPG steps, 69.1% class accuracy;
-# 600 steps took 2 min 26 s and left 565, 75.0%; EXPERIMENTS.md.) Where bf16 runs, 900 steps
-# take about 2 minutes and the cap does not bind.
+# fp32: with seed 0, 900 tokenizer steps took 3 min 36 s and left 478 ARPG steps, 69.1% class
+# accuracy, and 600 steps 2 min 26 s, 565 ARPG steps, 75.0%; with seed 1, 900 steps 4 min 07 s,
+# 386 ARPG steps, 72.7%, and the cap 552 steps, 567 ARPG steps, 74.4%; EXPERIMENTS.md.) Where
+# bf16 runs, 900 steps take about 2 minutes and the cap does not bind.
 TOKENIZER_MINUTES = 2.5
 
 
@@ -785,8 +786,9 @@ def main(argv=None):
                 images, _ = make_builtin_dataset(min(args.num_images, TOKENIZER_IMAGES), seed=args.seed)
                 timed = args.max_steps is None and args.total_minutes > 0  # the ARPG gets what time is left
                 minutes = TOKENIZER_MINUTES if timed else None
+                budget = f" or {minutes} minutes, whichever ends first" if timed else ""
                 log(f"no tokenizer at {args.tokenizer}: training the small one on {len(images)} built-in images "
-                    f"({args.tokenizer_steps} steps" + (f" or {minutes} minutes, whichever ends first)" if timed else ")"))
+                    f"({args.tokenizer_steps} steps{budget})")
                 train_tokenizer(images, VQ_PRESETS["small"], args.tokenizer, max_steps=args.tokenizer_steps,
                                 minutes=minutes, seed=args.seed, device=device.type,
                                 precision=tokenizer_precision(args, device))

@@ -282,6 +282,15 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
 
 
+def test_train_tokenizer_stops_at_its_minutes_before_its_steps(tmp_path):
+    """With both budgets, training ends at whichever comes first: here the minutes, long before
+    a million steps, with the checkpoint saved at the step it reached."""
+    path = tmp_path / "vq.pt"
+    train_tokenizer(random_images(12, 16, 16), TINY, str(path), max_steps=10**6, minutes=0.02, batch_size=4)
+    steps = torch.load(path, weights_only=True)["step"]
+    assert 1 <= steps < 10**6, f"stopped after {steps} steps"
+
+
 def test_quantizer_searches_in_fp32_under_bf16_autocast():
     """train_tokenizer(precision="bf16") runs the model under bf16 autocast, but the nearest-code
     search stays fp32: bf16 distances (3 significant digits) would pick other codes."""

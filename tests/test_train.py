@@ -18,7 +18,8 @@ from PIL import Image
 from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
 from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
-from train import StepSampler, build_dataset, learning_rate, main, make_optimizers, parse_args
+from train import (TOKENIZER_MINUTES, TOKENIZER_STEPS, StepSampler, build_dataset, learning_rate, main,
+                   make_optimizers, parse_args)
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, LENGTH = 32, 16                     # small codes: a 4 x 4 grid of 32 codes keeps every run fast
@@ -160,6 +161,28 @@ def test_a_probe_that_is_too_fast_is_corrected_from_the_real_steps(tmp_path, mon
     final_lr = checkpoint["optimizer"][0]["param_groups"][0]["lr"]
     expected = args["min_lr"] + (args["lr"] - args["min_lr"]) / decay_steps
     assert final_lr == pytest.approx(expected), f"the decay did not finish: lr {final_lr}, expected {expected}"
+
+
+@pytest.mark.parametrize("step_flags, minutes", [([], TOKENIZER_MINUTES), (["--max-steps", "5"], None)])
+def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monkeypatch, step_flags, minutes):
+    """A run timed by --total-minutes (the default) trains the missing tokenizer for its steps or
+    TOKENIZER_MINUTES, whichever ends first; a run of --max-steps trains it for its steps alone."""
+    import train
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def record_and_stop(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(train, "train_tokenizer", record_and_stop)
+    with pytest.raises(Stop):
+        main(["--tokenizer", str(tmp_path / "vq.pt"), "--num-images", "10", "--device", "cpu", *step_flags,
+              "--out", str(tmp_path / "arpg.pt")])
+    assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, minutes)]
 
 
 def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_path):
