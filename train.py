@@ -132,8 +132,9 @@ TOKENIZER_STEPS = 900
 # minutes do more for the ARPG than the tokenizer's last steps. (2-core AMD EPYC with AVX2 only,
 # fp32: with seed 0, 900 tokenizer steps took 3 min 36 s and left 478 ARPG steps, 69.1% class
 # accuracy, and 600 steps 2 min 26 s, 565 ARPG steps, 75.0%; with seed 1, 900 steps 4 min 07 s,
-# 386 ARPG steps, 72.7%, and the cap 552 steps, 567 ARPG steps, 74.4%; EXPERIMENTS.md.) Where
-# bf16 runs, 900 steps take about 2 minutes and the cap does not bind.
+# 386 ARPG steps, 72.7%, and the cap 552 steps, 567 ARPG steps, 74.4%; the cap with seed 0: 579
+# steps, 597 ARPG steps, 73.2%; EXPERIMENTS.md.) Where bf16 runs, 900 steps take about 2 minutes
+# and the cap does not bind.
 TOKENIZER_MINUTES = 2.5
 
 
