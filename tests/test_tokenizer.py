@@ -12,7 +12,7 @@ from einops import rearrange
 from PIL import Image
 
 from data import make_builtin_dataset
-from tokenizer import (VQ_PRESETS, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
+from tokenizer import (VQ_PRESETS, Conv2d, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
                        make_tokenizer_optimizers, tensor_to_images, train_tokenizer)
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -201,7 +201,6 @@ def test_straight_through_gradients_reach_the_encoder():
 @pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 0)])
 def test_conv_shortcut_on_1x1_maps_equals_the_convolution(kernel, padding):
     """tokenizer.Conv2d's linear shortcut on 1x1 maps gives the convolution's output and gradients."""
-    from tokenizer import Conv2d
     torch.manual_seed(0)
     conv = Conv2d(16, 24, kernel, padding=padding)
     x = torch.randn(5, 16, 1, 1, requires_grad=True)
