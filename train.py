@@ -67,8 +67,8 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # is still learning when it stops (6 blocks, seed 0, the tokenizer in fp32: 88.6% class accuracy
 # after the 1566 steps of a default run, 92.4% after 2000 with --max-steps; README), so the run
 # takes as many steps as the machine fits into 9.5 minutes, tokenizer included, and stays within
-# the 10 minutes promised on a slow one (cold-cache runs on a 2-core AMD EPYC ended between 9:16
-# and 9:34; with 9 minutes one took 1465 instead of 1583 steps, seed 0). --max-steps fixes the
+# the 10 minutes promised on a slow one (cold-cache runs on two 2-core AMD EPYCs ended between 9:16
+# and 9:40; with 9 minutes one took 1465 instead of 1583 steps, seed 0). --max-steps fixes the
 # count instead, for results that do not depend on the machine's speed.
 
 RECIPES = {
@@ -213,7 +213,7 @@ def parse_args(argv=None):
     run.add_argument("--sample-columns", type=int, default=8, help="samples per class in a grid")
     run.add_argument("--sample-cfg", type=float, default=None,
                      help="classifier-free guidance scale of the grids, saved in the checkpoint as sample.py's "
-                          "default (tiny: 2.0; else 4)")
+                          "default (tiny: 2.5; else 4)")
     run.add_argument("--sample-cfg-schedule", default=None, choices=list(CFG_SCHEDULES),
                      help="how the grids' guidance changes as the canvas fills, saved in the checkpoint as sample.py's "
                           "default (tiny: constant; else linear, the paper's)")
