@@ -41,6 +41,7 @@ from schedules import CFG_SCHEDULES, check_decoding, reveal_counts
 #   T  tokens fed to Pass 1 in one call (L in training, the tokens revealed last step at inference)
 #   N  keys in a cache (everything Pass 1 has seen so far)
 #   K  [MASK] queries in one call (L in training, the tokens to reveal this step at inference)
+#   U  tokens still unknown when decoding starts (L, or fewer when editing keeps some)
 #   C  model width (dim), H heads, D head dim = C / H
 #   V  codebook size (vocab_size)
 
@@ -58,7 +59,7 @@ class ARPGConfig:
     num_classes: int = 1000            # class labels (ImageNet: 1000)
     block_size: int = 256              # image tokens L of the training grid (a square: 16 x 16)
     multiple_of: int = 256             # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None  # optional extra factor on the SwiGLU hidden size
+    ffn_dim_multiplier: Optional[float] = None  # extra factor on the SwiGLU hidden (official; no preset sets it)
     rope_base: float = 10000.0         # RoPE frequency base
     class_rope: str = "zero"           # RoPE of the class token: "zero" (official, see below) or "identity"
     query_position: bool = False       # add a learned map of its RoPE row to each Pass-2 query (tiny; see ARPG.guided)
@@ -273,7 +274,7 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, T, D)
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)                           # (B, H, N+T, D)
-            v = torch.cat([cache[1], v], dim=2)
+            v = torch.cat([cache[1], v], dim=2)                           # (B, H, N+T, D)
         out = attend(q, k, v, mask, self.dropout_p if self.training else 0.0)  # (B, T, C)
         return self.proj_dropout(self.proj(out)), (k, v)
 
@@ -339,7 +340,6 @@ class GuidedBlock(nn.Module):
 class TwoPassDecoder(nn.Module):
     def __init__(self, config: ARPGConfig):
         super().__init__()
-        self.n_head = config.n_head
         self.self_dec = nn.ModuleList(ContextBlock(config) for _ in range(config.context_depth))  # Pass 1
         self.cross_dec = nn.ModuleList(GuidedBlock(config) for _ in range(config.guided_depth))   # Pass 2
         # Between the passes: one norm and ONE shared key/value projection that every Pass-2 block
@@ -432,7 +432,7 @@ class ARPG(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)                       # (B, H, T, D)
         if caches is not None:
             k = torch.cat([caches[-1][0], k], dim=2)                      # (B, H, N+T, D)
-            v = torch.cat([caches[-1][1], v], dim=2)
+            v = torch.cat([caches[-1][1], v], dim=2)                      # (B, H, N+T, D)
         return grown + [(k, v)]
 
     def guided(self, target_rope, shared_kv, mask=None):
@@ -537,7 +537,8 @@ class ARPG(nn.Module):
         # 1. Which positions are given, which to decode, and in what order.
         known_mask = self._check_known(known_tokens, known_mask, B, L)
         if order is None:
-            order = torch.rand(L, generator=generator, device=generator.device if generator else "cpu").argsort()
+            noise = torch.rand(L, generator=generator, device=generator.device if generator else "cpu")
+            order = noise.argsort()                                       # (L,)
         self._check_order(order, (L,))
         order = order.to(device)
         unknown_order = order[~known_mask[0][order]] if known_mask is not None else order  # (U,)
@@ -553,9 +554,9 @@ class ARPG(nn.Module):
         prefill_mask = None
         if known_mask is not None:
             known_pos = order[known_mask[0][order]]                       # (L - U,) in generation order
-            tokens[:, known_pos] = known_tokens[:, known_pos].to(device)
+            tokens[:, known_pos] = known_tokens[:, known_pos].to(device)  # (B, L - U) written
             feed_ids = torch.cat([class_ids, tokens[:, known_pos]], dim=1)  # (B, 1 + L - U)
-            feed_slots = torch.cat([feed_slots, known_pos + 1])
+            feed_slots = torch.cat([feed_slots, known_pos + 1])          # (1 + L - U,)
             # The known tokens are read as if they had been generated first, one by one in `order`:
             # causally, exactly as in training. Read all at once with no mask (as the decoding steps
             # are), each would see tokens it never saw in training: given 32 of their 64 tokens, a
@@ -571,7 +572,8 @@ class ARPG(nn.Module):
         caches, decoded = None, 0
         for n_reveal in reveal_counts(U, steps, schedule):
             # 3. Pass 1 reads only what is new; no mask (after the prefill): tokens fed together see each other.
-            caches = passes.context(feed_ids, rope[feed_slots][None], mask=prefill_mask, caches=caches)
+            feed_rope = rope[feed_slots][None]                            # (1, T, D/2, 2)
+            caches = passes.context(feed_ids, feed_rope, mask=prefill_mask, caches=caches)
             prefill_mask = None
             # 4. Pass 2: one [MASK] query per target, rotated by the target's position.
             target_pos = unknown_order[decoded:decoded + n_reveal]       # (K,)
@@ -585,9 +587,9 @@ class ARPG(nn.Module):
                 logits = uncond + (cond - uncond) * CFG_SCHEDULES[cfg_schedule](cfg_scale, filled)
             # 6. Sample, and write the new tokens to their grid positions.
             new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K)
-            tokens[:, target_pos] = new_tokens
+            tokens[:, target_pos] = new_tokens                          # (B, K) written
             # 7. They are next step's Pass-1 input (both halves when guided).
-            feed_ids = torch.cat([new_tokens, new_tokens]) if guided else new_tokens
+            feed_ids = torch.cat([new_tokens, new_tokens]) if guided else new_tokens  # (2B or B, K)
             feed_slots = target_pos + 1
         return tokens
 
@@ -664,7 +666,7 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)  # (B*K, 1), as the official loop
-    return flat.view(probs.shape[:-1])
+    return flat.view(probs.shape[:-1])                                    # (B, K)
 
 
 # -----------------------------------------------------------------------------
@@ -732,11 +734,12 @@ class StaticCachePasses:
         for (attn_norm, qkv_weight, proj, ffn_norm, w13, w2), cache in zip(self.context_blocks, self.buffers):
             qkv = F.linear(self._norm(x, attn_norm), qkv_weight).view(B, T, 3, self.n_head, -1)  # (B, T, 3, H, D)
             q, k = rotate(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, D) each
-            cache[0, :, :, start:end] = k
+            cache[0, :, :, start:end] = k                                # (B, H, T, D) into (B, H, N, D)
             cache[1, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
             out = attend_unfused(q, cache[0, :, :, :end], cache[1, :, :, :end], mask)  # (B, T, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         k, v = F.linear(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
+        # k, v (B, T, H, D) each, written as (B, H, T, D) into the shared cache
         self.buffers[-1][0, :, :, start:end] = rotate(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)
         self.buffers[-1][1, :, :, start:end] = v.transpose(1, 2)
 
@@ -749,7 +752,8 @@ class StaticCachePasses:
         if self.query_position is not None:
             x = x + F.linear(target_rope.flatten(-2), self.query_position)  # + (1, K, C), the same for every row
         for attn_norm, q_weight, proj, ffn_norm, w13, w2 in self.guided_blocks:
-            q = rotate(F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1), cos, sin)
+            q = F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1)  # (B, K, H, D)
+            q = rotate(q, cos, sin)
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)

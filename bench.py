@@ -129,7 +129,7 @@ if args.profile:
 # -----------------------------------------------------------------------------
 # Token generation
 
-rows = []   # (path, batch, steps, img/s, peak GB)
+rows = []   # (sampler, batch, steps, img/s, peak GB)
 L = config.block_size
 for batch in batches:
     labels = torch.arange(batch, device=device) % config.num_classes

@@ -17,9 +17,10 @@ does the rest: order, schedule, guidance, sampling.
                      into every graph
 
 B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
-of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's zero
-slot, slot p + 1 = grid position p): the table is a constant inside the graphs, built for the
-training grid or for --grid (outpainting, resolution expansion), and recorded in the JSON.
+of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's slot,
+zeros or the identity per `class_rope`; slot p + 1 = grid position p): the table is a constant
+inside the graphs, built for the training grid or for --grid (outpainting, resolution expansion),
+and recorded in the JSON.
 
 Each graph passes onnx.checker and is compared with PyTorch on fresh inputs (max |difference|
 is printed; fp32 must be <= 1e-4 or nothing is written). Files are written in a temporary

@@ -25,7 +25,7 @@ Use it:
 Pre-tokenize ImageNet-style folders (one subfolder per class) for ARPG training:
     python tokenizer.py --tokenize /data/imagenet/train --out /data/imagenet_codes \\
         --vq-ckpt vq_ds16_c2i.pt --image-size 256 --batch-size 64 --device cuda
-    python tokenizer.py --tokenize my_images --out my_codes --vq-ckpt out/vq_small.pt --image-size 64
+    python tokenizer.py --tokenize my_images --out my_codes --vq-ckpt out/tokenizer.pt --image-size 64
 
 The small tokenizer for the built-in dataset is trained by `train_tokenizer`, which the
 training script calls (CPU, about 3 minutes on 2 cores).
@@ -618,8 +618,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
       1. The first 25% of training is a plain autoencoder: the decoder sees the (l2-normalised)
          latents themselves. Colours and edges are learnt without the discrete bottleneck,
          whose straight-through gradients are slow to start from a random codebook.
-      2. Then every code is put on a random latent of the (now meaningful) encoder, and VQ
-         training goes on; every RESTART_EVERY steps, codes unused in the recent window are
+      2. Then the codes are placed on latents of the (now meaningful) encoder by k-means++
+         seeding, and VQ training goes on; every RESTART_EVERY steps, codes unused in the recent window are
          moved onto live latents, so the whole codebook stays in use.
     On the built-in shapes the warm-up is worth about 3 dB of PSNR at the same budget.
     The convolution kernels are trained by Muon (peak lr `muon_lr`, 0: AdamW for everything), the

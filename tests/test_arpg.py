@@ -134,9 +134,10 @@ def test_an_uneven_split_of_the_blocks_is_built_loaded_and_recognised():
     blocks = {name: len({k.split(".")[2] for k in model.state_dict() if k.startswith(f"layers.{name}.")})
               for name in ("self_dec", "cross_dec")}
     assert blocks == {"self_dec": 1, "cross_dec": 4}, blocks
-    assert infer_config(model.state_dict()) == config
+    assert infer_config(model.state_dict()) == config, "the config read back from the weights differs"
     loaded = ARPG.from_checkpoint({"model": model.state_dict()})  # no config saved: inferred from the shapes
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values())), \
+        "the loaded weights differ from the saved ones"
     for bad in (0, 5):
         with pytest.raises(ValueError, match="at least one block for each pass"):
             replace(config, pass1_layers=bad)
@@ -382,7 +383,7 @@ def test_fast_path_rotation_is_apply_rope_bit_for_bit():
     rope = build_rope_table(5, 7, 32, class_rope="identity")[torch.randperm(36)][None]  # (1, 36, 16, 2)
     x = torch.randn(3, 36, 4, 32)
     cos, sin = rotation_tables(rope[:, :, None])
-    assert torch.equal(rotate(x, cos, sin), apply_rope(x, rope))
+    assert torch.equal(rotate(x, cos, sin), apply_rope(x, rope)), "the table form of RoPE differs from apply_rope"
 
 
 def test_fast_path_logits_match_the_readable_path_on_a_larger_grid():
@@ -399,7 +400,7 @@ def test_fast_path_logits_match_the_readable_path_on_a_larger_grid():
         finally:
             arpg.sample_tokens = real_sample
         runs.append(calls)
-    assert len(runs[0]) == len(runs[1]) == 6
+    assert len(runs[0]) == len(runs[1]) == 6, [len(run) for run in runs]
     for step, (readable, fast) in enumerate(zip(*runs)):
         torch.testing.assert_close(fast, readable, atol=1e-5, rtol=0, msg=f"step {step}")
 

@@ -14,6 +14,7 @@ def run_bench(*args):
 
 
 def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
+    """bench.py's table has one row per sampler and step count, raster rows last, all with a speed."""
     out = tmp_path / "bench.md"
     result = run_bench("--batch", "2", "--steps", "2", "4", "--tokens", "16", "--repeats", "1", "--no-onnx",
                        "--no-train", "--out", str(out))
@@ -22,8 +23,8 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
     # readable and fast at 2 and 4 steps, then both in raster order (one token per step: 16 steps)
     assert [(row[0].lstrip("| "), row[2]) for row in rows] == [
         ("readable", "2"), ("readable", "4"), ("fast", "2"), ("fast", "4"),
-        ("readable, raster", "16"), ("fast, raster", "16")]
-    assert all(float(row[3]) > 0 for row in rows)                      # images per second
+        ("readable, raster", "16"), ("fast, raster", "16")], rows
+    assert all(float(row[3]) > 0 for row in rows), rows                # images per second
 
 
 @pytest.mark.parametrize("args, message", [
@@ -32,7 +33,8 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
     (["--batch", "0"], "--batch and --repeats must be at least 1"),
 ])
 def test_bench_refuses_bad_input_in_one_line(args, message):
+    """Bad arguments exit with status 2 and one line saying what was wrong."""
     result = run_bench(*args, "--no-onnx", "--no-train")
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr
+    assert message in result.stderr, result.stderr

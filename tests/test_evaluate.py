@@ -108,7 +108,7 @@ def test_arpg_as_a_classifier_names_the_classes_it_learnt_and_not_swapped_labels
     """A tiny ARPG trained briefly on images whose codes give the class away (class c draws its
     tokens from 4c..4c+3) assigns fresh images to their own class, and none to a wrong label."""
     torch.manual_seed(0)
-    # 4 layers, not the preset's 6: this toy model must learn the code ranges in 40 steps
+    # 4 layers, not the preset's 7: this toy model must learn the code ranges in 40 steps
     model = ARPG(replace(ARPG_PRESETS["tiny"], n_layer=4, vocab_size=16, num_classes=4, block_size=16))
 
     def draw(n):
@@ -122,5 +122,5 @@ def test_arpg_as_a_classifier_names_the_classes_it_learnt_and_not_swapped_labels
         optimizer.step()
         optimizer.zero_grad()
     codes, labels = draw(40)
-    assert evaluate.likelihood_classification(model, codes, labels, n_orders=2, batch_size=16) == 1.0
-    assert evaluate.likelihood_classification(model, codes, (labels + 1) % 4, n_orders=2) == 0.0
+    assert evaluate.likelihood_classification(model, codes, labels, n_orders=2, batch_size=16) == 1.0, "true labels"
+    assert evaluate.likelihood_classification(model, codes, (labels + 1) % 4, n_orders=2) == 0.0, "shifted labels"

@@ -47,5 +47,5 @@ def test_muon_steps_each_matrix_by_its_own_orthogonalized_nesterov_momentum(dtyp
             weights[i] = weights[i] - 0.1 * orthogonalize(matrix.to(dtype)).float().view_as(g) * scale
     tolerance = 1e-6 if dtype == torch.float32 else 2e-3  # bf16: 2e-4 off here; orthogonalizing in fp32, 6e-3
     for p, w in zip(params, weights):
-        assert p.dtype == torch.float32
+        assert p.dtype == torch.float32, p.dtype
         torch.testing.assert_close(p.detach(), w, atol=tolerance, rtol=1e-5)

@@ -145,7 +145,7 @@ def test_encode_images_in_batches_equals_one_encode():
     """encode_images (uint8 in, batches of a few images) gives the codes of one encode() of all of them."""
     vq = tiny_model()
     images = random_images(7, 16, 16)
-    expected = vq.encode(images_to_tensor(images))                        # (7, 2, 2)
+    expected = vq.encode(images_to_tensor(images))                        # (7, 4, 4)
     codes = vq.encode_images(images, batch_size=3)
     assert codes.device.type == "cpu" and torch.equal(codes, expected), "batched codes differ from one encode"
 
@@ -243,7 +243,7 @@ def test_restarted_codes_avoid_latents_that_already_have_a_code():
     latents = torch.cat([covered.expand(14, -1), fresh]).T.reshape(1, TINY.codebook_embed_dim, 4, 4)
     dead = [TINY.codebook_size - 2, TINY.codebook_size - 1]
     quantizer.record_usage(torch.arange(TINY.codebook_size - 2).view(1, 1, -1))  # the last two are dead
-    assert quantizer.restart_dead_codes(latents) == 2
+    assert quantizer.restart_dead_codes(latents) == 2, "the two unused codes should be restarted"
     distance = torch.cdist(quantizer.embedding.weight[dead].detach(), fresh)  # (2 codes, 2 fresh latents)
     assert distance.min(dim=1).values.max() < 1e-6, "a restarted code was put on a latent code 3 describes"
     assert distance.argmin(dim=1).unique().numel() == 2, "both restarted codes were put on the same latent"
@@ -330,10 +330,10 @@ def test_tokenizer_muon_takes_the_inner_kernels_and_adamw_everything_else():
     assert in_muon == kernels - {"encoder.conv_in.weight", "decoder.conv_out.weight"}, sorted(kernels - in_muon)
     decayed, not_decayed = ({names[id(p)] for p in group["params"]} for group in adamw.param_groups)
     assert decayed == {"encoder.conv_in.weight", "decoder.conv_out.weight"}, decayed
-    assert not_decayed == set(names.values()) - in_muon - decayed
+    assert not_decayed == set(names.values()) - in_muon - decayed, "every tensor must be in exactly one group"
     assert all(vq.get_parameter(name).ndim < 4 for name in not_decayed), "a kernel escaped weight decay"
     (only,) = make_tokenizer_optimizers(vq, lr=1e-3, muon_lr=0.0)
-    assert sum(len(group["params"]) for group in only.param_groups) == len(names)
+    assert sum(len(group["params"]) for group in only.param_groups) == len(names), "AdamW alone holds every tensor"
 
 
 def test_evaluate_tokenizer_psnr_is_infinite_free_and_exact():

@@ -153,7 +153,7 @@ def test_a_probe_that_is_too_fast_is_corrected_from_the_real_steps(tmp_path, mon
     (line,) = [line for line in stdout.splitlines() if line.startswith("--total-minutes 0.15:")]
     planned = int(line.split()[-2])
     checkpoint = load(tmp_path / "arpg.pt")
-    assert "re-planned" in stdout
+    assert "re-planned" in stdout, stdout
     assert checkpoint["step"] == checkpoint["args"]["max_steps"] < planned / 2, (line, checkpoint["step"])
     # The last step ran at the bottom of the (re-planned) decay: one decay step above --min-lr.
     args = checkpoint["args"]
@@ -182,7 +182,7 @@ def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monk
     with pytest.raises(Stop):
         main(["--tokenizer", str(tmp_path / "vq.pt"), "--num-images", "10", "--device", "cpu", *step_flags,
               "--out", str(tmp_path / "arpg.pt")])
-    assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, minutes)]
+    assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, minutes)], calls
 
 
 def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_path):
@@ -220,13 +220,13 @@ def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
     continues them."""
     data = write_codes(tmp_path / "codes")
     common = ["--data", str(data), *FAST, "--muon-lr", "0", "--save-every", "0", "--out", str(tmp_path / "arpg.pt")]
-    assert run_train(*common, "--max-steps", "2").returncode == 0
+    assert run_train(*common, "--max-steps", "2").returncode == 0, "the first 2-step run failed"
     checkpoint = load(tmp_path / "arpg.pt")
     (checkpoint["optimizer"],) = checkpoint["optimizer"]                  # the old layout: one dict
     torch.save(checkpoint, tmp_path / "arpg.pt")
     resumed = run_train(*common, "--max-steps", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert load(tmp_path / "arpg.pt")["step"] == 4
+    assert load(tmp_path / "arpg.pt")["step"] == 4, "the resumed run should end at step 4"
 
 
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
@@ -302,11 +302,11 @@ def test_learning_rate_warms_up_then_decays_by_cosine_or_after_holding_the_peak(
     cosine = [learning_rate(s, 100, peak, minimum, warmup_steps=10) for s in range(101)]
     held = [learning_rate(s, 100, peak, minimum, warmup_steps=10, decay_steps=30) for s in range(101)]
     ramp = [(s + 1) / 10 for s in range(10)]
-    assert cosine[:10] == ramp and held[:10] == ramp
-    assert all(a > b for a, b in zip(cosine[10:], cosine[11:])) and math.isclose(cosine[100], minimum)
-    assert held[10:71] == [peak] * 61
+    assert cosine[:10] == ramp and held[:10] == ramp, "both schedules warm up linearly"
+    assert all(a > b for a, b in zip(cosine[10:], cosine[11:])) and math.isclose(cosine[100], minimum), cosine
+    assert held[10:71] == [peak] * 61, "the held schedule stays at its peak"
     drops = [a - b for a, b in zip(held[70:], held[71:])]
-    assert all(math.isclose(d, (peak - minimum) / 30) for d in drops) and math.isclose(held[100], minimum)
+    assert all(math.isclose(d, (peak - minimum) / 30) for d in drops) and math.isclose(held[100], minimum), held
 
 
 def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
@@ -317,16 +317,17 @@ def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
     expected = {id(p) for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2}
-    assert in_muon == expected and in_adamw == {id(p) for p in model.parameters()} - expected
-    assert "embeddings.weight" in dict(model.named_parameters()) and id(model.head.weight) in in_adamw
+    assert in_muon == expected and in_adamw == {id(p) for p in model.parameters()} - expected, "wrong split"
+    assert {id(model.embeddings.weight), id(model.head.weight)} <= in_adamw, "embeddings and head belong to AdamW"
     (alone,) = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.0)
-    assert sum(len(group["params"]) for group in alone.param_groups) == len(list(model.parameters()))
+    assert sum(len(group["params"]) for group in alone.param_groups) == len(list(model.parameters())), \
+        "AdamW alone holds every weight"
 
 
 # --- bad input: one line, a non-zero exit, nothing written ---
 
 def vocabulary_mismatch(tmp_path):
-    """A checkpoint trained on 32 codes, resumed with a 512-code tokenizer."""
+    """A checkpoint trained on 32 codes, resumed with a 128-code tokenizer."""
     data = write_codes(tmp_path / "codes")
     config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
     torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1}, tmp_path / "arpg.pt")
