@@ -136,6 +136,14 @@ TOKENIZER_STEPS = 900
 # steps, 597 ARPG steps, 73.2%; EXPERIMENTS.md.) Where bf16 runs, 900 steps take about 2 minutes
 # and the cap does not bind.
 TOKENIZER_MINUTES = 2.5
+# On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
+# steps cost ~35% less, so the budget holds ~800 steps instead of ~500. Fewer blocks learn more
+# from so few steps (AVX2 EPYC, fp32, 1000 samples at 32 steps, the same tokenizer and ARPG minutes
+# for each pair): 69.6% -> 74.8% (seed 0; 486 -> 768 steps) and 77.0% -> 80.6% (seed 1; 544 -> 814
+# steps); 4 blocks gave 69.9% (seed 0, 990 steps), and 7 blocks in batches of 32 70.4% (969 steps).
+# Where bf16 runs, the budget holds ~1400 steps of the 7-block model, and 7 blocks gave more than 6
+# (arpg.ARPG_PRESETS). A run with --max-steps keeps the preset on every CPU.
+FP32_CPU_TINY_LAYERS = 5
 
 
 def parse_args(argv=None):
@@ -160,6 +168,9 @@ def parse_args(argv=None):
     what.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS,
                       help=f"steps to train the small tokenizer when it is missing (default: {TOKENIZER_STEPS}; "
                            f"in a run timed by --total-minutes, at most {TOKENIZER_MINUTES} minutes of them)")
+    what.add_argument("--layers", type=int, default=None,
+                      help="ARPG blocks, Pass 1's and Pass 2's together (default: the preset's, 7 for tiny, but "
+                           f"{FP32_CPU_TINY_LAYERS} in a timed fp32 run on a CPU: FP32_CPU_TINY_LAYERS; 24 for L)")
     what.add_argument("--out", default="out/arpg.pt", help="checkpoint path; sample grids go beside it")
     what.add_argument("--resume", action="store_true",
                       help="continue from --out: same weights, optimizer, data order and random numbers")
@@ -732,6 +743,21 @@ def tokenizer_precision(args, device):
     return "fp32" if device.type == "cpu" and cpu_has("amx_tile") else args.precision
 
 
+def is_timed(args):
+    """Whether the run has a time budget (--total-minutes) rather than a step count (--max-steps)."""
+    return args.max_steps is None and args.total_minutes > 0
+
+
+def model_layers(args, preset, device):
+    """--layers, else the preset's depth, except for a timed tiny run in fp32 on a CPU, where
+    steps are dear: FP32_CPU_TINY_LAYERS (see there)."""
+    if args.layers is not None:
+        return args.layers
+    if args.size == "tiny" and args.precision == "fp32" and device.type == "cpu" and is_timed(args):
+        return FP32_CPU_TINY_LAYERS
+    return preset.n_layer
+
+
 def fill_in_defaults(args, world_size):
     """Resolve the None flags from the recipe of --size (all but --max-steps, which needs the data
     and the model: main), then check them: before any process group or file exists."""
@@ -745,7 +771,7 @@ def fill_in_defaults(args, world_size):
     args.precision = args.precision or default_precision(args.device)
     if args.workers is None:  # processes that read files in the background; the built-in data is in memory
         args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
-    at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "num_images": 1, "tokenizer_steps": 1,
+    at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "num_images": 1, "tokenizer_steps": 1, "layers": 2,
                 "sample_steps": 1, "sample_columns": 1, "log_every": 1, "save_every": 0, "sample_every": 0,
                 "workers": 0, "total_minutes": 0, "lr": 0, "muon_lr": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0}
     for key, least in at_least.items():
@@ -785,9 +811,8 @@ def main(argv=None):
                 # Trained on 20,000 (each seen once) its reconstructions were classified 97.4% instead of
                 # 99.2% (seed 0), and the ARPG on top of it reached 83.3% instead of 89.5%.
                 images, _ = make_builtin_dataset(min(args.num_images, TOKENIZER_IMAGES), seed=args.seed)
-                timed = args.max_steps is None and args.total_minutes > 0  # the ARPG gets what time is left
-                minutes = TOKENIZER_MINUTES if timed else None
-                budget = f" or {minutes} minutes, whichever ends first" if timed else ""
+                minutes = TOKENIZER_MINUTES if is_timed(args) else None     # the ARPG gets what time is left
+                budget = f" or {minutes} minutes, whichever ends first" if minutes else ""
                 log(f"no tokenizer at {args.tokenizer}: training the small one on {len(images)} built-in images "
                     f"({args.tokenizer_steps} steps{budget})")
                 train_tokenizer(images, VQ_PRESETS["small"], args.tokenizer, max_steps=args.tokenizer_steps,
@@ -811,8 +836,15 @@ def main(argv=None):
         checkpoint = read_checkpoint(args.out)
         config = ARPGConfig(**checkpoint["config"])
         check_matches_data(config, dataset)
+        if args.layers not in (None, config.n_layer):
+            raise ValueError(f"--layers {args.layers}, but {args.out} has {config.n_layer} blocks: drop --layers "
+                             f"to resume it, or start afresh without --resume")
     else:
-        config = replace(preset, vocab_size=dataset.vocab_size, num_classes=len(dataset.class_names),
+        n_layer = model_layers(args, preset, device)
+        if n_layer != preset.n_layer:
+            log(f"{args.size} with {n_layer} blocks instead of the preset's {preset.n_layer}"
+                + ("" if args.layers else " (fp32 on a CPU: train.FP32_CPU_TINY_LAYERS)"))
+        config = replace(preset, n_layer=n_layer, vocab_size=dataset.vocab_size, num_classes=len(dataset.class_names),
                          block_size=dataset.length, token_dropout_p=args.dropout, resid_dropout_p=args.dropout,
                          ffn_dropout_p=args.dropout)
     torch.manual_seed(args.seed)

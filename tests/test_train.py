@@ -18,8 +18,8 @@ from PIL import Image
 from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
 from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
-from train import (TOKENIZER_MINUTES, TOKENIZER_STEPS, StepSampler, build_dataset, learning_rate, main,
-                   make_optimizers, parse_args)
+from train import (FP32_CPU_TINY_LAYERS, TOKENIZER_MINUTES, TOKENIZER_STEPS, StepSampler, build_dataset,
+                   fill_in_defaults, learning_rate, main, make_optimizers, model_layers, parse_args)
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, LENGTH = 32, 16                     # small codes: a 4 x 4 grid of 32 codes keeps every run fast
@@ -185,6 +185,25 @@ def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monk
     assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, minutes)], calls
 
 
+@pytest.mark.parametrize("flags, device, layers", [
+    (["--precision", "fp32"], "cpu", FP32_CPU_TINY_LAYERS),         # the default run on a CPU without bf16
+    (["--precision", "bf16"], "cpu", ARPG_PRESETS["tiny"].n_layer),
+    (["--precision", "fp32", "--max-steps", "100"], "cpu", ARPG_PRESETS["tiny"].n_layer),
+    (["--precision", "fp32", "--total-minutes", "0"], "cpu", ARPG_PRESETS["tiny"].n_layer),
+    (["--precision", "fp32"], "cuda", ARPG_PRESETS["tiny"].n_layer),
+    (["--precision", "fp32", "--layers", "6"], "cpu", 6),
+    (["--size", "L", "--precision", "fp32"], "cpu", ARPG_PRESETS["L"].n_layer),
+])
+def test_a_timed_fp32_cpu_run_trains_a_shallower_tiny(flags, device, layers):
+    """Only a timed run of tiny in fp32 on a CPU swaps the preset's depth for FP32_CPU_TINY_LAYERS;
+    --max-steps, no time budget, another device or size keep the preset, and --layers wins."""
+    args = parse_args(flags)
+    fill_in_defaults(args, world_size=1)
+    assert FP32_CPU_TINY_LAYERS != ARPG_PRESETS["tiny"].n_layer, "the swap would be invisible"
+    got = model_layers(args, ARPG_PRESETS[args.size], torch.device(device))
+    assert got == layers, f"{flags} on {device}: {got} blocks, expected {layers}"
+
+
 def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_path):
     """--compile (the tiny recipe's default) trains the weights --no-compile trains, up to float
     rounding, and the same ones every time (what an exact --resume needs); where compiling fails
@@ -347,6 +366,14 @@ def resumed_with_another_optimizer(tmp_path):
     return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], "resume it with the --muon-lr it started with"
 
 
+def resumed_with_other_layers(tmp_path):
+    """A 7-block checkpoint resumed with --layers 5."""
+    data = write_codes(tmp_path / "codes")
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
+    torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1}, tmp_path / "arpg.pt")
+    return ["--data", str(data), "--vocab-size", str(VOCAB), "--layers", "5", "--resume"], "has 7 blocks"
+
+
 def empty_folder(tmp_path):
     os.makedirs(tmp_path / "empty" / "cat")  # a class folder with nothing in it
     return ["--data", str(tmp_path / "empty")], "no training data"
@@ -359,6 +386,8 @@ BAD_INPUTS = {
                                                   "--vocab-size", str(VOCAB)], "outside the vocabulary"),
     "tokenizer/model vocabulary mismatch": vocabulary_mismatch,
     "resumed with another optimizer": resumed_with_another_optimizer,
+    "resumed with another depth": resumed_with_other_layers,
+    "a one-block model": lambda tmp: (["--layers", "1"], "--layers must be at least 2, got 1"),
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
     "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p must be in \(0, 1\]"),
     "an empty batch": lambda tmp: (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
