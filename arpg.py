@@ -114,7 +114,8 @@ class ARPGConfig:
 # step is ~18% slower). In the same 5.2 minutes of training (1315 steps against 1500, the same
 # tokenizers): 92.6% against 89.5% (seed 0) and 87.2% against 88.3% (seed 1), two sampling seeds
 # each; default runs with it (and train.TOKENIZER_STEPS) 90.8 / 89.8 / 88.5% against 91.2 / 88.1 /
-# 85.6% (seeds 0 / 1 / 2), Frechet distance 1.57 against 2.95 (seed 0; EXPERIMENTS.md).
+# 85.6% (seeds 0 / 1 / 2), Frechet distance 1.57 against 2.95 (seed 0; EXPERIMENTS.md). Where steps
+# cost twice as much (fp32 on a CPU), a timed run trains 5 blocks instead (train.FP32_CPU_TINY_LAYERS).
 ARPG_PRESETS = {
     "tiny": ARPGConfig(dim=128, n_layer=7, pass1_layers=2, n_head=4, vocab_size=128, num_classes=10, block_size=64,
                        class_rope="identity", query_position=True),  # departures: RoPE section, ARPG.guided, the split
