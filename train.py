@@ -137,10 +137,12 @@ TOKENIZER_STEPS = 900
 # and the cap does not bind.
 TOKENIZER_MINUTES = 2.5
 # On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
-# steps cost ~35% less, so the budget holds ~800 steps instead of ~500. Fewer blocks learn more
-# from so few steps (AVX2 EPYC, fp32, 1000 samples at 32 steps, the same tokenizer and ARPG minutes
+# steps cost ~35% less, so the budget holds ~800 steps instead of ~500. 5 blocks learn more from
+# so few steps (AVX2 EPYC, fp32, 1000 samples at 32 steps, the same tokenizer and ARPG minutes
 # for each pair): 69.6% -> 74.8% (seed 0; 486 -> 768 steps) and 77.0% -> 80.6% (seed 1; 544 -> 814
-# steps); 4 blocks gave 69.9% (seed 0, 990 steps), and 7 blocks in batches of 32 70.4% (969 steps).
+# steps); with seed 0, 6 blocks gave 72.2% (704 steps), 4 blocks 69.9% (990), and 7 blocks in
+# batches of 32 70.4% (969 steps). Default runs: 5 blocks 75.4% (mean of seeds 0-2), 7 blocks 73.4%
+# (mean of five), seeds 3-4 points apart either way.
 # Where bf16 runs, the budget holds ~1400 steps of the 7-block model, and 7 blocks gave more than 6
 # (arpg.ARPG_PRESETS). A run with --max-steps keeps the preset on every CPU.
 FP32_CPU_TINY_LAYERS = 5
