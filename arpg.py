@@ -145,8 +145,8 @@ ARPG_PRESETS = {
 # is zero. With the identity slot the class key is an ordinary, unrotated key, so the logit
 # between a query at position p and the class key depends on p. The model can then attend to the
 # class as strongly as it likes and learn absolute position from it. On the earlier built-in
-# classes, after a 600-step run (the default at the time), the class accuracy of 32-step samples went from
-# 13.6% to 23.0% (EXPERIMENTS.md, "What was worth keeping"). ImageNet-scale models learn around
+# classes, after a 600-step run (the default at the time), the class accuracy of 32-step samples
+# went from 13.6% to 23.0% (EXPERIMENTS.md, "What was worth keeping"). ImageNet-scale models learn around
 # the quirk; a tiny one on a CPU budget cannot afford to. Grid position p (row-major,
 # p = row * cols + col) is slot p + 1.
 
@@ -446,8 +446,9 @@ class ARPG(nn.Module):
         attends to; the query's own vector never holds it. The `tiny` preset departs from that
         (config.query_position): it adds a learned linear map of the query's RoPE row (the cos and
         sin of its row and column at every frequency) to the [MASK] embedding, so the feed-forward
-        layers can use "where am I" directly. After a 600-step run (the default at the time) on the built-in
-        shapes, class accuracy of 32-step samples went from 21.6% to 29.0% (500 samples; EXPERIMENTS.md).
+        layers can use "where am I" directly. After a 600-step run (the default at the time) on the
+        built-in shapes, class accuracy of 32-step samples went from 21.6% to 29.0% (500 samples;
+        EXPERIMENTS.md).
         """
         k, v = shared_kv                                                  # (B, H, N, D) each
         B, K = k.shape[0], target_rope.shape[1]

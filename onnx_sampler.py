@@ -230,8 +230,9 @@ class OnnxSampler:
         if order.shape != (L,) or not np.array_equal(np.sort(order), np.arange(L)):
             raise ValueError(f"order must be a permutation of the {L} grid positions")
 
-        # 2. The first Pass-1 input: the class token at RoPE slot 0 (zeros or the identity, per class_rope). With guidance
-        #    the batch is doubled: conditional rows, then the same rows with the null class.
+        # 2. The first Pass-1 input: the class token at RoPE slot 0 (zeros or the identity, per
+        #    class_rope). With guidance the batch is doubled: conditional rows, then the same rows
+        #    with the null class.
         B = labels.shape[0]
         guided = cfg_scale != 1.0
         feed_ids = (labels + self.metadata["first_class_id"])[:, None]  # (B, 1)

@@ -619,8 +619,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
          latents themselves. Colours and edges are learnt without the discrete bottleneck,
          whose straight-through gradients are slow to start from a random codebook.
       2. Then the codes are placed on latents of the (now meaningful) encoder by k-means++
-         seeding, and VQ training goes on; every RESTART_EVERY steps, codes unused in the recent window are
-         moved onto live latents, so the whole codebook stays in use.
+         seeding, and VQ training goes on; every RESTART_EVERY steps, codes unused in the recent
+         window are moved onto live latents, so the whole codebook stays in use.
     On the built-in shapes the warm-up is worth about 3 dB of PSNR at the same budget.
     The convolution kernels are trained by Muon (peak lr `muon_lr`, 0: AdamW for everything), the
     rest by AdamW (peak lr `lr`): see `make_tokenizer_optimizers`. With precision="bf16" the

@@ -875,7 +875,7 @@ def main(argv=None):
     if args.max_steps is None:                                            # the length of the schedule
         if args.resume:
             args.max_steps = checkpoint["args"]["max_steps"]              # the one it started with
-        elif args.total_minutes:
+        elif is_timed(args):
             args.max_steps, deadline = steps_within(args.total_minutes, run_started, train_model, model, dataset,
                                                     args, rank, world_size, device, log)
         else:
