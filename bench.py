@@ -87,15 +87,20 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def memory(peak):
+    """A peak from `timed` as text: "1.23 GB", or "n/a" on a CPU (torch tracks GPU memory only)."""
+    return "n/a" if peak is None else f"{peak:.2f} GB"
+
+
 def timed(fns, repeats):
-    """{name: (median seconds per call, peak GPU memory in GB)} of the callables in `fns`.
+    """{name: (median seconds per call, peak GPU memory in GB, None on a CPU)} of the callables in `fns`.
 
     One warm-up call each, then `repeats` rounds that call every function once in turn. Taking
     turns matters on shared machines: when the machine slows down for a while (other tenants,
     frequency changes), every function is slowed alike instead of whichever ran at that time.
     """
     times = {name: [] for name in fns}
-    peaks = dict.fromkeys(fns, 0.0 if on_gpu else float("nan"))
+    peaks = dict.fromkeys(fns, 0.0 if on_gpu else None)
     for fn in fns.values():
         fn()
     for _ in range(repeats):
@@ -146,7 +151,7 @@ for batch in batches:
     runs.update({(f"{name}, raster", L): functools.partial(sample, L, raster) for name, sample in samplers.items()})
     for (name, steps), (seconds, peak) in timed(runs, args.repeats).items():
         rows.append((name, batch, steps, batch / seconds, peak))
-        print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {peak:.2f} GB")
+        print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {memory(peak)}")
 
 # -----------------------------------------------------------------------------
 # Training throughput: forward + backward + optimizer step, with the optimizers of train.py's recipe
@@ -170,7 +175,7 @@ if not args.no_train:
 
     seconds, peak = timed({"train": train_step}, args.repeats)["train"]
     train_row = (batch, batch / seconds, peak)
-    print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {peak:.2f} GB")
+    print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {memory(peak)}")
 
 # -----------------------------------------------------------------------------
 # The table
@@ -197,17 +202,17 @@ lines = [
     f"with {config.block_size} tokens per image "
     f"(random weights), {'bf16' if on_gpu else 'fp32'}, guidance {args.cfg} (rows doubled), token generation only.",
     "",
-    "| sampler | batch | steps | img/s | peak GPU memory (GB) |",
+    "| sampler | batch | steps | img/s | peak GPU memory |",
     "|---|---|---|---|---|",
 ]
-lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {'n/a' if peak != peak else f'{peak:.2f}'} |"
+lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {memory(peak)} |"
           for name, batch, steps, ips, peak in rows]
 if train_row:
     batch, ips, peak = train_row
     optimizer_names = "AdamW and Muon" if recipe["muon_lr"] > 0 else "AdamW"
     lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, "
                   f"{ips:.1f} img/s"
-              + ("" if peak != peak else f", peak {peak:.2f} GB") + "."]
+              + ("" if peak is None else f", peak {memory(peak)}") + "."]
 table = "\n".join(lines)
 print("\n" + table)
 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -412,3 +412,23 @@ def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode
     tokens = model.train().generate(torch.tensor([1, 2]), steps=4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tokens, expected), "dropout changed the samples"
     assert model.training, "generate() did not restore training mode"
+
+
+def test_no_tensor_is_made_on_the_cpu_behind_the_model_s_back(monkeypatch):
+    """A tensor made without device= lands on the CPU, and on a GPU that is an error no CPU test
+    sees. Here the model lives on the meta device, which, like CUDA, refuses to mix with CPU
+    tensors: a training step and both decoding paths (guided, top-k and top-p, a larger grid
+    whose RoPE table is built anew) must run through. Meta tensors hold shapes but no values,
+    so the input checks, which read values, are switched off."""
+    for check in ("_check_tokens", "_check_labels", "_check_order"):
+        monkeypatch.setattr(ARPG, check, lambda *args: None)
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=64, block_size=16, dim=64, token_dropout_p=0.1)
+    with torch.device("meta"):
+        model = ARPG(config).train()
+        tokens, labels = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    logits, loss = model(tokens, labels)
+    loss.backward()
+    assert logits.device.type == "meta" and model.head.weight.grad.device.type == "meta"
+    for fast in (False, True):
+        sampled = model.generate(labels, steps=4, cfg_scale=3.0, top_k=10, top_p=0.8, grid=(4, 5), fast=fast)
+        assert sampled.shape == (2, 20) and sampled.device.type == "meta", f"fast={fast}"

@@ -25,6 +25,9 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
         ("readable", "2"), ("readable", "4"), ("fast", "2"), ("fast", "4"),
         ("readable, raster", "16"), ("fast, raster", "16")], rows
     assert all(float(row[3]) > 0 for row in rows), rows                # images per second
+    memory = [row[4].rstrip(" |") for row in rows]                       # "n/a" on a CPU, "1.23 GB" on a GPU
+    assert all(peak == "n/a" or peak.endswith(" GB") for peak in memory), memory
+    assert "nan" not in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -184,6 +184,20 @@ def test_bad_inputs_give_clear_errors():
         images_to_tensor(np.zeros((1, 8, 8, 3), dtype=np.float32))
 
 
+@pytest.mark.parametrize("local_codes", [False, True])
+def test_encoding_and_decoding_make_no_tensor_on_the_cpu(local_codes, monkeypatch):
+    """As the ARPG's device test (tests/test_arpg.py): on the meta device, which like CUDA refuses
+    to mix with CPU tensors, encode and decode run through; the code check reads values, so it is off."""
+    monkeypatch.setattr(VQModel, "check_codes", lambda *args: None)
+    with torch.device("meta"):
+        vq = VQModel(replace(TINY, local_codes=local_codes)).eval()
+        images = torch.zeros(2, 3, 16, 20)
+    codes = vq.encode(images)
+    decoded = vq.decode(codes)
+    assert codes.shape == (2, 4, 5) and codes.device.type == "meta"
+    assert decoded.shape == (2, 3, 16, 20) and decoded.device.type == "meta"
+
+
 # -----------------------------------------------------------------------------
 # Training pieces
 
