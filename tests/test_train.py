@@ -328,6 +328,15 @@ def test_learning_rate_warms_up_then_decays_by_cosine_or_after_holding_the_peak(
     assert all(math.isclose(d, (peak - minimum) / 30) for d in drops) and math.isclose(held[100], minimum), held
 
 
+@pytest.mark.parametrize("batch, peak, floor", [(1024, 4e-4, 1e-5), (16, 6.25e-6, 1.5625e-7)])
+def test_the_paper_recipe_scales_its_peak_and_floor_with_the_global_batch(batch, peak, floor):
+    """SPEC 5: lr 1e-4 per 256 images (ARPG-L's batch of 1024: 4e-4), cosine down to 1e-5 at that
+    batch. A smaller batch scales both, so the floor stays under the peak and the decay falls."""
+    args = parse_args(["--size", "L", "--batch-size", str(batch)])
+    fill_in_defaults(args, world_size=1)
+    assert math.isclose(args.lr, peak) and math.isclose(args.min_lr, floor), (args.lr, args.min_lr)
+
+
 def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
     """muon_lr > 0: Muon holds exactly the 2-dim weights inside model.layers; AdamW the embeddings,
     head, query positions and norms. muon_lr = 0 (the paper's recipe): AdamW holds every weight."""
@@ -393,6 +402,7 @@ BAD_INPUTS = {
     "an empty batch": lambda tmp: (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     "a negative time budget": lambda tmp: (["--total-minutes", "-1"], "--total-minutes must be at least 0"),
     "an EMA that never moves": lambda tmp: (["--ema", "1"], r"must be in \[0, 1\)"),
+    "a floor above the peak": lambda tmp: (["--lr", "1e-3", "--min-lr", "2e-3"], "--min-lr 0.002 is above the peak"),
 }
 
 
