@@ -691,7 +691,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
                 eta = (args.max_steps - step) * ms_per_step / 1000
                 if is_main:
                     print(f"step {step}/{args.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
-                          f"{ms_per_step:.0f} ms/step | {args.batch_size * n_steps / elapsed:.0f} img/s | "
+                          f"{ms_per_step:.0f} ms/step | {args.batch_size * n_steps / elapsed:.1f} img/s | "
                           f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
                 loss_sum.zero_()
                 loss_count, interval_start = 0, time.perf_counter()
