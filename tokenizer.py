@@ -124,13 +124,15 @@ class Conv2d(nn.Conv2d):
     with the centre tap's (out, in) matrix; the other taps get zero gradients either way. The
     library's conv kernels are slow on such maps (on a 2-core AVX2 CPU a 3x3 conv's backward took
     ~10 ms for what is a (1024, 64) x (64, 64) product): the small tokenizer's training step went
-    from 333 to 230 ms (EXPERIMENTS.md).
+    from 333 to 230 ms (EXPERIMENTS.md). An ONNX export (a trace) records the plain convolution:
+    the same numbers, and no test of the map's size frozen into the graph.
     """
 
     def forward(self, x):
         k_h, k_w = self.kernel_size
-        if (x.shape[-2:] == (1, 1) and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and self.padding == (k_h // 2, k_w // 2) and self.padding_mode == "zeros"):
+        if (not torch.jit.is_tracing() and x.shape[-2:] == (1, 1) and self.stride == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and self.padding == (k_h // 2, k_w // 2)
+                and self.padding_mode == "zeros"):
             centre = self.weight[:, :, k_h // 2, k_w // 2]                  # (out, in)
             return F.linear(x.flatten(1), centre, self.bias)[:, :, None, None]
         return super().forward(x)

@@ -41,7 +41,7 @@ def caches_as_tensors(caches):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny ARPG checkpoint (EMA weights differ from the trained ones) and a small tokenizer,
-    exported with the command line. Returns (folder, the EMA model, the tokenizer)."""
+    exported with the command line, which must print no warnings. Returns (folder, the EMA model, the tokenizer)."""
     folder = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     ema = ARPG(ARPG_PRESETS["tiny"]).eval()
@@ -55,6 +55,7 @@ def exported(tmp_path_factory):
     code, output = run("export.py", "--ckpt", str(folder / "arpg.pt"), "--vq-ckpt", str(folder / "tokenizer.pt"),
                        "--out", str(folder / "onnx"))
     assert code == 0, output
+    assert "Warning" not in output, f"the export printed a warning a user would take for a fault:\n{output}"
     return folder / "onnx", ema, vq
 
 
