@@ -556,7 +556,7 @@ class ARPG(nn.Module):
         prefill_mask = None
         if known_mask is not None:
             known_pos = order[known_mask[0][order]]                       # (L - U,) in generation order
-            tokens[:, known_pos] = known_tokens[:, known_pos].to(device)  # (B, L - U) written
+            tokens[:, known_pos] = known_tokens.to(device)[:, known_pos]  # (B, L - U) written
             feed_ids = torch.cat([class_ids, tokens[:, known_pos]], dim=1)  # (B, 1 + L - U)
             feed_slots = torch.cat([feed_slots, known_pos + 1])          # (1 + L - U,)
             # The known tokens are read as if they had been generated first, one by one in `order`:

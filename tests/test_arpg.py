@@ -365,17 +365,22 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
         ARPG.from_checkpoint(str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("cfg_scale, known", [(1.0, False), (3.0, False), (3.0, True)])
-def test_fast_path_gives_the_readable_path_tokens(cfg_scale, known):
-    """generate(fast=True) (preallocated caches, fused projections) samples exactly the readable tokens in fp32."""
-    model = small_model()
+def test_fast_path_gives_the_readable_path_tokens(cfg_scale, known, device):
+    """generate(fast=True) (preallocated caches, fused projections) samples exactly the readable
+    tokens in fp32, on the CPU and, where there is one, on a CUDA GPU (labels and known tokens
+    are given on the CPU there: generate moves them)."""
+    model = small_model().to(device)
     known_tokens = torch.randint(0, 64, (4, 16))
     known_mask = (torch.arange(16) % 3 == 0).repeat(4, 1) if known else None
     kwargs = dict(steps=5, cfg_scale=cfg_scale, known_tokens=known_tokens if known else None, known_mask=known_mask)
     for seed in range(3):
-        readable = model.generate(torch.tensor([0, 3, 5, 9]), generator=torch.Generator().manual_seed(seed), **kwargs)
-        fast = model.generate(torch.tensor([0, 3, 5, 9]), generator=torch.Generator().manual_seed(seed), fast=True, **kwargs)
-        assert torch.equal(readable, fast), f"seed {seed}: {(readable != fast).sum().item()} tokens differ"
+        readable, fast = [model.generate(torch.tensor([0, 3, 5, 9]), fast=path, **kwargs,
+                                         generator=torch.Generator(device).manual_seed(seed)) for path in (False, True)]
+        assert readable.device.type == device and torch.equal(readable, fast), \
+            f"seed {seed}: {(readable != fast).sum().item()} tokens differ"
 
 
 def test_fast_path_rotation_is_apply_rope_bit_for_bit():
