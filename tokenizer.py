@@ -631,8 +631,10 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
 
     Stops after `max_steps`, or after `minutes` of wall time, whichever comes first (DEFAULT_STEPS,
     1200, if neither is given); stages and the learning rate (warm-up + cosine) follow that budget.
-    Every 200 steps and at the end the checkpoint {"model", "config", "step"} is written
-    atomically to `out_path`, and with `log_dir` a reconstruction grid `vq_recon.png` too.
+    At the end the checkpoint {"model", "config", "step"} is written atomically to `out_path`, and
+    only then: train.py uses out/tokenizer.pt whenever it exists, so a run stopped halfway must
+    not leave a half-trained one behind. With `log_dir`, a reconstruction grid `vq_recon.png` is
+    written every 200 steps and at the end.
     """
     if max_steps is None and minutes is None:
         max_steps = DEFAULT_STEPS
@@ -648,14 +650,12 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     optimizers = make_tokenizer_optimizers(vq, lr, muon_lr)
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     preview = images_uint8[:8]
-    log_every, save_every = 25, 200
+    log_every, grid_every = 25, 200
 
-    def save(step):
-        save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step}, out_path)
-        if log_dir:
-            vq.eval()
-            _save_reconstruction_grid(vq, preview, os.path.join(log_dir, "vq_recon.png"))
-            vq.train()
+    def save_grid():
+        vq.eval()
+        _save_reconstruction_grid(vq, preview, os.path.join(log_dir, "vq_recon.png"))
+        vq.train()
 
     start = time.time()
     bar = tqdm(total=max_steps, desc="tokenizer", unit="step", dynamic_ncols=True)
@@ -696,11 +696,13 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
                                 f"psnr {psnr_from_mse(mse.item()):.1f} usage {usage:.0%} "
                                 f"lr {optimizers[0].param_groups[0]['lr']:.1e} {ms:.0f} ms/step "
                                 f"{1000 * batch_size / ms:.0f} img/s", refresh=False)
-        if step % save_every == 0:
-            save(step)
+        if log_dir and step % grid_every == 0:
+            save_grid()
         bar.update(1)
     bar.close()
-    save(step)
+    save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step}, out_path)
+    if log_dir:
+        save_grid()
     return vq.eval()
 
 

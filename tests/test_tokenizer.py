@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+import tokenizer
 from data import make_builtin_dataset
 from tokenizer import (VQ_PRESETS, Conv2d, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
                        make_tokenizer_optimizers, tensor_to_images, train_tokenizer)
@@ -293,6 +294,24 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
     metrics = evaluate_tokenizer(vq, images)
     assert set(metrics) == {"psnr", "code_usage"}, f"metrics {metrics}"
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
+
+
+def test_a_tokenizer_run_stopped_halfway_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """train.py reuses out/tokenizer.pt whenever it exists, so a run stopped by Ctrl-C after 250 of
+    its 300 steps (past the 200-step mark where grids are drawn) must leave no checkpoint behind."""
+    class StopAt250(tokenizer.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            if self.n == 250:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "tqdm", StopAt250)
+    path = tmp_path / "vq.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(random_images(8, 16, 16), TINY, str(path), max_steps=300, batch_size=2,
+                        log_dir=str(tmp_path / "log"))
+    assert (tmp_path / "log" / "vq_recon.png").is_file(), "the 200-step grid should have been drawn"
+    assert not path.exists(), "a half-trained tokenizer was left where train.py would pick it up"
 
 
 def test_train_tokenizer_stops_at_its_minutes_before_its_steps(tmp_path):
