@@ -297,18 +297,18 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
 
 
 def test_a_tokenizer_run_stopped_halfway_leaves_no_checkpoint(tmp_path, monkeypatch):
-    """train.py reuses out/tokenizer.pt whenever it exists, so a run stopped by Ctrl-C after 250 of
+    """train.py reuses out/tokenizer.pt whenever it exists, so a run stopped by Ctrl-C after 201 of
     its 300 steps (past the 200-step mark where grids are drawn) must leave no checkpoint behind."""
-    class StopAt250(tokenizer.tqdm):
+    class StopAt201(tokenizer.tqdm):
         def update(self, n=1):
             super().update(n)
-            if self.n == 250:
+            if self.n == 201:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenizer, "tqdm", StopAt250)
+    monkeypatch.setattr(tokenizer, "tqdm", StopAt201)
     path = tmp_path / "vq.pt"
     with pytest.raises(KeyboardInterrupt):
-        train_tokenizer(random_images(8, 16, 16), TINY, str(path), max_steps=300, batch_size=2,
+        train_tokenizer(random_images(8, 8, 8), TINY, str(path), max_steps=300, batch_size=1,
                         log_dir=str(tmp_path / "log"))
     assert (tmp_path / "log" / "vq_recon.png").is_file(), "the 200-step grid should have been drawn"
     assert not path.exists(), "a half-trained tokenizer was left where train.py would pick it up"
