@@ -1,6 +1,7 @@
 """train.py: the loss falls, resume is bit-exact, torchrun keeps the ranks identical, both code
 layouts load, the data order is a pure function of the step, and bad input is refused cleanly."""
 
+import copy
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
 from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
 from train import (FP32_CPU_TINY_LAYERS, TOKENIZER_MINUTES, TOKENIZER_STEPS, StepSampler, build_dataset,
-                   fill_in_defaults, learning_rate, main, make_optimizers, model_layers, parse_args)
+                   fill_in_defaults, learning_rate, main, make_optimizers, model_layers, parse_args, update_ema)
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB, LENGTH = 32, 16                     # small codes: a 4 x 4 grid of 32 codes keeps every run fast
@@ -350,6 +351,27 @@ def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
     (alone,) = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.0)
     assert sum(len(group["params"]) for group in alone.param_groups) == len(list(model.parameters())), \
         "AdamW alone holds every weight"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_optimizers_and_the_ema_make_no_tensor_on_the_cpu(precision, monkeypatch):
+    """As the model's device test (tests/test_arpg.py): on the meta device, which like CUDA refuses
+    CPU tensors, a step of AdamW and Muon (orthogonalizing in fp32 or bf16), with gradient clipping,
+    and an EMA update run through. The model's input checks read values, so they are off."""
+    for check in ("_check_tokens", "_check_labels", "_check_order"):
+        monkeypatch.setattr(ARPG, check, lambda *args: None)
+    with torch.device("meta"):
+        model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=64, block_size=16, dim=64)).train()
+        tokens, labels = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    ema = copy.deepcopy(model)
+    optimizers = make_optimizers(model, 3e-3, 0.05, torch.device("meta"), muon_lr=0.02, precision=precision)
+    model(tokens, labels)[1].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    for optimizer in optimizers:
+        optimizer.step()
+    update_ema(ema, model, 0.99, step=0)
+    assert [type(optimizer).__name__ for optimizer in optimizers] == ["AdamW", "Muon"]
+    assert all(p.device.type == "meta" for p in [*model.parameters(), *ema.parameters()])
 
 
 # --- bad input: one line, a non-zero exit, nothing written ---
