@@ -419,18 +419,12 @@ def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode
     assert model.training, "generate() did not restore training mode"
 
 
-def test_no_tensor_is_made_on_the_cpu_behind_the_model_s_back(monkeypatch):
+def test_no_tensor_is_made_on_the_cpu_behind_the_model_s_back(meta_arpg):
     """A tensor made without device= lands on the CPU, and on a GPU that is an error no CPU test
-    sees. Here the model lives on the meta device, which, like CUDA, refuses to mix with CPU
-    tensors: a training step and both decoding paths (guided, top-k and top-p, a larger grid
-    whose RoPE table is built anew) must run through. Meta tensors hold shapes but no values,
-    so the input checks, which read values, are switched off."""
-    for check in ("_check_tokens", "_check_labels", "_check_order"):
-        monkeypatch.setattr(ARPG, check, lambda *args: None)
-    config = replace(ARPG_PRESETS["tiny"], vocab_size=64, block_size=16, dim=64, token_dropout_p=0.1)
-    with torch.device("meta"):
-        model = ARPG(config).train()
-        tokens, labels = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    sees. On the meta device (the meta_arpg fixture, tests/conftest.py) a training step and both
+    decoding paths (guided, top-k and top-p, a larger grid whose RoPE table is built anew) must
+    run through."""
+    model, tokens, labels = meta_arpg
     logits, loss = model(tokens, labels)
     loss.backward()
     assert logits.device.type == "meta" and model.head.weight.grad.device.type == "meta"

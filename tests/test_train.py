@@ -354,15 +354,11 @@ def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_optimizers_and_the_ema_make_no_tensor_on_the_cpu(precision, monkeypatch):
+def test_the_optimizers_and_the_ema_make_no_tensor_on_the_cpu(precision, meta_arpg):
     """As the model's device test (tests/test_arpg.py): on the meta device, which like CUDA refuses
-    CPU tensors, a step of AdamW and Muon (orthogonalizing in fp32 or bf16), with gradient clipping,
-    and an EMA update run through. The model's input checks read values, so they are off."""
-    for check in ("_check_tokens", "_check_labels", "_check_order"):
-        monkeypatch.setattr(ARPG, check, lambda *args: None)
-    with torch.device("meta"):
-        model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=64, block_size=16, dim=64)).train()
-        tokens, labels = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    CPU tensors (the meta_arpg fixture, tests/conftest.py), a step of AdamW and Muon
+    (orthogonalizing in fp32 or bf16), with gradient clipping, and an EMA update run through."""
+    model, tokens, labels = meta_arpg
     ema = copy.deepcopy(model)
     optimizers = make_optimizers(model, 3e-3, 0.05, torch.device("meta"), muon_lr=0.02, precision=precision)
     model(tokens, labels)[1].backward()
