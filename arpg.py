@@ -748,8 +748,8 @@ class StaticCachePasses:
         self.buffers[-1][0, :, :, start:end] = rotate(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)
         self.buffers[-1][1, :, :, start:end] = v.transpose(1, 2)
 
-    def _guided(self, target_rope, shared_kv, mask=None):
-        """Pass 2: ARPG.guided on the flat weights."""
+    def _guided(self, target_rope, shared_kv):
+        """Pass 2: ARPG.guided on the flat weights, without a mask (decoding never has one)."""
         k, v = shared_kv                                                  # (B, H, N, D) each
         B, K, C = k.shape[0], target_rope.shape[1], self.mask_embedding.shape[0]
         cos, sin = rotation_tables(target_rope[:, :, None])               # (1, K, 1, D) each

@@ -89,7 +89,7 @@ def _star(n_points=5, inner=0.45):
 
 
 def _cross(arm=0.33):
-    a = arm  # half the arm width; arms reach the unit square's edge (corners at radius ~1.05)
+    a = arm  # half the arm width; arms reach 0.95 of the way to the unit square's edge (corners at radius 1.0)
     return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
                      [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]]) * 0.95
 

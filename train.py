@@ -61,15 +61,16 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
                        tensor_to_images, train_tokenizer)
 
 # -----------------------------------------------------------------------------
-# Recipes: the defaults that depend on the model size. Every flag that defaults to None takes
-# its value from here. L / XL / XXL follow the paper (SPEC 5); `tiny` is tuned for the default
-# CPU run, which has a time budget rather than a step count (--total-minutes 9.5): the tiny model
-# is still learning when it stops (6 blocks, seed 0, the tokenizer in fp32: 88.6% class accuracy
-# after the 1566 steps of a default run, 92.4% after 2000 with --max-steps; README), so the run
-# takes as many steps as the machine fits into 9.5 minutes, tokenizer included, and stays within
-# the 10 minutes promised on a slow one (cold-cache runs on two 2-core AMD EPYCs ended between 9:16
-# and 9:40; with 9 minutes one took 1465 instead of 1583 steps, seed 0). --max-steps fixes the
-# count instead, for results that do not depend on the machine's speed.
+# Recipes: the defaults that depend on the model size. Each flag named by a key here takes its
+# value from here when it is not given (`fill_in_defaults`). L / XL / XXL follow the paper
+# (SPEC 5); `tiny` is tuned for the default CPU run, which has a time budget rather than a step count
+# (--total-minutes 9.5): the tiny model is still learning when it stops (6 blocks, seed 0, the
+# tokenizer in fp32: 88.6% class accuracy after the 1566 steps of a default run, 92.4% after 2000
+# with --max-steps; README), so the run takes as many steps as the machine fits into 9.5 minutes,
+# tokenizer included, and stays within the 10 minutes promised on a slow one (cold-cache runs on
+# two 2-core AMD EPYCs ended between 9:16 and 9:40; with 9 minutes one took 1465 instead of 1583
+# steps, seed 0). --max-steps fixes the count instead, for results that do not depend on the
+# machine's speed.
 
 RECIPES = {
     # A few minutes on a CPU leave little room to overfit (after 1000 steps the loss on the training
@@ -223,7 +224,8 @@ def parse_args(argv=None):
                      help="torch.compile the training forward/backward (tiny: on, and off again with a one-line "
                           "warning where compiling fails; else off)")
     run.add_argument("--workers", type=int, default=None,
-                     help="DataLoader processes reading .npy files (default: 4 per GPU, up to the CPU count)")
+                     help="DataLoader processes reading --data files (default: 0 for the built-in data, which is in "
+                          "memory; else 4 per process, at most the CPU count divided by the processes)")
     run.add_argument("--log-every", type=int, default=None, help="print a progress line every N steps")
     run.add_argument("--save-every", type=int, default=None, help="write the checkpoint every N steps (0: at the end)")
     run.add_argument("--sample-every", type=int, default=None,
