@@ -22,7 +22,6 @@ Train with `python train.py`, sample with `python sample.py`.
 import functools
 import math
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -31,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from data import atomic_output
 from schedules import CFG_SCHEDULES, check_decoding, reveal_counts
 
 # -----------------------------------------------------------------------------
@@ -536,7 +536,7 @@ class ARPG(nn.Module):
         device = self.embeddings.weight.device
         self._check_labels(labels, None)
         B = labels.shape[0]
-        check_decoding(schedule, cfg_schedule, temperature, top_k, top_p)
+        check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale)
         rope = self.rope_table(rows, cols)                                # (1 + L, D/2, 2)
 
         # 1. Which positions are given, which to decode, and in what order.
@@ -779,6 +779,19 @@ def rotate(x, cos, sin):
     return (x32 * cos + swapped * sin).type_as(x)
 
 
+def check_device(name):
+    """Refuse, in one line, a --device this PyTorch cannot run on (the scripts' shared check)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); "
+                         f"use --device cpu")
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: official files and ours (SPEC 8). Always `weights_only=True`: a checkpoint is
 # data, and loading one must never run pickled code. Loading is strict: a key that is missing,
@@ -830,17 +843,8 @@ def load_strict(module, state, what="checkpoint"):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_output(path, ".pt") as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def infer_config(state) -> ARPGConfig:

@@ -21,6 +21,7 @@ Use it:
     images, labels = make_builtin_dataset(5000, seed=0)  # uint8 (5000, 64, 64, 3), int64 (5000,)
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -161,14 +162,45 @@ def make_builtin_dataset(n, seed=0, image_size=64):
 
 
 # -----------------------------------------------------------------------------
-# Shared by the scripts: a labelled image grid written atomically, and the bad-input exit
+# Shared by the scripts: files written atomically, a labelled image grid, and the bad-input exit
+
+@contextlib.contextmanager
+def atomic_output(path, suffix=""):
+    """A temporary file name in `path`'s folder (made if missing) to write to; it becomes `path`
+    (os.replace) when the block ends and is removed if the block fails, so a reader never sees
+    half a file and a failed or interrupted write leaves nothing behind. The file is made
+    readable by everyone, as an ordinary file would be (mkstemp makes owner-only ones)."""
+    check_output_path(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output_path(path, flag="--out"):
+    """Refuse an output file that cannot be written, in one line: scripts call this before their
+    work, so that a typo in --out does not cost a training run. Makes the folder if missing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name in it")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot write {flag} {path}: cannot make its folder {folder} ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {flag} {path}: its folder {folder} is not writable; choose another path")
+
 
 def save_image_grid(images, row_labels, path, pad=2):
     """
     Save a grid of uint8 images as one PNG: images (R, C, H, W, 3), row r labelled row_labels[r].
 
-    row_labels may be None (no label column). The file is written to a temporary name in the
-    same folder and moved into place with os.replace, so a reader never sees half a PNG.
+    row_labels may be None (no label column). Written atomically (`atomic_output`).
     """
     images = np.asarray(images)
     if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -191,25 +223,17 @@ def save_image_grid(images, row_labels, path, pad=2):
         for c in range(cols):
             grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (w + pad), top))
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            grid.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a picture is for everyone to open
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(path, ".png") as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def run_script(main):
-    """Run a script's main() and exit with its return value; bad input (ValueError or
-    FileNotFoundError) becomes one `error: ...` line on stderr and exit code 2, not a traceback."""
+    """Run a script's main() and exit with its return value; bad input (ValueError) and files
+    that cannot be read or written (OSError: not found, a folder, no permission, not an image,
+    a full disk) become one `error: ...` line on stderr and exit code 2, not a traceback."""
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
         message = (str(error).strip().splitlines() or [""])[-1]
         print(f"error: {message}", file=sys.stderr)

@@ -125,6 +125,9 @@ def load_classifier(path=DEFAULT_CLASSIFIER, image_size=64, n_train=3000, train_
     """
     if os.path.isfile(path):
         checkpoint = read_checkpoint(path)
+        if "heldout_accuracy" not in checkpoint:  # another checkpoint given by mistake: never overwrite it
+            raise ValueError(f"{path} is not an evaluation classifier (no held-out accuracy in it); give a new "
+                             f"path to train one there, or the default {DEFAULT_CLASSIFIER}")
         if checkpoint.get("image_size") == image_size:
             classifier = ShapeClassifier()
             load_strict(classifier, unwrap_state_dict(checkpoint), f"classifier {path} (delete it to retrain)")

@@ -25,7 +25,6 @@ Official weights (ImageNet 256x256; where to get them: README), one GPU:
 
 import argparse
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -35,8 +34,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import evaluate
-from arpg import ARPG, read_checkpoint
-from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
+from arpg import ARPG, check_device, read_checkpoint
+from data import CLASS_NAMES, atomic_output, check_output_path, make_builtin_dataset, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, sampling_settings
 from tokenizer import VQModel, tensor_to_images
 
@@ -213,7 +212,7 @@ def edit_steps(steps, canvas):
     steps, not 32 (which would be more steps than tokens).
     """
     rows, cols = canvas.grid
-    return max(1, round(steps * canvas.n_unknown / (rows * cols)))
+    return min(canvas.n_unknown, max(1, round(steps * canvas.n_unknown / (rows * cols))))  # at most 1 token a step
 
 
 def generate_batches(model, vq, labels, canvas, steps, settings, generator, batch_size):
@@ -247,24 +246,15 @@ def write_fid_npz(path, batches, n, image_shape, labels):
     array is written straight into the zip entry that np.load reads (an .npy header, then the
     raw bytes). The ADM evaluator only reads arr_0; the labels are for evaluate.py.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": (n, *image_shape)}
-                np.lib.format.write_array_header_1_0(entry, header)
-                for images in batches:
-                    entry.write(np.ascontiguousarray(images).tobytes())
-            with archive.open("labels.npy", "w") as entry:
-                np.lib.format.write_array(entry, np.asarray(labels, dtype=np.int64))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path, ".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (n, *image_shape)}
+            np.lib.format.write_array_header_1_0(entry, header)
+            for images in batches:
+                entry.write(np.ascontiguousarray(images).tobytes())
+        with archive.open("labels.npy", "w") as entry:
+            np.lib.format.write_array(entry, np.asarray(labels, dtype=np.int64))
 
 
 # -----------------------------------------------------------------------------
@@ -276,12 +266,15 @@ def write_fid_npz(path, batches, n, image_shape, labels):
 # keep (a blurred version of) exactly what the user asked to remove. The mask panel of the
 # output shows these token-level regions, i.e. what was really regenerated.
 
-def load_image(path):
-    """An image file -> uint8 (H, W, 3)."""
+def load_image(path, mode="RGB", what="image"):
+    """An image file -> uint8 (H, W, 3), or (H, W) with mode "L"."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except OSError as error:  # not an image, or a damaged one
+        raise ValueError(f"cannot read {what} {path} ({error}): give a PNG or JPEG file") from None
 
 
 def check_image_size(image, factor):
@@ -296,10 +289,7 @@ def regenerate_pixels(shape, mask_path=None, box=None):
     """The pixels to regenerate, bool (H, W): white pixels of a mask image, or a box (default: the centre)."""
     height, width = shape
     if mask_path is not None:
-        if not os.path.isfile(mask_path):
-            raise FileNotFoundError(f"mask not found: {mask_path}")
-        with Image.open(mask_path) as mask_image:
-            mask = np.asarray(mask_image.convert("L")) >= 128
+        mask = load_image(mask_path, "L", "mask") >= 128
         if mask.shape != (height, width):
             raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but the image is "
                              f"{width}x{height}: they must have the same size")
@@ -460,12 +450,8 @@ def run_evaluation(args, model, vq, settings, step_counts):
 # Checks and the command line
 
 def write_text_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
+    with atomic_output(path, ".md") as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def check_classes(classes, num_classes, flag="--classes"):
@@ -477,12 +463,11 @@ def check_classes(classes, num_classes, flag="--classes"):
 
 def check_flags(args):
     """Refuse flag values and combinations that cannot work, before loading anything."""
-    for flag, value in (("--per-class", args.per_class), ("--batch-size", args.batch_size),
-                        ("--fid", args.fid), ("--eval-samples", args.eval_samples)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    for flag, value, least in (("--per-class", args.per_class, 1), ("--batch-size", args.batch_size, 1),
+                               ("--fid", args.fid, 1), ("--eval-samples", args.eval_samples, 2)):  # 2: a covariance
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    check_device(args.device)
     if not 0 <= args.image_index < 1000:  # image i of a class needs the 10 * i images before it drawn first
         raise ValueError(f"--image-index must be in 0..999, got {args.image_index}")
     used_by = {"--image": ("inpaint", "class-edit", "outpaint"), "--image-class": ("inpaint", "class-edit", "outpaint"),
@@ -520,6 +505,17 @@ def decoding_settings(args, defaults=SAMPLING_DEFAULTS):
                 fast=args.sampler == "fast")
 
 
+def output_path(args):
+    """The file this run writes: --out, else its mode's default in out/."""
+    if args.eval is not None:
+        return args.out or "out/eval.md"
+    if args.fid is not None:
+        return args.out or f"out/fid_{args.fid}.npz"
+    if args.edit is not None:
+        return args.out or f"out/edit_{args.edit}.png"
+    return args.out or "out/sample_grid.png"
+
+
 def counting(batches, total):
     """Pass the image batches of generate_batches through, counting images on a progress bar."""
     with tqdm(total=total, unit="img", desc="sampling") as progress:
@@ -531,6 +527,8 @@ def counting(batches, total):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
+    out = output_path(args)
+    check_output_path(out)  # before the sampling, which can take hours (--fid)
     model, vq, names, description, sampling = load_models(args)
     config = model.config
     settings = decoding_settings(args, sampling)
@@ -546,7 +544,6 @@ def main(argv=None):
             raise ValueError("--eval measures models trained on the built-in shapes (its classifier knows only "
                              "those); for ImageNet use --fid 50000 and the ADM evaluator")
         table = run_evaluation(args, model, vq, settings, args.eval or [args.steps])
-        out = args.out or "out/eval.md"
         write_text_atomic(out, f"{description}\n\n{table}\n")
         print(table)
         print(f"wrote {out}")
@@ -554,7 +551,6 @@ def main(argv=None):
     elif args.fid is not None:
         classes = args.classes or list(range(config.num_classes))
         labels = torch.tensor(classes)[torch.arange(args.fid) % len(classes)]  # (N,) each class N/C times
-        out = args.out or f"out/fid_{args.fid}.npz"
         batches = generate_batches(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
         write_fid_npz(out, counting(batches, args.fid), args.fid, (side, side, 3), labels.numpy())
         print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes balanced")
@@ -569,7 +565,6 @@ def main(argv=None):
         _, images = generate_images(model, vq, labels, canvas, steps, settings, generator, args.batch_size)
         results = images.reshape(len(classes), args.per_class, *images.shape[1:])     # (R, P, H, W, 3)
         given = np.broadcast_to(np.stack([input_panel, mask_panel]), (len(classes), 2, *input_panel.shape))
-        out = args.out or f"out/edit_{args.edit}.png"
         save_image_grid(np.concatenate([given, results], axis=1), [names[c] for c in classes], out)  # (R, 2+P, ...)
         print(f"wrote {out}: each row input | mask (white = regenerated) | {args.per_class} result(s)")
 
@@ -577,7 +572,6 @@ def main(argv=None):
         classes = args.classes or default_classes(names)
         labels = torch.tensor(classes).repeat_interleave(args.per_class)  # (R*P,)
         _, images = generate_images(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
-        out = args.out or "out/sample_grid.png"
         save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, P, H, W, 3)
                         [names[c] for c in classes], out)
         print(f"wrote {out}: {len(classes)} classes x {args.per_class} samples of {side}x{side}, "

@@ -40,11 +40,13 @@ CFG_SCHEDULES = {
 }
 
 
-def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p):
+def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale=1.0):
     """Refuse decoding settings that cannot work, saying why (both samplers call it first)."""
     if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "
                          f"{list(CFG_SCHEDULES)}, got {schedule!r} and {cfg_schedule!r}")
+    if not (math.isfinite(temperature) and math.isfinite(cfg_scale)):  # NaN or inf would sample garbage
+        raise ValueError(f"temperature and guidance must be finite numbers, got {temperature} and {cfg_scale}")
     if temperature < 0 or top_k < 0:
         raise ValueError(f"temperature (0: greedy) and top-k (0: off) must be 0 or more, got {temperature} and {top_k}")
     if not 0 < top_p <= 1:

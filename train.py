@@ -53,8 +53,8 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from arpg import ARPG, ARPG_PRESETS, ARPGConfig, load_strict, read_checkpoint, save_atomic
-from data import CLASS_NAMES, make_builtin_dataset, run_script, save_image_grid
+from arpg import ARPG, ARPG_PRESETS, ARPGConfig, check_device, load_strict, read_checkpoint, save_atomic
+from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_script, save_image_grid
 from muon import Muon
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
 from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, list_image_folder,
@@ -780,6 +780,7 @@ def fill_in_defaults(args, world_size):
     args.lr = args.lr or recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
     if args.min_lr is None:
         args.min_lr = recipe["min_lr"] if recipe["min_lr"] is not None else PAPER_MIN_LR_PER_256 * args.batch_size / 256
+    check_device(args.device)
     args.precision = args.precision or default_precision(args.device)
     if args.workers is None:  # processes that read files in the background; the built-in data is in memory
         args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
@@ -806,6 +807,11 @@ def fill_in_defaults(args, world_size):
         raise ValueError(f"--sample-top-p must be in (0, 1], got {args.sample_top_p}")
     if args.resume and not os.path.isfile(args.out):
         raise FileNotFoundError(f"nothing to resume: {args.out} not found (drop --resume to start afresh)")
+    check_output_path(args.out)                                           # before the work, not after it
+    if args.data is None:
+        args.tokenizer = args.tokenizer or BUILTIN_TOKENIZER
+        if not os.path.isfile(args.tokenizer):
+            check_output_path(args.tokenizer, "--tokenizer")             # a tokenizer will be trained there
 
 
 def main(argv=None):
@@ -819,7 +825,6 @@ def main(argv=None):
 
     # 1. The tokenizer: trained on the built-in shapes when there is none (by one process).
     if args.data is None:
-        args.tokenizer = args.tokenizer or BUILTIN_TOKENIZER
         if not os.path.isfile(args.tokenizer):
             if is_main:
                 # The first 5000 images at most: its 900 steps of 16 then see each image about 3 times.
@@ -849,12 +854,18 @@ def main(argv=None):
     # 3. The model: the preset with the data's vocabulary, classes and grid, or the checkpoint's.
     if args.resume:
         checkpoint = read_checkpoint(args.out)
+        missing = [key for key in ("model", "config", "optimizer", "step", "args") if key not in checkpoint]
+        if missing:  # a tokenizer, an official release, a file saved by hand
+            raise ValueError(f"{args.out} is not a checkpoint of train.py (no {', '.join(missing)} in it), so "
+                             f"there is no run to resume: drop --resume, or give the --out of a train.py run")
         config = ARPGConfig(**checkpoint["config"])
         check_matches_data(config, dataset)
         if args.layers not in (None, config.n_layer):
             raise ValueError(f"--layers {args.layers}, but {args.out} has {config.n_layer} blocks: drop --layers "
                              f"to resume it, or start afresh without --resume")
     else:
+        if os.path.isfile(args.out):
+            log(f"{args.out} exists: this run will replace it (--resume continues it instead)")
         n_layer = model_layers(args, preset, device)
         if n_layer != preset.n_layer:
             log(f"{args.size} with {n_layer} blocks instead of the preset's {preset.n_layer}"

@@ -1,9 +1,11 @@
 """Tests of the built-in shape dataset and the image-grid helper (data.py)."""
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
+from data import CLASS_NAMES, atomic_output, check_output_path, make_builtin_dataset, save_image_grid
 
 
 def test_same_seed_gives_identical_dataset():
@@ -80,3 +82,31 @@ def test_save_image_grid_rejects_bad_input(tmp_path):
         save_image_grid(images, None, str(tmp_path / "x.png"))  # (N, H, W, 3): missing a grid axis
     with pytest.raises(ValueError, match="row labels"):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), ["only one"], str(tmp_path / "x.png"))
+
+
+def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_path):
+    """A write that fails midway leaves the previous file untouched and no temporary file; one that
+    succeeds replaces it with a file everyone can read (mkstemp's own are owner-only)."""
+    path = tmp_path / "table.md"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(path), ".md") as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+    with atomic_output(str(path), ".md") as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    with pytest.raises(ValueError, match="is a folder; give a file name"):
+        check_output_path(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot make its folder"):
+        check_output_path(str(tmp_path / "notes.txt" / "grid.png"))
+    check_output_path(str(tmp_path / "new" / "grid.png"))  # a missing folder is made
+    assert (tmp_path / "new").is_dir()

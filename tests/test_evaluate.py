@@ -86,6 +86,16 @@ def test_classifier_is_cached_and_reused(cached_classifier, monkeypatch):
         "the cached classifier gives other features"
 
 
+def test_another_checkpoint_given_as_the_classifier_is_refused_and_left_alone(tmp_path):
+    """A model checkpoint passed as --classifier by mistake is not overwritten by a new classifier."""
+    path = tmp_path / "arpg.pt"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "config": {}}, path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="is not an evaluation classifier"):
+        evaluate.load_classifier(str(path), n_train=10, train_steps=1, log=lambda line: None)
+    assert path.read_bytes() == before, "the checkpoint was changed"
+
+
 # --- the command line ---
 
 def test_cli_scores_a_sample_file_and_refuses_one_without_labels(cached_classifier, tmp_path):

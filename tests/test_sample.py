@@ -249,11 +249,19 @@ def write_png(path, height, width):
     (["--classes", "10"], "--classes 10 out of range"),
     (["--steps", "0"], "steps must be between 1 and 64"),
     (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
+    (["--cfg", "nan"], "temperature and guidance must be finite numbers, got 1.0 and nan"),
+    (["--temperature", "inf"], "temperature and guidance must be finite numbers, got inf and"),
     (["--temperature", "-1"], "temperature (0: greedy) and top-k (0: off) must be 0 or more"),
     (["--top-k", "-3"], "temperature (0: greedy) and top-k (0: off) must be 0 or more"),
     (["--edit", "inpaint", "--image-index", "1000"], "--image-index must be in 0..999, got 1000"),
     (["--steps", "65"], "steps must be between 1 and 64"),
     (["--edit", "inpaint", "--mask", "MASK_40x64"], "same size"),
+    (["--edit", "inpaint", "--mask", "NOT_AN_IMAGE"], "cannot read mask"),
+    (["--edit", "inpaint", "--image", "NOT_AN_IMAGE"], "cannot read image"),
+    (["--out", "FOLDER"], "is a folder; give a file name"),
+    (["--device", "gpu0"], "--device gpu0: not a device name"),
+    (["--eval", "4", "--eval-samples", "1"], "--eval-samples must be at least 2"),
+    (["--out", "UNDER_A_FILE"], "cannot make its folder"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
     (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
     (["--edit", "outpaint", "--box", "0", "0", "8", "8"], "--box only applies to --edit inpaint / class-edit"),
@@ -267,7 +275,9 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
     files = {"MASK_40x64": write_png(tmp_path / "mask.png", 40, 64),
              "IMAGE_60x64": write_png(tmp_path / "image.png", 60, 64),
              "MISSING": str(tmp_path / "missing.pt"), "VQ": ckpts["vq"], "ARPG": ckpts["arpg"],
-             "VQ_OTHER": ckpts["vq_other"]}
+             "VQ_OTHER": ckpts["vq_other"], "NOT_AN_IMAGE": str(tmp_path / "notes.png"), "FOLDER": str(tmp_path),
+             "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png")}
+    (tmp_path / "notes.png").write_text("not a picture")
     argv = [files.get(arg, arg) for arg in case]
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run(ckpts, tmp_path, *argv, out="never.png")

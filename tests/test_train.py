@@ -376,7 +376,8 @@ def vocabulary_mismatch(tmp_path):
     """A checkpoint trained on 32 codes, resumed with a 128-code tokenizer."""
     data = write_codes(tmp_path / "codes")
     config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
-    torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1}, tmp_path / "arpg.pt")
+    torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1, "optimizer": [], "args": {}},
+               tmp_path / "arpg.pt")
     torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"])},
                tmp_path / "tokenizer.pt")
     return ["--data", str(data), "--tokenizer", str(tmp_path / "tokenizer.pt"), "--resume"], "the model has 32 codes"
@@ -388,8 +389,8 @@ def resumed_with_another_optimizer(tmp_path):
     config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
     model = ARPG(config)
     (adamw,) = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.0)
-    torch.save({"model": model.state_dict(), "optimizer": [adamw.state_dict()], "config": asdict(config), "step": 1},
-               tmp_path / "arpg.pt")
+    torch.save({"model": model.state_dict(), "optimizer": [adamw.state_dict()], "config": asdict(config), "step": 1,
+                "args": {}}, tmp_path / "arpg.pt")
     return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], "resume it with the --muon-lr it started with"
 
 
@@ -397,8 +398,17 @@ def resumed_with_other_layers(tmp_path):
     """A 7-block checkpoint resumed with --layers 5."""
     data = write_codes(tmp_path / "codes")
     config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
-    torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1}, tmp_path / "arpg.pt")
+    torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1, "optimizer": [], "args": {}},
+               tmp_path / "arpg.pt")
     return ["--data", str(data), "--vocab-size", str(VOCAB), "--layers", "5", "--resume"], "has 7 blocks"
+
+
+def resumed_from_a_tokenizer(tmp_path):
+    """--resume pointed at a tokenizer checkpoint (it has a model, a config and a step, no optimizer)."""
+    data = write_codes(tmp_path / "codes")
+    torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"]), "step": 9},
+               tmp_path / "arpg.pt")
+    return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], "is not a checkpoint of train.py"
 
 
 def empty_folder(tmp_path):
@@ -414,6 +424,9 @@ BAD_INPUTS = {
     "tokenizer/model vocabulary mismatch": vocabulary_mismatch,
     "resumed with another optimizer": resumed_with_another_optimizer,
     "resumed with another depth": resumed_with_other_layers,
+    "resumed from a tokenizer": resumed_from_a_tokenizer,
+    "--out is a folder": lambda tmp: (["--out", str(tmp)], "is a folder; give a file name"),
+    "an unknown device": lambda tmp: (["--device", "gpu0"], "--device gpu0: not a device name"),
     "a one-block model": lambda tmp: (["--layers", "1"], "--layers must be at least 2, got 1"),
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
     "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p must be in \(0, 1\]"),
@@ -432,7 +445,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     out = tmp_path / "arpg.pt"
     before = out.read_bytes() if out.exists() else None
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        main([*args, "--out", str(out), "--max-steps", "2", "--device", "cpu"])
+        main(["--out", str(out), "--device", "cpu", *args, "--max-steps", "2"])
     assert (out.read_bytes() if out.exists() else None) == before, f"{case}: the checkpoint was touched"
     assert not (tmp_path / "samples.png").exists(), f"{case}: wrote samples"
 
