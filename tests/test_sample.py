@@ -183,6 +183,8 @@ def test_edit_steps_keep_the_tokens_per_step_of_a_full_canvas():
     canvas = sample.inpaint_canvas(torch.zeros(1, 8, 8, dtype=torch.long), regenerate)
     assert canvas.n_unknown == 16 and sample.edit_steps(32, canvas) == 8, f"{canvas.n_unknown} unknown"
     assert sample.edit_steps(1, canvas) == 1, "at least one step"
+    small = sample.Canvas((3, 5))                                         # --edit expand --grid 3 5: 15 tokens
+    assert sample.edit_steps(32, small) == 15, "more steps than tokens to decode"
 
 
 # --- official checkpoints and EMA ---
