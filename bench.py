@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import torch
 
-from arpg import ARPG, ARPG_PRESETS
+from arpg import ARPG, ARPG_PRESETS, check_device
 from train import RECIPES, make_optimizers
 
 # -----------------------------------------------------------------------------
@@ -55,15 +55,17 @@ def refuse(message):
     parser.exit(2, f"error: {message}\n")
 
 
-tokens_per_image = args.tokens or ARPG_PRESETS[args.size].block_size
-if math.isqrt(tokens_per_image) ** 2 != tokens_per_image:
-    refuse(f"--tokens must be a square number (the tokens of an n x n grid), got {tokens_per_image}")
+tokens_per_image = ARPG_PRESETS[args.size].block_size if args.tokens is None else args.tokens
+if tokens_per_image < 1 or math.isqrt(tokens_per_image) ** 2 != tokens_per_image:
+    refuse(f"--tokens must be a square number of at least 1 (the tokens of an n x n grid), got {tokens_per_image}")
 if not all(1 <= steps <= tokens_per_image for steps in args.steps):
     refuse(f"--steps must be between 1 and the {tokens_per_image} tokens of an image, got {args.steps}")
 if min(args.batch or [1]) < 1 or args.repeats < 1:
     refuse(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
-if args.device.startswith("cuda") and not torch.cuda.is_available():
-    refuse("--device cuda, but this torch sees no CUDA GPU (a CPU-only build, or no driver); use --device cpu")
+try:
+    check_device(args.device)
+except ValueError as error:
+    refuse(str(error))
 
 device = torch.device(args.device)
 on_gpu = device.type == "cuda"
@@ -76,9 +78,10 @@ torch.nn.init.normal_(model.head.weight, std=0.02)   # a zero head would make ev
 if not args.no_onnx and not args.profile:
     from export import export_onnx                   # only when asked: exporting needs onnx
     from onnx_sampler import OnnxSampler
-    onnx_dir = tempfile.mkdtemp(prefix="arpg-bench-onnx-")
-    export_onnx(model, None, onnx_dir, fp16=on_gpu)  # from the fp32 weights, as a deployer would
-    onnx_sampler = OnnxSampler(onnx_dir, device="cuda" if on_gpu else "cpu")
+    # The sessions hold the graphs once made, so the export folder is removed right after.
+    with tempfile.TemporaryDirectory(prefix="arpg-bench-onnx-") as onnx_dir:
+        export_onnx(model, None, onnx_dir, fp16=on_gpu)  # from the fp32 weights, as a deployer would
+        onnx_sampler = OnnxSampler(onnx_dir, device="cuda" if on_gpu else "cpu")
 model = model.to(device, dtype)
 
 

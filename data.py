@@ -198,7 +198,8 @@ def check_output_path(path, flag="--out"):
 
 def save_image_grid(images, row_labels, path, pad=2):
     """
-    Save a grid of uint8 images as one PNG: images (R, C, H, W, 3), row r labelled row_labels[r].
+    Save a grid of uint8 images as one picture (PNG, or the format the name's extension asks for):
+    images (R, C, H, W, 3), row r labelled row_labels[r].
 
     row_labels may be None (no label column). Written atomically (`atomic_output`).
     """
@@ -223,8 +224,9 @@ def save_image_grid(images, row_labels, path, pad=2):
         for c in range(cols):
             grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (w + pad), top))
 
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")  # .jpg: JPEG
     with atomic_output(path, ".png") as tmp:
-        grid.save(tmp, format="PNG")
+        grid.save(tmp, format=image_format)
 
 
 def run_script(main):

@@ -37,6 +37,7 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
 from data import run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
@@ -87,15 +88,29 @@ def read_metadata(folder):
     path = os.path.join(folder, METADATA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {METADATA_FILE} in {folder}: export the model first with python export.py")
-    with open(path) as f:
-        metadata = json.load(f)
-    if metadata.get("format") != METADATA_FORMAT:
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except ValueError as error:                                          # truncated or not JSON at all
+        raise ValueError(f"cannot read {path}, damaged: re-export the folder with python export.py ({error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
         raise ValueError(f"{path} is not an ARPG ONNX export ({METADATA_FORMAT}); re-export with python export.py")
     for graph_file in metadata["graphs"].values():
         if not os.path.isfile(os.path.join(folder, graph_file)):
             raise FileNotFoundError(f"{graph_file} is missing from {folder}; "
                                     "re-export the folder with python export.py")
     return metadata
+
+
+def load_graph(path, options, providers):
+    """An InferenceSession for one graph file. A damaged export (a truncated .onnx, a missing or
+    truncated .onnx.data beside it) is one clear ValueError instead of ONNX Runtime's traceback."""
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
+        detail = " ".join(str(error).split())                            # ONNX Runtime's message, on one line
+        raise ValueError(f"cannot load {path}, damaged or incomplete: re-export the folder with python export.py "
+                         f"(ONNX Runtime: {detail})") from None
 
 
 def start_sessions(folder, graphs, device, single_threaded=()):
@@ -124,8 +139,7 @@ def start_sessions(folder, graphs, device, single_threaded=()):
     if wants_cuda:
         ort.set_default_logger_severity(4)                               # fatal only, while CUDA is tried
     try:
-        sessions = {name: ort.InferenceSession(os.path.join(folder, graph_file), session_options(name),
-                                               providers=providers)
+        sessions = {name: load_graph(os.path.join(folder, graph_file), session_options(name), providers)
                     for name, graph_file in graphs.items()}
     finally:
         ort.set_default_logger_severity(2)                               # back to ORT's default (warnings)
@@ -221,7 +235,7 @@ class OnnxSampler:
         if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must be a non-empty 1-D array of class ids in [0, {self.num_classes}), "
                              f"got {labels.tolist()}")
-        check_decoding(schedule, cfg_schedule, temperature, top_k, top_p)
+        check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale)
         if not 1 <= steps <= L:
             raise ValueError(f"steps must be between 1 and the {L} tokens to decode, got {steps}")
         rng = np.random.default_rng(seed)

@@ -33,7 +33,7 @@ training script calls (CPU: 900 steps, at most 2.5 minutes on 2 cores in a timed
 import argparse
 import math
 import os
-import sys
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from arpg import load_strict, read_checkpoint, save_atomic, unwrap_state_dict
+from arpg import check_device, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
+from data import run_script
 from muon import Muon
 
 # -----------------------------------------------------------------------------
@@ -786,40 +787,45 @@ class ImageFolderCrops(torch.utils.data.Dataset):
         return images_to_tensor(np.asarray(crop)[None])[0], class_id, index
 
 
-def save_npy_atomic(array, path):
-    """np.save to a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; data files are shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 @torch.no_grad()
 def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_workers=0):
     """Encode every image of `image_dir/<class>/` into `out_dir/<class_id>/<index>.npy`, int64
-    (2, h*w): row 0 the centre crop, row 1 its horizontal flip. Returns the number of images."""
+    (2, h*w): row 0 the centre crop, row 1 its horizontal flip. Returns the number of images.
+
+    `out_dir` appears only once every image is encoded: the codes are written into a hidden
+    sibling folder, renamed to `out_dir` at the end and removed on any failure. A half-written
+    code folder would look complete to train.py, which reads whatever .npy files it finds.
+    """
     if batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-    if image_size % vq.downsample:
-        raise ValueError(f"image size {image_size} is not divisible by the tokenizer's downsampling "
-                         f"factor {vq.downsample}")
+    if image_size < vq.downsample or image_size % vq.downsample:
+        raise ValueError(f"--image-size must be a positive multiple of the tokenizer's downsampling factor "
+                         f"{vq.downsample}, got {image_size}")
+    # An existing out_dir is refused rather than merged into: codes of another image size, tokenizer
+    # or image folder would be mixed in unnoticed (and a rename cannot merge anyway).
+    if os.path.exists(out_dir):
+        raise ValueError(f"--out {out_dir} already exists; remove it or choose another folder for the codes")
     items = list_image_folder(image_dir)
-    for class_id in sorted({class_id for _, class_id, _ in items}):
-        os.makedirs(os.path.join(out_dir, str(class_id)), exist_ok=True)
-    loader = torch.utils.data.DataLoader(ImageFolderCrops(items, image_size), batch_size=batch_size,
-                                         num_workers=num_workers)
-    vq.eval()
-    for crops, class_ids, indices in tqdm(loader, desc="tokenizing", unit="batch", dynamic_ncols=True):
-        crops = crops.to(vq.device)
-        codes = vq.encode(torch.cat([crops, crops.flip(-1)]))              # (2B, h, w): crops, then flips
-        codes = rearrange(codes, "(n b) h w -> b n (h w)", n=2).cpu().numpy()  # (B, 2, h*w)
-        for views, class_id, index in zip(codes, class_ids.tolist(), indices.tolist()):
-            save_npy_atomic(views.astype(np.int64), os.path.join(out_dir, str(class_id), f"{index}.npy"))
+    out_dir = os.path.abspath(out_dir)                                    # no trailing slash: a name to rename to
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    work_dir = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=f".{os.path.basename(out_dir)}-partial-")
+    try:
+        for class_id in sorted({class_id for _, class_id, _ in items}):
+            os.makedirs(os.path.join(work_dir, str(class_id)))
+        loader = torch.utils.data.DataLoader(ImageFolderCrops(items, image_size), batch_size=batch_size,
+                                             num_workers=num_workers)
+        vq.eval()
+        for crops, class_ids, indices in tqdm(loader, desc="tokenizing", unit="batch", dynamic_ncols=True):
+            crops = crops.to(vq.device)
+            codes = vq.encode(torch.cat([crops, crops.flip(-1)]))          # (2B, h, w): crops, then flips
+            codes = rearrange(codes, "(n b) h w -> b n (h w)", n=2).cpu().numpy()  # (B, 2, h*w)
+            for views, class_id, index in zip(codes, class_ids.tolist(), indices.tolist()):
+                np.save(os.path.join(work_dir, str(class_id), f"{index}.npy"), views.astype(np.int64))
+        os.chmod(work_dir, 0o755)  # mkdtemp makes an owner-only folder; a data set is shared
+        os.rename(work_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
     return len(items)
 
 
@@ -842,16 +848,12 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader processes decoding and cropping images")
     args = parser.parse_args(argv)
-    try:
-        vq = VQModel.from_checkpoint(args.vq_ckpt).to(args.device)
-        print(f"tokenizer {args.vq_ckpt}: {asdict(vq.config)}")
-        n = tokenize_folder(vq, args.tokenize, args.out, args.image_size, args.batch_size, args.num_workers)
-    except (FileNotFoundError, ValueError) as error:
-        # DataLoader workers wrap errors in a traceback: the last line is the message that matters.
-        print(f"error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
-        sys.exit(2)                                                       # as data.run_script does for the others
+    check_device(args.device)
+    vq = VQModel.from_checkpoint(args.vq_ckpt).to(args.device)
+    print(f"tokenizer {args.vq_ckpt}: {asdict(vq.config)}")
+    n = tokenize_folder(vq, args.tokenize, args.out, args.image_size, args.batch_size, args.num_workers)
     print(f"wrote the codes of {n} images to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

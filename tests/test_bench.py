@@ -1,5 +1,6 @@
 """bench.py end to end on a small setting (the table it writes), and its refusal of bad input."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(*args):
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_bench(*args, env=None):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
@@ -30,9 +32,24 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
     assert "nan" not in result.stdout, result.stdout
 
 
+def test_bench_removes_its_onnx_export_folder(tmp_path):
+    """The ONNX sampler runs from an export in a temporary folder, which is gone when bench.py ends."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    result = run_bench("--batch", "2", "--steps", "2", "--tokens", "16", "--repeats", "1", "--no-train",
+                       "--out", str(tmp_path / "bench.md"), env={**os.environ, "TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stderr
+    assert "| onnx runtime | 2 | 2 |" in (tmp_path / "bench.md").read_text(), "no ONNX Runtime row"
+    left = [p.name for p in temp.iterdir() if p.name.startswith("arpg-bench-onnx-")]
+    assert not left, f"bench.py left {left} behind"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "100"], "--steps must be between 1 and the 64 tokens"),
     (["--tokens", "50"], "--tokens must be a square number"),
+    (["--device", "gpu0"], "--device gpu0: not a device name"),
+    (["--tokens", "0"], "--tokens must be a square number of at least 1 (the tokens of an n x n grid), got 0"),
+    (["--tokens", "-4"], "--tokens must be a square number of at least 1 (the tokens of an n x n grid), got -4"),
     (["--batch", "0"], "--batch and --repeats must be at least 1"),
 ])
 def test_bench_refuses_bad_input_in_one_line(args, message):

@@ -75,6 +75,14 @@ def test_save_image_grid_writes_png_of_the_right_size(tmp_path):
     save_image_grid(grid, None, str(tmp_path / "nolabels.png"))  # labels are optional
 
 
+def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):
+    images, _ = make_builtin_dataset(4, seed=0, image_size=16)
+    for name, image_format in (("grid.jpg", "JPEG"), ("grid.png", "PNG"), ("grid", "PNG")):
+        save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / name))
+        with Image.open(tmp_path / name) as image:
+            assert image.format == image_format, f"{name}: {image.format}"
+
+
 def test_save_image_grid_rejects_bad_input(tmp_path):
     """A clear ValueError for a wrong layout or a wrong number of labels."""
     images, _ = make_builtin_dataset(4, seed=0, image_size=16)

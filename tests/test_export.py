@@ -290,3 +290,34 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
             "CUDAExecutionProvider", "CPUExecutionProvider"]).get_providers():
         code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cuda")
         assert code == 2 and output.strip().startswith("error: the CUDA execution provider is not available"), output
+
+
+@pytest.mark.parametrize("damaged_file, damage", [("guided.onnx.data", "removed"), ("guided.onnx", "truncated"),
+                                                  ("guided.onnx.data", "truncated"), ("arpg_onnx.json", "truncated")])
+def test_a_damaged_export_is_refused_in_one_line_naming_the_file(exported, tmp_path, damaged_file, damage):
+    """A missing or truncated graph file or a truncated arpg_onnx.json ends with one 'error:' line
+    naming the file and saying to re-export, and exit code 2, not ONNX Runtime's or json's traceback."""
+    folder, _, _ = exported
+    damaged = tmp_path / "onnx"
+    shutil.copytree(folder, damaged)
+    path = damaged / damaged_file
+    if damage == "removed":
+        os.remove(path)
+    else:
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(damaged), "--device", "cpu",
+                       "--out", str(tmp_path / "x.png"))
+    named = str(path).removesuffix(".data")                               # the graph, whose data file is broken
+    assert code == 2 and len(output.strip().splitlines()) == 1 and output.startswith("error: "), output
+    assert named in output and "re-export the folder with python export.py" in output, output
+    assert not (tmp_path / "x.png").exists(), "a PNG was written from a damaged export"
+
+
+@pytest.mark.parametrize("cfg", ["nan", "inf", "-inf"])
+def test_a_non_finite_guidance_scale_is_refused_in_one_line(exported, tmp_path, cfg):
+    """--cfg nan / inf / -inf would turn every logit into nan and sample garbage: refused, exit code 2."""
+    folder, _, _ = exported
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", f"--cfg={cfg}",
+                       "--out", str(tmp_path / "x.png"))
+    assert code == 2 and output.startswith("error: temperature and guidance must be finite numbers, got 1.0 and "), output
+    assert not (tmp_path / "x.png").exists(), "a PNG was written"

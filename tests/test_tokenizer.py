@@ -12,7 +12,7 @@ from einops import rearrange
 from PIL import Image
 
 import tokenizer
-from data import make_builtin_dataset
+from data import make_builtin_dataset, run_script
 from tokenizer import (VQ_PRESETS, Conv2d, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
                        make_tokenizer_optimizers, tensor_to_images, train_tokenizer)
 
@@ -418,18 +418,58 @@ def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
     assert np.array_equal(codes, expected.flatten(1).numpy()), "codes are not those of the crop and its flip"
 
 
-@pytest.mark.parametrize("problem", ["missing folder", "no images", "size not divisible", "empty batches"])
-def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, image_folder, tmp_path, capsys):
-    """Bad input ends the CLI with exit code 2 and a one-line error on stderr."""
+def tokenize_cli(*argv):
+    """tokenizer.py's command line as the shell runs it: errors become one line and exit code 2."""
+    run_script(lambda: main(list(argv)))
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("missing folder", "image folder not found"), ("no images", "no images in"),
+    ("size not divisible", "--image-size must be a positive multiple of the tokenizer's downsampling factor 4, got 18"),
+    ("size zero", "--image-size must be a positive multiple of the tokenizer's downsampling factor 4, got 0"),
+    ("empty batches", "the batch size must be at least 1"), ("unknown device", "--device gpu0: not a device name")])
+def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, expected, image_folder, tmp_path, capsys):
+    """Bad input ends the CLI with exit code 2 and a one-line error on stderr saying what was wrong."""
     images, ckpt = image_folder
     (tmp_path / "empty" / "class").mkdir(parents=True)
     source, size = {"missing folder": (tmp_path / "absent", "16"), "no images": (tmp_path / "empty", "16"),
-                    "size not divisible": (images, "18"), "empty batches": (images, "16")}[problem]
+                    "size not divisible": (images, "18"), "size zero": (images, "0"),
+                    "empty batches": (images, "16"), "unknown device": (images, "16")}[problem]
     batch = "0" if problem == "empty batches" else "64"
+    device = "gpu0" if problem == "unknown device" else "cpu"
     with pytest.raises(SystemExit) as stop:
-        main(["--tokenize", str(source), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(ckpt),
-              "--image-size", size, "--batch-size", batch, "--num-workers", "0", "--device", "cpu"])
+        tokenize_cli("--tokenize", str(source), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(ckpt),
+                     "--image-size", size, "--batch-size", batch, "--num-workers", "0", "--device", device)
     message = capsys.readouterr().err
     assert stop.value.code == 2 and message.startswith("error: "), f"exit {stop.value.code!r}: {message!r}"
     assert message.count("\n") == 1, f"error is not one line: {message!r}"
+    assert expected in message, f"the error does not say {expected!r}: {message!r}"
     assert not (tmp_path / "codes").exists(), "the code folder was created despite the error"
+
+
+def test_tokenize_failing_midway_leaves_no_code_folder(image_folder, tmp_path, capsys):
+    """An unreadable image after some batches are written ends in one 'error:' line and leaves
+    neither --out nor its hidden work folder: train.py would take a partial code folder for whole."""
+    images, ckpt = image_folder
+    (images / "b_dogs" / "1.png").write_bytes(b"not a png")         # read after a_cats' two images
+    with pytest.raises(SystemExit) as stop:
+        tokenize_cli("--tokenize", str(images), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(ckpt),
+                     "--image-size", "16", "--batch-size", "1", "--num-workers", "0", "--device", "cpu")
+    message = capsys.readouterr().err.splitlines()[-1]                 # after the progress bar's
+    assert stop.value.code == 2 and message.startswith("error: cannot read image"), message
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["images", "vq.pt"], f"a failed run left {left} behind"
+
+
+def test_tokenize_refuses_an_existing_out_folder(image_folder, tmp_path, capsys):
+    """An existing --out is refused in one line, untouched, instead of being merged into."""
+    images, ckpt = image_folder
+    (tmp_path / "codes" / "0").mkdir(parents=True)
+    (tmp_path / "codes" / "0" / "0.npy").write_bytes(b"old codes")
+    with pytest.raises(SystemExit) as stop:
+        tokenize_cli("--tokenize", str(images), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(ckpt),
+                     "--image-size", "16", "--num-workers", "0", "--device", "cpu")
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and message == f"error: --out {tmp_path / 'codes'} already exists; remove it or " \
+                                               "choose another folder for the codes\n", repr(message)
+    assert (tmp_path / "codes" / "0" / "0.npy").read_bytes() == b"old codes", "the old codes were touched"
