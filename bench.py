@@ -19,7 +19,6 @@ It prints a markdown table and writes it to --out.
 import argparse
 import functools
 import math
-import os
 import platform
 import tempfile
 import time
@@ -28,6 +27,7 @@ from dataclasses import replace
 import torch
 
 from arpg import ARPG, ARPG_PRESETS, check_device
+from data import atomic_output, check_output_path
 from train import RECIPES, make_optimizers
 
 # -----------------------------------------------------------------------------
@@ -64,6 +64,7 @@ if min(args.batch or [1]) < 1 or args.repeats < 1:
     refuse(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
 try:
     check_device(args.device)
+    check_output_path(args.out)
 except ValueError as error:
     refuse(str(error))
 
@@ -218,7 +219,6 @@ if train_row:
               + ("" if peak is None else f", peak {memory(peak)}") + "."]
 table = "\n".join(lines)
 print("\n" + table)
-os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-with open(args.out, "w") as f:
+with atomic_output(args.out, ".md") as tmp, open(tmp, "w") as f:
     f.write(table + "\n")
 print(f"\nwrote {args.out}")

@@ -222,7 +222,11 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     # Work in a temporary folder beside out_dir (same file system, so os.replace is atomic): a
     # failed export leaves nothing behind, not even an empty out_dir.
     parent = os.path.dirname(os.path.abspath(out_dir))
+    if os.path.isfile(out_dir):
+        raise ValueError(f"{out_dir} is a file; the export needs a folder name")
     os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot export to {out_dir}: its folder {parent} is not writable; choose another path")
     work = tempfile.mkdtemp(dir=parent, prefix=".onnx-export-")
     try:
         # Example inputs for tracing: sizes that differ from each other and from 0 and 1, so no

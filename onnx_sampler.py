@@ -39,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
-from data import run_script, save_image_grid
+from data import check_output_path, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
 
 METADATA_FILE = "arpg_onnx.json"
@@ -316,6 +316,7 @@ def main():
     args = parser.parse_args()
     if args.per_class < 1:
         raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    check_output_path(args.out)
 
     sampler = OnnxSampler(args.onnx_dir, args.device)
     classes = args.classes or sampler.metadata["default_classes"]

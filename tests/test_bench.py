@@ -48,6 +48,7 @@ def test_bench_removes_its_onnx_export_folder(tmp_path):
     (["--steps", "100"], "--steps must be between 1 and the 64 tokens"),
     (["--tokens", "50"], "--tokens must be a square number"),
     (["--device", "gpu0"], "--device gpu0: not a device name"),
+    (["--out", "/"], "--out / is a folder; give a file name in it"),
     (["--tokens", "0"], "--tokens must be a square number of at least 1 (the tokens of an n x n grid), got 0"),
     (["--tokens", "-4"], "--tokens must be a square number of at least 1 (the tokens of an n x n grid), got -4"),
     (["--batch", "0"], "--batch and --repeats must be at least 1"),

@@ -254,12 +254,18 @@ def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_def
 
 
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
-    """A missing checkpoint, a missing graph, graphs mixed from two exports and an explicit but
-    unavailable CUDA provider each end with one 'error:' line and exit code 2."""
+    """A missing checkpoint, a file as the export folder, a folder as the PNG, a missing graph,
+    graphs mixed from two exports and an explicit but unavailable CUDA provider each end with one
+    'error:' line and exit code 2."""
     folder, model, vq = exported
     with pytest.raises(ValueError, match="at least one row and one column of tokens, got 0 x 8"):
         export_onnx(model, vq, str(tmp_path / "no_rows"), grid=(0, 8))
     assert not (tmp_path / "no_rows").exists(), "a refused export left a folder behind"
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ValueError, match="is a file; the export needs a folder name"):
+        export_onnx(model, vq, str(tmp_path / "notes.txt"))
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--out", str(tmp_path))
+    assert code == 2 and output.strip() == f"error: --out {tmp_path} is a folder; give a file name in it", output
     code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x"))
     assert code == 2 and output.strip().splitlines()[-1].startswith("error: ARPG checkpoint not found"), output
     assert not (tmp_path / "x").exists(), "a failed export left a folder behind"
