@@ -606,9 +606,10 @@ class ARPG(nn.Module):
         the one saved in the checkpoint (ours), else inferred from the weight shapes (official)."""
         checkpoint = read_checkpoint(path_or_state)
         state = unwrap_state_dict(checkpoint)
-        if "embeddings.weight" not in state or "head.weight" not in state:
-            raise ValueError("checkpoint holds no ARPG weights (no embeddings.weight / head.weight); "
-                             "is it a tokenizer checkpoint?")
+        missing = [key for key in ("embeddings.weight", "head.weight") if key not in state]
+        if missing:  # both: another kind of checkpoint; one: a damaged or edited ARPG file
+            raise ValueError(f"checkpoint holds no ARPG weights (no {' / '.join(missing)})"
+                             + ("; is it a tokenizer checkpoint?" if len(missing) == 2 else ""))
         if config is None:
             saved = checkpoint.get("config")
             config = ARPGConfig(**saved) if isinstance(saved, dict) else infer_config(state)
@@ -801,13 +802,16 @@ def read_checkpoint(path_or_state):
     """A checkpoint as a dict: from a path (read safely) or an already loaded dict."""
     if isinstance(path_or_state, dict):
         return path_or_state
+    if os.path.isdir(path_or_state):
+        raise ValueError(f"{path_or_state} is a folder; give the checkpoint file in it")
     if not os.path.isfile(path_or_state):
         raise FileNotFoundError(f"checkpoint not found: {path_or_state}")
     try:
         return torch.load(path_or_state, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; say what to do instead
         raise ValueError(f"cannot read {path_or_state} as a weights-only checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0]}); re-save it as a plain dict of tensors") from None
+                         f"{str(error).splitlines()[0]}): is it a PyTorch checkpoint? One that holds more than "
+                         f"tensors and plain Python values must be re-saved as a dict of those") from None
 
 
 def unwrap_state_dict(checkpoint):

@@ -152,7 +152,7 @@ def parse_args(argv=None):
 def load_models(args):
     """(ARPG in eval mode, VQ tokenizer in eval mode, class names, a one-line description, and the
     sampling defaults the checkpoint names, over SAMPLING_DEFAULTS)."""
-    if not os.path.isfile(args.ckpt):
+    if not os.path.exists(args.ckpt):  # a folder is refused by read_checkpoint
         raise FileNotFoundError(f"ARPG checkpoint not found: {args.ckpt} (train one with `python train.py`, "
                                 f"or pass --ckpt)")
     checkpoint = read_checkpoint(args.ckpt)
@@ -163,7 +163,7 @@ def load_models(args):
     config = model.config
 
     vq_path = args.vq_ckpt or checkpoint.get("tokenizer") or "out/tokenizer.pt"
-    if not os.path.isfile(vq_path):
+    if not os.path.exists(vq_path):
         raise FileNotFoundError(f"tokenizer checkpoint not found: {vq_path} (pass --vq-ckpt)")
     vq = VQModel.from_checkpoint(vq_path)
     if vq.config.codebook_size != config.vocab_size:
@@ -346,6 +346,8 @@ def edit_panels(image, canvas, factor, offset=(0, 0)):
 
 def edit_input(args, model, vq, names):
     """The image to edit, uint8 (H, W, 3), and its class (None when unknown)."""
+    if args.image_class is not None:
+        check_classes([args.image_class], model.config.num_classes, "--image-class")
     if args.image is not None:
         image = load_image(args.image)
         check_image_size(image, vq.downsample)
@@ -353,7 +355,6 @@ def edit_input(args, model, vq, names):
     if not is_builtin(names):
         raise ValueError(f"--edit {args.edit} needs --image for a model not trained on the built-in shapes")
     image_class = 0 if args.image_class is None else args.image_class
-    check_classes([image_class], model.config.num_classes, "--image-class")
     side = model.config.grid_size * vq.downsample
     # Labels cycle through the classes, so image i * n_classes + c has class c. A seed of its own:
     # never an image ARPG was trained on.

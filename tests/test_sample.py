@@ -260,6 +260,7 @@ def write_png(path, height, width):
     (["--edit", "inpaint", "--mask", "MASK_40x64"], "same size"),
     (["--edit", "inpaint", "--mask", "NOT_AN_IMAGE"], "cannot read mask"),
     (["--edit", "inpaint", "--image", "NOT_AN_IMAGE"], "cannot read image"),
+    (["--edit", "inpaint", "--image", "IMAGE_64x64", "--image-class", "12"], "--image-class 12 out of range"),
     (["--out", "FOLDER"], "is a folder; give a file name"),
     (["--device", "gpu0"], "--device gpu0: not a device name"),
     (["--eval", "4", "--eval-samples", "1"], "--eval-samples must be at least 2"),
@@ -268,6 +269,8 @@ def write_png(path, height, width):
     (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
     (["--edit", "outpaint", "--box", "0", "0", "8", "8"], "--box only applies to --edit inpaint / class-edit"),
     (["--ckpt", "MISSING"], "ARPG checkpoint not found"),
+    (["--ckpt", "FOLDER"], "is a folder; give the checkpoint file in it"),
+    (["--ckpt", "NOT_AN_IMAGE"], "is it a PyTorch checkpoint?"),
     (["--ckpt", "VQ"], "no ARPG weights"),
     (["--vq-ckpt", "ARPG"], "is an ARPG checkpoint, not a tokenizer"),
     (["--vq-ckpt", "VQ_OTHER"], "models 64 codes but the tokenizer"),
@@ -276,6 +279,7 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
     """Each bad input raises ValueError/FileNotFoundError (one 'error:' line from the CLI) and writes nothing."""
     files = {"MASK_40x64": write_png(tmp_path / "mask.png", 40, 64),
              "IMAGE_60x64": write_png(tmp_path / "image.png", 60, 64),
+             "IMAGE_64x64": write_png(tmp_path / "square.png", 64, 64),
              "MISSING": str(tmp_path / "missing.pt"), "VQ": ckpts["vq"], "ARPG": ckpts["arpg"],
              "VQ_OTHER": ckpts["vq_other"], "NOT_AN_IMAGE": str(tmp_path / "notes.png"), "FOLDER": str(tmp_path),
              "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png")}
