@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -232,9 +233,15 @@ def save_image_grid(images, row_labels, path, pad=2):
 def run_script(main):
     """Run a script's main() and exit with its return value; bad input (ValueError) and files
     that cannot be read or written (OSError: not found, a folder, no permission, not an image,
-    a full disk) become one `error: ...` line on stderr and exit code 2, not a traceback."""
+    a full disk) become one `error: ...` line on stderr and exit code 2, not a traceback.
+    Ctrl-C and SIGTERM (kill, timeout, a cluster's pre-emption) stop it through its cleanup, so
+    no half-written file stays behind (`atomic_output`), and exit with code 130."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)            # SIGTERM: as Ctrl-C
     try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError) as error:
         # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
         message = (str(error).strip().splitlines() or [""])[-1]

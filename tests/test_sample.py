@@ -1,8 +1,10 @@
 """sample.py on tiny random models: grids, determinism, FID files, zero-shot editing, bad input."""
 
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -110,6 +112,23 @@ def test_fid_npz_has_the_adm_layout_and_balanced_classes(ckpts, tmp_path):
     counts = np.bincount(labels, minlength=10)
     assert counts.min() >= 2 and counts.max() <= 3, f"classes not balanced: {counts}"
     assert all(images[i].std() > 0 for i in (0, 12, 24)), "some images of the file were never written"
+
+
+def test_a_killed_fid_run_leaves_no_partial_file(ckpts, tmp_path):
+    """SIGTERM (kill, timeout, a cluster's pre-emption) while --fid streams its .npz stops sample.py
+    with exit code 130 and one line, and removes the half-written file."""
+    folder = tmp_path / "fid"
+    process = subprocess.Popen([sys.executable, "sample.py", "--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"],
+                                "--fid", "100000", "--steps", "4", "--out", str(folder / "samples.npz")],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(folder.glob(".tmp-*")) and time.monotonic() < deadline:  # the stream has started
+        time.sleep(0.1)
+    assert list(folder.glob(".tmp-*")), "the .npz stream never started"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr[-500:]
+    assert list(folder.iterdir()) == [], f"left behind: {list(folder.iterdir())}"
 
 
 # --- zero-shot editing ---
