@@ -71,7 +71,7 @@ def parse_args(argv=None):
                       help="class ids, one row each (default: every class of a model with up to 16, else 8 "
                            "ImageNet showcase classes for a 1000-class model, else 8 spread over the ids; --fid: every class; inpaint/outpaint: the input image's "
                            "class; class-edit: every other class)")
-    what.add_argument("--per-class", type=int, default=8, help="samples per class (columns)")
+    what.add_argument("--per-class", type=int, default=None, help="samples per class (columns; default 8)")
     what.add_argument("--seed", type=int, default=0,
                       help="seeds the generation orders and the sampling: same seed, device and batch size, "
                            "same images")
@@ -135,10 +135,11 @@ def parse_args(argv=None):
 
     run = parser.add_argument_group("how to run")
     run.add_argument("--batch-size", type=int, default=64, help="images per generate() call")
-    run.add_argument("--eval-samples", type=int, default=1000,
-                     help="--eval: generated images per step count, and real images per reference set")
-    run.add_argument("--classifier", default=evaluate.DEFAULT_CLASSIFIER,
-                     help="--eval: the cached evaluation classifier (trained on real built-in images if missing)")
+    run.add_argument("--eval-samples", type=int, default=None,
+                     help="--eval: generated images per step count, and real images per reference set (default 1000)")
+    run.add_argument("--classifier", default=None,
+                     help="--eval: the cached evaluation classifier (trained on real built-in images if missing; "
+                          f"default {evaluate.DEFAULT_CLASSIFIER})")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                      help="ARPG's weights and activations (bfloat16: the paper's GPU setting); the tokenizer "
@@ -463,12 +464,22 @@ def check_classes(classes, num_classes, flag="--classes"):
 
 
 def check_flags(args):
-    """Refuse flag values and combinations that cannot work, before loading anything."""
+    """Refuse flag values and combinations that cannot work, before loading anything; then fill in
+    the defaults of the flags that apply to one mode only."""
     for flag, value, least in (("--per-class", args.per_class, 1), ("--batch-size", args.batch_size, 1),
                                ("--fid", args.fid, 1), ("--eval-samples", args.eval_samples, 2)):  # 2: a covariance
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     check_device(args.device)
+    applies = {"--eval-samples": args.eval is not None, "--classifier": args.eval is not None,
+               "--per-class": args.eval is None and args.fid is None}  # --eval and --fid set their own counts
+    for flag, applies_here in applies.items():
+        if getattr(args, flag[2:].replace("-", "_")) is not None and not applies_here:
+            raise ValueError(f"{flag} does not apply to this mode (--eval-samples and --classifier go with --eval; "
+                             f"--per-class with grids and edits)")
+    args.per_class = args.per_class or 8
+    args.eval_samples = args.eval_samples or 1000
+    args.classifier = args.classifier or evaluate.DEFAULT_CLASSIFIER
     if not 0 <= args.image_index < 1000:  # image i of a class needs the 10 * i images before it drawn first
         raise ValueError(f"--image-index must be in 0..999, got {args.image_index}")
     used_by = {"--image": ("inpaint", "class-edit", "outpaint"), "--image-class": ("inpaint", "class-edit", "outpaint"),

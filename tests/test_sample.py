@@ -283,6 +283,8 @@ def write_png(path, height, width):
     (["--out", "FOLDER"], "is a folder; give a file name"),
     (["--device", "gpu0"], "--device gpu0: not a device name"),
     (["--eval", "4", "--eval-samples", "1"], "--eval-samples must be at least 2"),
+    (["--eval-samples", "50"], "--eval-samples does not apply to this mode"),
+    (["--fid", "10", "--per-class", "2"], "--per-class does not apply to this mode"),
     (["--out", "UNDER_A_FILE"], "cannot make its folder"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
     (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
