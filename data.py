@@ -225,8 +225,9 @@ def save_image_grid(images, row_labels, path, pad=2):
         for c in range(cols):
             grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (w + pad), top))
 
-    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")  # .jpg: JPEG
-    with atomic_output(path, ".png") as tmp:
+    extension = os.path.splitext(path)[1]
+    image_format = Image.registered_extensions().get(extension.lower(), "PNG")  # .jpg: JPEG
+    with atomic_output(path, extension) as tmp:
         grid.save(tmp, format=image_format)
 
 
