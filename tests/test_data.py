@@ -76,6 +76,7 @@ def test_save_image_grid_writes_png_of_the_right_size(tmp_path):
 
 
 def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):
+    """A .jpg name gets a JPEG, a .png name or no extension a PNG."""
     images, _ = make_builtin_dataset(4, seed=0, image_size=16)
     for name, image_format in (("grid.jpg", "JPEG"), ("grid.png", "PNG"), ("grid", "PNG")):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / name))
@@ -111,6 +112,7 @@ def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_p
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    """A folder, or a path under a file, is a ValueError naming the problem; a missing folder is made."""
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     with pytest.raises(ValueError, match="is a folder; give a file name"):
         check_output_path(str(tmp_path))
