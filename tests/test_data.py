@@ -103,12 +103,14 @@ def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_p
             with open(tmp, "w") as f:
                 f.write("half")
             raise RuntimeError("interrupted")
-    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+    assert path.read_text() == "old", "a failed write changed the file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"], "a failed write left a file behind"
     with atomic_output(str(path), ".md") as tmp:
         with open(tmp, "w") as f:
             f.write("new")
-    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert path.read_text() == "new", "the write did not replace the file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"], "the temporary file stayed"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644, f"mode {oct(path.stat().st_mode)}"
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
@@ -119,4 +121,4 @@ def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="cannot make its folder"):
         check_output_path(str(tmp_path / "notes.txt" / "grid.png"))
     check_output_path(str(tmp_path / "new" / "grid.png"))  # a missing folder is made
-    assert (tmp_path / "new").is_dir()
+    assert (tmp_path / "new").is_dir(), "the missing folder was not made"
