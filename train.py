@@ -814,6 +814,17 @@ def fill_in_defaults(args, world_size):
             check_output_path(args.tokenizer, "--tokenizer")             # a tokenizer will be trained there
 
 
+def read_run_checkpoint(path):
+    """The checkpoint of a train.py run, to resume: refused in one line when it is another kind (a
+    tokenizer, an official release, a file saved by hand), which holds no run to continue."""
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in ("model", "config", "optimizer", "step", "args") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)} in it), so there is "
+                         f"no run to resume: drop --resume, or give the --out of a train.py run")
+    return checkpoint
+
+
 def main(argv=None):
     run_started = time.perf_counter()                                     # --total-minutes counts from here
     args = parse_args(argv)
@@ -822,6 +833,7 @@ def main(argv=None):
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     preset = ARPG_PRESETS[args.size]
+    checkpoint = read_run_checkpoint(args.out) if args.resume else None  # refused before the data, if wrong
 
     # 1. The tokenizer: trained on the built-in shapes when there is none (by one process).
     if args.data is None:
@@ -853,11 +865,6 @@ def main(argv=None):
 
     # 3. The model: the preset with the data's vocabulary, classes and grid, or the checkpoint's.
     if args.resume:
-        checkpoint = read_checkpoint(args.out)
-        missing = [key for key in ("model", "config", "optimizer", "step", "args") if key not in checkpoint]
-        if missing:  # a tokenizer, an official release, a file saved by hand
-            raise ValueError(f"{args.out} is not a checkpoint of train.py (no {', '.join(missing)} in it), so "
-                             f"there is no run to resume: drop --resume, or give the --out of a train.py run")
         config = ARPGConfig(**checkpoint["config"])
         check_matches_data(config, dataset)
         if args.layers not in (None, config.n_layer):
