@@ -69,8 +69,8 @@ def parse_args(argv=None):
     what = parser.add_argument_group("what to draw")
     what.add_argument("--classes", type=int, nargs="+", default=None,
                       help="class ids, one row each (default: every class of a model with up to 16, else 8 "
-                           "ImageNet showcase classes for a 1000-class model, else 8 spread over the ids; --fid: every class; inpaint/outpaint: the input image's "
-                           "class; class-edit: every other class)")
+                           "ImageNet showcase classes for a 1000-class model, else 8 spread over the ids; --fid: "
+                           "every class; inpaint/outpaint: the input image's class; class-edit: every other class)")
     what.add_argument("--per-class", type=int, default=None, help="samples per class (columns; default 8)")
     what.add_argument("--seed", type=int, default=0,
                       help="seeds the generation orders and the sampling: same seed, device and batch size, "

@@ -825,6 +825,29 @@ def read_run_checkpoint(path):
     return checkpoint
 
 
+# What a resumed run must keep to continue the same run bit for bit: the data and the order it is
+# read in (with the step, the seed sets every random draw), and the optimization. Free to change:
+# --max-steps (to train longer), and how the run is executed and logged (device, workers, compile,
+# logging, sampling, saving); the model's shape is checked against the checkpoint's config.
+RESUME_KEEPS = ("size", "data", "num_images", "seed", "batch_size", "grad_accum", "lr", "min_lr", "muon_lr",
+                "warmup", "decay", "weight_decay", "grad_clip", "ema", "dropout", "precision")
+
+
+def check_same_run(args, saved_args):
+    """Refuse a --resume whose run-defining flags differ from those the checkpoint was trained with."""
+    def same(key):
+        now, then = getattr(args, key), saved_args[key]
+        if key == "data" and now is not None and then is not None:          # one folder, however it is written
+            return os.path.realpath(now) == os.path.realpath(then)
+        return now == then
+    changed = [key for key in RESUME_KEEPS if key in saved_args and not same(key)]
+    if changed:
+        raise ValueError(f"--resume continues {args.out} with the settings it was trained with, but "
+                         + ", ".join(f"--{key.replace('_', '-')} is {getattr(args, key)} (was {saved_args[key]})"
+                                     for key in changed)
+                         + ": give the flags of the run you resume")
+
+
 def main(argv=None):
     run_started = time.perf_counter()                                     # --total-minutes counts from here
     args = parse_args(argv)
@@ -834,6 +857,8 @@ def main(argv=None):
     log = print if is_main else (lambda *a, **k: None)
     preset = ARPG_PRESETS[args.size]
     checkpoint = read_run_checkpoint(args.out) if args.resume else None  # refused before the data, if wrong
+    if checkpoint is not None:
+        check_same_run(args, checkpoint["args"])
 
     # 1. The tokenizer: trained on the built-in shapes when there is none (by one process).
     if args.data is None:

@@ -4,6 +4,7 @@ layouts load, the data order is a pure function of the step, and bad input is re
 import copy
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,6 +234,25 @@ def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_p
         assert torch.equal(weights["compiled again"][key], weights["compiled"][key]), f"compiled runs differ at {key}"
         assert torch.allclose(weights["compiled"][key], value, rtol=0, atol=1e-4), \
             f"compiled training differs at {key}: {(weights['compiled'][key] - value).abs().max():.2e}"
+
+
+def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
+    """--resume without the run's --data (it would train on the built-in shapes instead), or with
+    another --batch-size or --seed, is refused in one line naming the flag, before any work, and
+    the checkpoint is left as it was; the same folder written another way is the same run."""
+    data = write_codes(tmp_path / "codes")
+    out = tmp_path / "arpg.pt"
+    common = [*FAST, "--save-every", "0", "--out", str(out)]
+    assert run_train("--data", str(data), *common, "--max-steps", "2").returncode == 0, "the first run failed"
+    before = out.read_bytes()
+    for flags, named in (([], "--data is None (was"),
+                         (["--data", str(data), "--batch-size", "4"], "--batch-size is 4 (was 8)"),
+                         (["--data", str(data), "--seed", "3"], "--seed is 3 (was 0)")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            main([*common, *flags, "--max-steps", "4", "--resume"])
+    assert out.read_bytes() == before, "a refused resume changed the checkpoint"
+    main([*common, "--data", str(data / ".." / "codes"), "--max-steps", "4", "--resume"])
+    assert load(out)["step"] == 4, "the resumed run should end at step 4"
 
 
 def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
