@@ -189,6 +189,8 @@ def check_output_path(path, flag="--out"):
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a folder; give a file name in it")
+    if os.path.exists(path) and not os.path.isfile(path):  # os.replace would put a file in its place
+        raise ValueError(f"{flag} {path} is not a regular file (a device, a pipe); give a file name")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
@@ -253,13 +255,16 @@ def run_script(main):
 # -----------------------------------------------------------------------------
 # Preview: python data.py --out out/builtin_dataset.png
 
-if __name__ == "__main__":
+def preview():
     parser = argparse.ArgumentParser(description="Save a preview grid of the built-in dataset.")
     parser.add_argument("--out", default="out/builtin_dataset.png", help="PNG file to write")
     parser.add_argument("--per-class", type=int, default=8, help="images shown per class (columns)")
     parser.add_argument("--image-size", type=int, default=64, help="side of each image in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the dataset")
     args = parser.parse_args()
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    check_output_path(args.out)
 
     n_classes = len(CLASS_NAMES)
     images, labels = make_builtin_dataset(n_classes * args.per_class, args.seed, args.image_size)
@@ -267,3 +272,7 @@ if __name__ == "__main__":
     grid = images.reshape(args.per_class, n_classes, *images.shape[1:]).swapaxes(0, 1)  # (R, C, H, W, 3)
     save_image_grid(grid, CLASS_NAMES, args.out)
     print(f"wrote {args.out}: {n_classes} classes x {args.per_class} images")
+
+
+if __name__ == "__main__":
+    run_script(preview)

@@ -756,7 +756,8 @@ def list_image_folder(image_dir):
     folder is missing or holds no images."""
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    classes = sorted(d for d in os.listdir(image_dir) if os.path.isdir(os.path.join(image_dir, d)))
+    classes = sorted(d for d in os.listdir(image_dir)                   # hidden folders (.ipynb_checkpoints) skipped
+                     if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith("."))
     items = []
     for class_id, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(image_dir, name)) if f.lower().endswith(IMAGE_EXTENSIONS))

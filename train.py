@@ -268,9 +268,10 @@ class TokenGrids(Dataset):
     def __getitem__(self, item):
         index, draw = item
         grid = self.grids[index]
-        codes = np.load(grid) if isinstance(grid, str) else grid
+        codes = read_codes(grid) if isinstance(grid, str) else grid
         where = grid if isinstance(grid, str) else f"image {index}"
-        if codes.ndim not in (1, 2, 3) or codes.shape[-1] != self.length or not np.issubdtype(codes.dtype, np.integer):
+        if (codes.ndim not in (1, 2, 3) or codes.size == 0 or codes.shape[-1] != self.length
+                or not np.issubdtype(codes.dtype, np.integer)):
             raise ValueError(f"{where}: expected integer codes of shape (n_aug, {self.length}) or "
                              f"(1, n_aug, {self.length}), got {codes.dtype} {codes.shape}")
         codes = codes.reshape(-1, self.length)                            # (n_aug, L)
@@ -282,13 +283,25 @@ class TokenGrids(Dataset):
         return torch.from_numpy(codes.astype(np.int64)), self.labels[index]
 
 
+def read_codes(path):
+    """One .npy code file, or a one-line ValueError naming it (empty, truncated, not an .npy)."""
+    try:
+        return np.load(path)                                              # allow_pickle=False: data only
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"cannot read {path} as an .npy array of codes ({error})") from None
+
+
 def scan_class_folders(root):
     """{root}/{class}/{file} -> (class names in label order, files per class, "codes" or "images")."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    listing = {name: sorted(os.listdir(os.path.join(root, name))) for name in names}
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    listing = {name: sorted(os.listdir(os.path.join(root, name))) for name in names}  # hidden folders skipped
     if any(f.endswith(".npy") for files in listing.values() for f in files):
+        empty = [name for name in names if not any(f.endswith(".npy") for f in listing[name])]
+        if empty:  # each folder is a class: an empty one would be a class that never appears
+            raise ValueError(f"class folder(s) {', '.join(empty)} in {root} hold no .npy code files: fill or "
+                             f"remove them")
         # Code folders are named by class id (RandAR's ImageNet codes, tokenizer.py --tokenize):
         # sort them as numbers, so folder "10" is class 10, not class 2.
         if all(name.isdigit() for name in names):
@@ -331,7 +344,7 @@ def build_dataset(args, vq, preset, device):
 
     labels = np.concatenate([np.full(len(class_files), c, dtype=np.int64) for c, class_files in enumerate(files)])
     paths = [path for class_files in files for path in class_files]
-    first = np.load(paths[0])
+    first = read_codes(paths[0])
     vocab_size = args.vocab_size or (vq.config.codebook_size if vq is not None else preset.vocab_size)
     dataset = TokenGrids(paths, labels, names, vocab_size, first.shape[-1] if first.ndim else 0)
     first_of_class = np.cumsum([0] + [len(class_files) for class_files in files[:-1]])
@@ -390,10 +403,12 @@ def derived_seed(*numbers):
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
-def ignore_ctrl_c(_worker_id):
-    # Ctrl-C reaches every process in the terminal's group; the main process handles it (it saves
-    # a checkpoint first), so a DataLoader worker must not die of it and break the last batch.
+def ignore_stop_signals(_worker_id):
+    # Ctrl-C reaches every process in the terminal's group, and a SIGTERM sent to the group (a
+    # scheduler, torchrun) does too; the main process handles both (it saves a checkpoint first),
+    # so a DataLoader worker must not die of them and break the last batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
@@ -543,7 +558,7 @@ def step_loader(dataset, args, start_step, rank, world_size, device):
     """This process's micro-batches (tokens, labels) from step `start_step` on, forever."""
     sampler = StepSampler(len(dataset), args.batch_size, args.seed, start_step, rank, world_size, args.grad_accum)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
-                           worker_init_fn=ignore_ctrl_c))
+                           worker_init_fn=ignore_stop_signals))
 
 
 def optimizer_step(train_model, model, optimizers, loader, args, device, distributed=False):

@@ -118,6 +118,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     with pytest.raises(ValueError, match="is a folder; give a file name"):
         check_output_path(str(tmp_path))
+    with pytest.raises(ValueError, match="is not a regular file"):
+        check_output_path("/dev/null")
     with pytest.raises(ValueError, match="cannot make its folder"):
         check_output_path(str(tmp_path / "notes.txt" / "grid.png"))
     check_output_path(str(tmp_path / "new" / "grid.png"))  # a missing folder is made

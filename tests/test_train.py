@@ -124,6 +124,23 @@ def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
         assert_same_tensors(a[key], b[key], key)
 
 
+def test_sigterm_to_the_process_group_saves_like_ctrl_c(tmp_path):
+    """A SIGTERM sent to the whole process group (a scheduler, torchrun), DataLoader workers
+    included, stops the run as Ctrl-C does: the checkpoint is saved and the exit code is 130."""
+    data = write_codes(tmp_path / "codes")
+    out = tmp_path / "arpg.pt"
+    process = subprocess.Popen([sys.executable, "train.py", "--data", str(data), *FAST, "--workers", "2",
+                                "--max-steps", "200", "--save-every", "0", "--out", str(out)], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=ONE_THREAD)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, f"exit code {process.returncode}: {stderr[-2000:]}"
+    assert 3 <= load(out)["step"] < 200, "the stopped run did not save its step"
+
+
 def test_total_minutes_picks_a_step_count_that_fits(tmp_path):
     """--total-minutes times a few steps, then trains as many as fit in the budget: the count is
     printed, saved as the schedule's length, and the run ends near the budget, not far beyond it."""
@@ -286,8 +303,10 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
 @pytest.mark.parametrize("llamagen_layout", [False, True])
 def test_code_folders_load_in_both_layouts(tmp_path, llamagen_layout):
     """(n_aug, L) and (1, n_aug, L) files load as (L,) codes; `draw` picks the augmentation;
-    class folders named by number sort numerically (folder 10 is class 10)."""
+    class folders named by number sort numerically (folder 10 is class 10); a hidden folder (a
+    notebook's checkpoints) is not a class."""
     data = write_codes(tmp_path, n_classes=11, per_class=2, n_aug=3, llamagen_layout=llamagen_layout)
+    write_codes(tmp_path / ".ipynb_checkpoints", n_classes=1, per_class=1)
     dataset = build_dataset(parse_args(["--data", str(data), "--vocab-size", str(VOCAB)]), None,
                             ARPG_PRESETS["tiny"], "cpu")
     assert len(dataset) == 22 and dataset.length == LENGTH, "22 grids of 16 tokens"
@@ -431,6 +450,24 @@ def resumed_from_a_tokenizer(tmp_path):
     return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], "is not a checkpoint of train.py"
 
 
+def damaged_code_file(contents):
+    """The first code file of class 0 replaced by an empty file, or by an array of no codes."""
+    def case(tmp_path):
+        data = write_codes(tmp_path / "codes")
+        if contents is None:
+            (data / "0" / "0.npy").write_bytes(b"")
+        else:
+            np.save(data / "0" / "0.npy", contents)
+        return ["--data", str(data), "--vocab-size", str(VOCAB)], "0/0.npy"
+    return case
+
+
+def empty_class_folder(tmp_path):
+    data = write_codes(tmp_path / "codes")
+    os.makedirs(data / "3")
+    return ["--data", str(data), "--vocab-size", str(VOCAB)], "class folder.s. 3 in .* hold no .npy code files"
+
+
 def empty_folder(tmp_path):
     os.makedirs(tmp_path / "empty" / "cat")  # a class folder with nothing in it
     return ["--data", str(tmp_path / "empty")], "no training data"
@@ -439,6 +476,9 @@ def empty_folder(tmp_path):
 BAD_INPUTS = {
     "missing folder": lambda tmp: (["--data", str(tmp / "nowhere")], "data folder not found"),
     "empty folder": empty_folder,
+    "an empty class folder": empty_class_folder,
+    "an empty .npy file": damaged_code_file(None),
+    "an .npy file of no codes": damaged_code_file(np.zeros((0, LENGTH), dtype=np.int64)),
     "codes outside the vocabulary": lambda tmp: (["--data", str(write_codes(tmp / "codes", high=VOCAB + 5, seed=1)),
                                                   "--vocab-size", str(VOCAB)], "outside the vocabulary"),
     "tokenizer/model vocabulary mismatch": vocabulary_mismatch,
