@@ -403,12 +403,11 @@ def derived_seed(*numbers):
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
-def ignore_stop_signals(_worker_id):
-    # Ctrl-C reaches every process in the terminal's group, and a SIGTERM sent to the group (a
-    # scheduler, torchrun) does too; the main process handles both (it saves a checkpoint first),
-    # so a DataLoader worker must not die of them and break the last batch.
+def ignore_ctrl_c(_worker_id):
+    # Ctrl-C reaches every process in the terminal's group; the main process handles it (it saves
+    # a checkpoint first), so a DataLoader worker must not die of it and break the last batch.
+    # (SIGTERM cannot be ignored the same way: the DataLoader itself ends stuck workers with it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
@@ -558,7 +557,7 @@ def step_loader(dataset, args, start_step, rank, world_size, device):
     """This process's micro-batches (tokens, labels) from step `start_step` on, forever."""
     sampler = StepSampler(len(dataset), args.batch_size, args.seed, start_step, rank, world_size, args.grad_accum)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
-                           worker_init_fn=ignore_stop_signals))
+                           worker_init_fn=ignore_ctrl_c))
 
 
 def optimizer_step(train_model, model, optimizers, loader, args, device, distributed=False):
@@ -684,7 +683,14 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
             for optimizer in optimizers:                                  # each group at its peak's fraction
                 for group in optimizer.param_groups:
                     group["lr"] = group["peak_lr"] * lr / args.lr
-            loss_sum += optimizer_step(train_model, model, optimizers, loader, args, device, distributed)
+            try:
+                loss_sum += optimizer_step(train_model, model, optimizers, loader, args, device, distributed)
+            except RuntimeError:
+                if not stop.requested:
+                    raise
+                # A SIGTERM sent to the whole process group (a scheduler) also ended the DataLoader's
+                # workers, so the next batch never came; the weights are those of the last full step.
+                break
             loss_count += args.grad_accum
             if ema is not None:
                 update_ema(ema, model, args.ema, step)
