@@ -30,6 +30,7 @@ for real images (the reference every generated number is compared with) and scor
 import argparse
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -269,13 +270,18 @@ def main(argv=None):
     if args.npz is not None:
         if not os.path.isfile(args.npz):
             raise FileNotFoundError(f"sample file not found: {args.npz}")
+        if not zipfile.is_zipfile(args.npz):  # np.load would hand back a bare array (.npy) or fail
+            raise ValueError(f"{args.npz} is not an .npz archive: write one with `sample.py --fid N`")
         with np.load(args.npz) as npz:
             if "arr_0" not in npz or "labels" not in npz:
                 raise ValueError(f"{args.npz} needs arr_0 (images) and labels: write it with `sample.py --fid N`")
             samples, labels = npz["arr_0"], npz["labels"]
-        if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3 or len(labels) != len(samples):
-            raise ValueError(f"{args.npz}: expected arr_0 uint8 (N, H, W, 3) and N labels, "
-                             f"got {samples.dtype} {samples.shape} and {len(labels)} labels")
+        # The classifier halves an image four times (16 pixels at least), and a covariance needs 2 images.
+        if (samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3 or len(samples) < 2
+                or min(samples.shape[1:3]) < 16 or labels.shape != samples.shape[:1]
+                or not np.issubdtype(labels.dtype, np.integer)):
+            raise ValueError(f"{args.npz}: expected arr_0 uint8 (N, H, W, 3), N >= 2, H and W >= 16, and integer "
+                             f"labels (N,), got {samples.dtype} {samples.shape} and {labels.dtype} {labels.shape}")
         if labels.min() < 0 or labels.max() >= len(CLASS_NAMES):
             raise ValueError(f"{args.npz}: labels must be built-in class ids 0..{len(CLASS_NAMES) - 1}; "
                              "this evaluation only applies to models trained on the built-in shapes")

@@ -1,5 +1,6 @@
 """evaluate.py: the Frechet distance, the cached classifier, ARPG as a classifier, and the command line."""
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -134,3 +135,26 @@ def test_arpg_as_a_classifier_names_the_classes_it_learnt_and_not_swapped_labels
     codes, labels = draw(40)
     assert evaluate.likelihood_classification(model, codes, labels, n_orders=2, batch_size=16) == 1.0, "true labels"
     assert evaluate.likelihood_classification(model, codes, (labels + 1) % 4, n_orders=2) == 0.0, "shifted labels"
+
+
+@pytest.mark.parametrize("case", ["labels (N, 1)", "float labels", "a bare .npy", "8-pixel images", "one image"])
+def test_cli_refuses_a_sample_file_it_cannot_score(tmp_path, case):
+    """A sample file whose labels are not integers (N,), that is not an .npz, or whose images are too
+    small or too few to score is refused with a ValueError (one 'error:' line), before any work."""
+    images, labels = make_builtin_dataset(4, seed=9)
+    path = tmp_path / "samples.npz"
+    if case == "labels (N, 1)":
+        np.savez(path, arr_0=images, labels=labels[:, None])
+    elif case == "float labels":
+        np.savez(path, arr_0=images, labels=labels.astype(np.float32))
+    elif case == "a bare .npy":
+        np.save(path.with_suffix(".npy"), images)
+        path = path.with_suffix(".npy")
+    elif case == "8-pixel images":
+        np.savez(path, arr_0=images[:, :8, :8], labels=labels)
+    else:
+        np.savez(path, arr_0=images[:1], labels=labels[:1])
+    message = "is not an .npz archive" if case == "a bare .npy" else "expected arr_0 uint8 (N, H, W, 3), N >= 2"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])
+    assert not (tmp_path / "never.pt").exists(), "a classifier was trained for a file that cannot be scored"
