@@ -876,6 +876,9 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
+    if args.precision == "bf16" and device.type == "cpu" and default_precision("cpu") == "fp32":
+        log("warning: --precision bf16 on a CPU without bf16 matrix instructions (AVX-512 BF16, AMX): emulated, "
+            "and many times slower than fp32, the default here (3.5 s against 0.14 s a batch-8 step on an AVX2 EPYC)")
     preset = ARPG_PRESETS[args.size]
     checkpoint = read_run_checkpoint(args.out) if args.resume else None  # refused before the data, if wrong
     if checkpoint is not None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import train
 from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
 from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
@@ -251,6 +252,16 @@ def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_p
         assert torch.equal(weights["compiled again"][key], weights["compiled"][key]), f"compiled runs differ at {key}"
         assert torch.allclose(weights["compiled"][key], value, rtol=0, atol=1e-4), \
             f"compiled training differs at {key}: {(weights['compiled'][key] - value).abs().max():.2e}"
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_trained_with_a_warning(tmp_path, monkeypatch, capsys):
+    """--precision bf16 where the CPU has no bf16 matrix instructions runs (emulated), with one
+    warning line that says it is slow and that fp32 is the default there."""
+    monkeypatch.setattr(train, "cpu_has", lambda feature: False)          # as on an AVX2-only CPU
+    data = write_codes(tmp_path / "codes")
+    main(["--data", str(data), *FAST, "--precision", "bf16", "--max-steps", "1", "--out", str(tmp_path / "arpg.pt")])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: --precision bf16")]
+    assert len(warnings) == 1 and "fp32, the default here" in warnings[0], warnings
 
 
 def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
