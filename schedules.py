@@ -40,7 +40,7 @@ CFG_SCHEDULES = {
 }
 
 
-def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale=1.0):
+def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale):
     """Refuse decoding settings that cannot work, saying why (both samplers call it first)."""
     if schedule not in MASK_SCHEDULES or cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"schedule must be one of {list(MASK_SCHEDULES)} and cfg_schedule one of "

@@ -63,8 +63,8 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # -----------------------------------------------------------------------------
 # Recipes: the defaults that depend on the model size. Each flag named by a key here takes its
 # value from here when it is not given (`fill_in_defaults`). L / XL / XXL follow the paper
-# (SPEC 5); `tiny` is tuned for the default CPU run, which has a time budget rather than a step count
-# (--total-minutes 9.5): the tiny model is still learning when it stops (6 blocks, seed 0, the
+# (SPEC 5); `tiny` is tuned for the default CPU run, which has a time budget rather than a step
+# count (--total-minutes 9.5): the tiny model is still learning when it stops (6 blocks, seed 0, the
 # tokenizer in fp32: 88.6% class accuracy after the 1566 steps of a default run, 92.4% after 2000
 # with --max-steps; README), so the run takes as many steps as the machine fits into 9.5 minutes,
 # tokenizer included, and stays within the 10 minutes promised on a slow one (cold-cache runs on
