@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -236,7 +237,8 @@ def save_image_grid(images, row_labels, path, pad=2):
 def run_script(main):
     """Run a script's main() and exit with its return value; bad input (ValueError) and files
     that cannot be read or written (OSError: not found, a folder, no permission, not an image,
-    a full disk) become one `error: ...` line on stderr and exit code 2, not a traceback.
+    a full disk) become one `error: ...` line on stderr and exit code 2, not a traceback; running
+    out of memory is one line too, with exit code 1.
     Ctrl-C and SIGTERM (kill, timeout, a cluster's pre-emption) stop it through its cleanup, so
     no half-written file stays behind (`atomic_output`), and exit with code 130."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)            # SIGTERM: as Ctrl-C
@@ -250,6 +252,15 @@ def run_script(main):
         message = (str(error).strip().splitlines() or [""])[-1]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as error:
+        # Too much asked at once: numpy raises MemoryError, PyTorch a RuntimeError (CPU: "can't
+        # allocate memory", CUDA: "out of memory"). Any other RuntimeError is a bug: its traceback stays.
+        if not isinstance(error, MemoryError) and not re.search("out of memory|can't allocate memory", str(error)):
+            raise
+        size = re.search(r"(?:tried to|unable to) allocate ([\d.]+ \w+)", str(error), re.IGNORECASE)
+        print(f"error: out of memory{f' (tried to allocate {size[1]})' if size else ''}: ask for less at once "
+              f"(a smaller --batch-size, grid or image count)", file=sys.stderr)
+        sys.exit(1)
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Tests of the built-in shape dataset and the image-grid helper (data.py)."""
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +127,21 @@ def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
         check_output_path(str(tmp_path / "notes.txt" / "grid.png"))
     check_output_path(str(tmp_path / "new" / "grid.png"))  # a missing folder is made
     assert (tmp_path / "new").is_dir(), "the missing folder was not made"
+
+
+@pytest.mark.parametrize("failure, message", [
+    ("torch.empty(10 ** 14)", "error: out of memory (tried to allocate 400000000000000 bytes): ask for less"),
+    ("np.empty(10 ** 15)", "error: out of memory (tried to allocate 7.11 PiB): ask for less"),
+])
+def test_running_out_of_memory_is_one_line_and_other_runtime_errors_keep_their_traceback(failure, message):
+    """run_script turns PyTorch's and numpy's out-of-memory errors into one line and exit code 1;
+    any other RuntimeError is a bug and keeps its traceback."""
+    def run(body):
+        script = f"import numpy as np, torch\nfrom data import run_script\ndef main():\n    {body}\nrun_script(main)"
+        return subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, text=True, timeout=120)
+    result = run(failure)
+    assert result.returncode == 1 and result.stderr.startswith(message) and result.stderr.count("\n") == 1, \
+        result.stderr
+    result = run("raise RuntimeError('a bug')")
+    assert result.returncode == 1 and "Traceback" in result.stderr, result.stderr
