@@ -22,7 +22,7 @@ Train with `python train.py`, sample with `python sample.py`.
 import functools
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -612,7 +612,8 @@ class ARPG(nn.Module):
                              + ("; is it a tokenizer checkpoint?" if len(missing) == 2 else ""))
         if config is None:
             saved = checkpoint.get("config")
-            config = ARPGConfig(**saved) if isinstance(saved, dict) else infer_config(state)
+            config = config_from_dict(ARPGConfig, saved, "ARPG checkpoint") if isinstance(saved, dict) \
+                else infer_config(state)
         model = cls(config)
         load_strict(model, state, "ARPG checkpoint")
         return model
@@ -812,6 +813,16 @@ def read_checkpoint(path_or_state):
         raise ValueError(f"cannot read {path_or_state} as a weights-only checkpoint ({type(error).__name__}: "
                          f"{str(error).splitlines()[0]}): is it a PyTorch checkpoint? One that holds more than "
                          f"tensors and plain Python values must be re-saved as a dict of those") from None
+
+
+def config_from_dict(config_class, saved, what="checkpoint"):
+    """config_class(**saved), refused in one line when the checkpoint names settings this code does
+    not have (it was written by another version of it) instead of a TypeError."""
+    unknown = sorted(set(saved) - {field.name for field in fields(config_class)})
+    if unknown:
+        raise ValueError(f"{what} has settings this version of the code does not know ({', '.join(unknown)}): "
+                         f"it was written by another version; load it with that one")
+    return config_class(**saved)
 
 
 def unwrap_state_dict(checkpoint):

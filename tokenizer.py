@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from arpg import check_device, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
+from arpg import check_device, config_from_dict, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
 from data import run_script
 from muon import Muon
 
@@ -438,6 +438,12 @@ class VQModel(nn.Module):
             raise ValueError(f"image size {H}x{W} is not divisible by the tokenizer's downsampling "
                              f"factor {self.downsample}")
 
+    def check_image_size(self, size):
+        """Raise a clear ValueError unless `size` (--image-size) is a positive multiple of f."""
+        if size < self.downsample or size % self.downsample:
+            raise ValueError(f"--image-size must be a positive multiple of the tokenizer's downsampling factor "
+                             f"{self.downsample}, got {size}")
+
     def check_codes(self, codes):
         """Raise a clear ValueError unless codes is an integer tensor (B, h, w) within [0, V)."""
         if not torch.is_tensor(codes) or codes.ndim != 3 or codes.is_floating_point():
@@ -537,7 +543,7 @@ class VQModel(nn.Module):
             raise ValueError(f"{where} is an ARPG checkpoint, not a tokenizer: pass the VQ tokenizer's checkpoint")
         if config is None:
             stored = checkpoint.get("config")
-            config = VQConfig(**stored) if isinstance(stored, dict) else VQ_PRESETS["VQ-16"]
+            config = config_from_dict(VQConfig, stored, where) if isinstance(stored, dict) else VQ_PRESETS["VQ-16"]
         model = cls(config)
         try:
             load_strict(model, state, what=f"VQ checkpoint {where}")
@@ -799,9 +805,7 @@ def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_w
     """
     if batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-    if image_size < vq.downsample or image_size % vq.downsample:
-        raise ValueError(f"--image-size must be a positive multiple of the tokenizer's downsampling factor "
-                         f"{vq.downsample}, got {image_size}")
+    vq.check_image_size(image_size)
     # An existing out_dir is refused rather than merged into: codes of another image size, tokenizer
     # or image folder would be mixed in unnoticed (and a rename cannot merge anyway).
     if os.path.exists(out_dir):

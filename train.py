@@ -53,7 +53,8 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from arpg import ARPG, ARPG_PRESETS, ARPGConfig, check_device, load_strict, read_checkpoint, save_atomic
+from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, check_device, config_from_dict, load_strict, read_checkpoint,
+                  save_atomic)
 from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_script, save_image_grid
 from muon import Muon
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
@@ -297,7 +298,12 @@ def scan_class_folders(root):
         raise FileNotFoundError(f"data folder not found: {root}")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     listing = {name: sorted(os.listdir(os.path.join(root, name))) for name in names}  # hidden folders skipped
-    if any(f.endswith(".npy") for files in listing.values() for f in files):
+    has_codes = any(f.endswith(".npy") for files in listing.values() for f in files)
+    has_images = any(f.lower().endswith(IMAGE_EXTENSIONS) for files in listing.values() for f in files)
+    if has_codes and has_images:  # which one was meant? Either choice would drop the other silently
+        raise ValueError(f"{root} holds both .npy code files and images: give a folder of one kind (codes from "
+                         f"tokenizer.py --tokenize, or images with --tokenizer)")
+    if has_codes:
         empty = [name for name in names if not any(f.endswith(".npy") for f in listing[name])]
         if empty:  # each folder is a class: an empty one would be a class that never appears
             raise ValueError(f"class folder(s) {', '.join(empty)} in {root} hold no .npy code files: fill or "
@@ -307,7 +313,7 @@ def scan_class_folders(root):
         if all(name.isdigit() for name in names):
             names.sort(key=int)
         return names, [[os.path.join(root, name, f) for f in listing[name] if f.endswith(".npy")] for name in names], "codes"
-    if any(f.lower().endswith(IMAGE_EXTENSIONS) for files in listing.values() for f in files):
+    if has_images:
         return names, None, "images"  # tokenizer.py lists and reads image folders
     raise ValueError(f"no training data in {root}: expected one subfolder per class holding .npy code "
                      f"files or images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -332,6 +338,7 @@ def build_dataset(args, vq, preset, device):
         # (the same class ids too), and keep them in memory: fine for small folders; pre-tokenize
         # large ones once with tokenizer.py instead of at every start.
         size = args.image_size or preset.grid_size * vq.downsample  # tiny: 8 x 8 tokens * 8 = 64 pixels
+        vq.check_image_size(size)
         items = list_image_folder(args.data)                              # [(path, class_id, index)]
         codes = []
         for crops, _, _ in DataLoader(ImageFolderCrops(items, size), batch_size=64, num_workers=args.workers):
@@ -403,11 +410,13 @@ def derived_seed(*numbers):
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
-def ignore_ctrl_c(_worker_id):
-    # Ctrl-C reaches every process in the terminal's group; the main process handles it (it saves
-    # a checkpoint first), so a DataLoader worker must not die of it and break the last batch.
-    # (SIGTERM cannot be ignored the same way: the DataLoader itself ends stuck workers with it.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def worker_in_own_session(_worker_id):
+    # Ctrl-C reaches every process of the terminal's process group, and torchrun and schedulers
+    # send SIGTERM to a whole group. The main process handles both: it finishes the step and saves.
+    # A DataLoader worker that died of the same signal would lose the batch that step waits for, so
+    # each worker moves to a session (and process group) of its own. The DataLoader still ends its
+    # workers itself, by process id, and a worker whose main process has died exits on its own.
+    os.setsid()
 
 
 # -----------------------------------------------------------------------------
@@ -557,7 +566,7 @@ def step_loader(dataset, args, start_step, rank, world_size, device):
     """This process's micro-batches (tokens, labels) from step `start_step` on, forever."""
     sampler = StepSampler(len(dataset), args.batch_size, args.seed, start_step, rank, world_size, args.grad_accum)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
-                           worker_init_fn=ignore_ctrl_c))
+                           worker_init_fn=worker_in_own_session))
 
 
 def optimizer_step(train_model, model, optimizers, loader, args, device, distributed=False):
@@ -685,11 +694,12 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
                     group["lr"] = group["peak_lr"] * lr / args.lr
             try:
                 loss_sum += optimizer_step(train_model, model, optimizers, loader, args, device, distributed)
-            except RuntimeError:
-                if not stop.requested:
+            except (RuntimeError, EOFError):
+                if not stop.requested or distributed:
                     raise
-                # A SIGTERM sent to the whole process group (a scheduler) also ended the DataLoader's
-                # workers, so the next batch never came; the weights are those of the last full step.
+                # A SIGTERM sent to every process of the run (a scheduler that signals a whole job)
+                # also ended the DataLoader's workers, so the next batch never came: stop with the
+                # weights of the last full step. (With other processes, this one cannot stop alone.)
                 break
             loss_count += args.grad_accum
             if ema is not None:
@@ -805,12 +815,15 @@ def fill_in_defaults(args, world_size):
     args.precision = args.precision or default_precision(args.device)
     if args.workers is None:  # processes that read files in the background; the built-in data is in memory
         args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
-    at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "num_images": 1, "tokenizer_steps": 1, "layers": 2,
-                "sample_steps": 1, "sample_columns": 1, "log_every": 1, "save_every": 0, "sample_every": 0,
-                "workers": 0, "total_minutes": 0, "lr": 0, "muon_lr": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0}
+    at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "num_images": 1, "tokenizer_steps": 1,
+                "vocab_size": 1, "image_size": 1, "sample_steps": 1, "sample_columns": 1, "log_every": 1,
+                "save_every": 0, "sample_every": 0, "workers": 0, "total_minutes": 0, "lr": 0, "muon_lr": 0,
+                "min_lr": 0, "weight_decay": 0, "grad_clip": 0}
     for key, least in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < least:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
+    if args.layers is not None:
+        check_layers(args.layers, args.size)
     if args.minutes is not None and args.minutes <= 0:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
     if args.min_lr > args.lr:
@@ -835,15 +848,29 @@ def fill_in_defaults(args, world_size):
             check_output_path(args.tokenizer, "--tokenizer")             # a tokenizer will be trained there
 
 
+def check_layers(layers, size):
+    """Refuse a --layers that the preset cannot split into its two passes: Pass 1 keeps the preset's
+    share (tiny: 2 blocks; L, XL, XXL: half of them), and Pass 2 needs at least one block."""
+    pass1 = ARPG_PRESETS[size].pass1_layers
+    if pass1 is None and layers % 2:
+        raise ValueError(f"--layers {layers}: {size} splits its blocks half and half between the two passes, "
+                         f"so give an even number")
+    least = (pass1 or 1) + 1
+    if layers < least:
+        raise ValueError(f"--layers must be at least {least} for {size} ({pass1 or 1} for Pass 1, at least one "
+                         f"for Pass 2), got {layers}")
+
+
 def read_run_checkpoint(path):
-    """The checkpoint of a train.py run, to resume: refused in one line when it is another kind (a
-    tokenizer, an official release, a file saved by hand), which holds no run to continue."""
+    """The checkpoint of a train.py run and its model's config, to resume: refused in one line when
+    it is another kind (a tokenizer, an official release, a file saved by hand), which holds no run
+    to continue, or when its config has settings this version of arpg.py does not know."""
     checkpoint = read_checkpoint(path)
     missing = [key for key in ("model", "config", "optimizer", "step", "args") if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)} in it), so there is "
                          f"no run to resume: drop --resume, or give the --out of a train.py run")
-    return checkpoint
+    return checkpoint, config_from_dict(ARPGConfig, checkpoint["config"], path)
 
 
 # What a resumed run must keep to continue the same run bit for bit: the data and the order it is
@@ -861,6 +888,9 @@ def check_same_run(args, saved_args):
         if key == "data" and now is not None and then is not None:          # one folder, however it is written
             return os.path.realpath(now) == os.path.realpath(then)
         return now == then
+    if args.max_steps is None and "max_steps" not in saved_args:
+        raise ValueError(f"{args.out} does not say how many steps its run planned (an older train.py wrote it): "
+                         f"give --resume the --max-steps to train to")
     changed = [key for key in RESUME_KEEPS if key in saved_args and not same(key)]
     if changed:
         raise ValueError(f"--resume continues {args.out} with the settings it was trained with, but "
@@ -880,7 +910,7 @@ def main(argv=None):
         log("warning: --precision bf16 on a CPU without bf16 matrix instructions (AVX-512 BF16, AMX): emulated, "
             "and many times slower than fp32, the default here (3.5 s against 0.14 s a batch-8 step on an AVX2 EPYC)")
     preset = ARPG_PRESETS[args.size]
-    checkpoint = read_run_checkpoint(args.out) if args.resume else None  # refused before the data, if wrong
+    checkpoint, saved_config = read_run_checkpoint(args.out) if args.resume else (None, None)  # before the data
     if checkpoint is not None:
         check_same_run(args, checkpoint["args"])
 
@@ -902,6 +932,8 @@ def main(argv=None):
             if world_size > 1:
                 dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
+    if vq is None:
+        log("no --tokenizer: no sample grids while training (sample.py --vq-ckpt draws them from the checkpoint)")
     if vq is not None and args.vocab_size is not None and args.vocab_size != vq.config.codebook_size:
         raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer {args.tokenizer} "
                          f"({vq.config.codebook_size} codes)")
@@ -914,7 +946,7 @@ def main(argv=None):
 
     # 3. The model: the preset with the data's vocabulary, classes and grid, or the checkpoint's.
     if args.resume:
-        config = ARPGConfig(**checkpoint["config"])
+        config = saved_config
         check_matches_data(config, dataset)
         if args.layers not in (None, config.n_layer):
             raise ValueError(f"--layers {args.layers}, but {args.out} has {config.n_layer} blocks: drop --layers "

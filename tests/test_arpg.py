@@ -355,6 +355,14 @@ def test_checkpoint_mismatch_names_the_keys():
         ARPG.from_checkpoint(state, model.config)
 
 
+def test_a_config_from_another_version_is_named_not_a_type_error():
+    """A saved config with a setting this arpg.py does not have is refused naming the setting."""
+    model = small_model()
+    config = {**vars(model.config), "qk_norm": True}
+    with pytest.raises(ValueError, match=r"does not know \(qk_norm\): it was written by another version"):
+        ARPG.from_checkpoint({"model": model.state_dict(), "config": config})
+
+
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
     """A file that needs arbitrary unpickling (like the official training script's argparse args) is refused."""
     path = tmp_path / "pickled.pt"

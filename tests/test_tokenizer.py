@@ -108,6 +108,8 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
     arpg_state = {"embeddings.weight": torch.zeros(4, 8), "head.weight": torch.zeros(2, 8)}  # ARPG's keys
     with pytest.raises(ValueError, match="is an ARPG checkpoint, not a tokenizer"):
         VQModel.from_checkpoint({"model": arpg_state, "config": {"dim": 8}})
+    with pytest.raises(ValueError, match=r"does not know \(attn_resolutions\)"):  # a config of another version
+        VQModel.from_checkpoint({"model": state, "config": {**asdict(TINY), "attn_resolutions": [16]}})
 
 
 # -----------------------------------------------------------------------------

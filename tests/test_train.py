@@ -125,9 +125,18 @@ def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
         assert_same_tensors(a[key], b[key], key)
 
 
-def test_sigterm_to_the_process_group_saves_like_ctrl_c(tmp_path):
-    """A SIGTERM sent to the whole process group (a scheduler, torchrun), DataLoader workers
-    included, stops the run as Ctrl-C does: the checkpoint is saved and the exit code is 130."""
+def signal_every_process(pid, sig):
+    """Send sig to a process and then to its children (its DataLoader workers, in their own sessions)."""
+    os.kill(pid, sig)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        os.kill(int(child), sig)
+
+
+@pytest.mark.parametrize("send", [os.killpg, signal_every_process], ids=["to its process group", "to every process"])
+def test_sigterm_saves_like_ctrl_c(tmp_path, send):
+    """SIGTERM sent to the run's process group (`timeout`, a shell's kill -- -PGID), which the
+    DataLoader workers leave, or to every process of the run, workers included (a scheduler that
+    signals a whole job), stops the run as Ctrl-C does: the checkpoint is saved, exit code 130."""
     data = write_codes(tmp_path / "codes")
     out = tmp_path / "arpg.pt"
     process = subprocess.Popen([sys.executable, "train.py", "--data", str(data), *FAST, "--workers", "2",
@@ -135,7 +144,7 @@ def test_sigterm_to_the_process_group_saves_like_ctrl_c(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=ONE_THREAD)
     for line in process.stdout:
         if line.startswith("step 3/"):
-            os.killpg(process.pid, signal.SIGTERM)
+            send(process.pid, signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, f"exit code {process.returncode}: {stderr[-2000:]}"
@@ -306,7 +315,27 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
                              str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical on all 2 processes" in result.stdout, result.stdout
+    assert result.stdout.count("no --tokenizer: no sample grids") == 1, "rank 0 alone says it draws no grids"
     assert load(tmp_path / "arpg.pt")["step"] == 4, "rank 0 saved the final step"
+
+
+def test_sigterm_to_torchrun_saves_the_run(tmp_path):
+    """torchrun passes a SIGTERM on to each rank's process group, DataLoader workers included: the
+    ranks stop at the same step, agree on the weights, and rank 0 saves. (torchrun itself then
+    exits 1 with a traceback of its own, which is not ours to change.)"""
+    data = write_codes(tmp_path / "codes")
+    out = tmp_path / "arpg.pt"
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                "train.py", "--data", str(data), *FAST, "--workers", "1", "--max-steps", "2000",
+                                "--save-every", "0", "--out", str(out)], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, env=ONE_THREAD)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            os.kill(process.pid, signal.SIGTERM)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert "weights identical on all 2 processes" in stdout and "stopped at step" in stdout, stdout + stderr[-2000:]
+    assert 3 <= load(out)["step"] < 2000, "the stopped run did not save its step"
 
 
 # --- data ---
@@ -461,6 +490,30 @@ def resumed_from_a_tokenizer(tmp_path):
     return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], "is not a checkpoint of train.py"
 
 
+def resumed_from_another_version(tmp_path):
+    """A checkpoint whose config names a setting this arpg.py does not have (a newer or older one)."""
+    data = write_codes(tmp_path / "codes")
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=3, block_size=LENGTH)
+    torch.save({"model": ARPG(config).state_dict(), "config": {**asdict(config), "qk_norm": True}, "step": 1,
+                "optimizer": [], "args": {}}, tmp_path / "arpg.pt")
+    return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], r"does not know \(qk_norm\)"
+
+
+def codes_and_images_in_one_folder(tmp_path):
+    data = write_codes(tmp_path / "codes")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "0" / "stray.png")
+    return ["--data", str(data), "--vocab-size", str(VOCAB)], "holds both .npy code files and images"
+
+
+def an_image_size_the_tokenizer_cannot_tile(tmp_path):
+    os.makedirs(tmp_path / "images" / "cat")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "images" / "cat" / "0.png")
+    torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"])},
+               tmp_path / "tokenizer.pt")
+    return (["--data", str(tmp_path / "images"), "--tokenizer", str(tmp_path / "tokenizer.pt"), "--image-size", "12"],
+            "--image-size must be a positive multiple of the tokenizer's downsampling factor 8, got 12")
+
+
 def damaged_code_file(contents):
     """The first code file of class 0 replaced by an empty file, or by an array of no codes."""
     def case(tmp_path):
@@ -496,9 +549,15 @@ BAD_INPUTS = {
     "resumed with another optimizer": resumed_with_another_optimizer,
     "resumed with another depth": resumed_with_other_layers,
     "resumed from a tokenizer": resumed_from_a_tokenizer,
+    "resumed from another version of the code": resumed_from_another_version,
+    "codes and images in one folder": codes_and_images_in_one_folder,
+    "an image size the tokenizer cannot tile": an_image_size_the_tokenizer_cannot_tile,
+    "a vocabulary of no codes": lambda tmp: (["--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
     "--out is a folder": lambda tmp: (["--out", str(tmp)], "is a folder; give a file name"),
     "an unknown device": lambda tmp: (["--device", "gpu0"], "--device gpu0: not a device name"),
-    "a one-block model": lambda tmp: (["--layers", "1"], "--layers must be at least 2, got 1"),
+    "no Pass-2 block": lambda tmp: (["--layers", "2"], r"--layers must be at least 3 for tiny \(2 for Pass 1"),
+    "an odd depth for a half-and-half split": lambda tmp: (["--size", "L", "--layers", "5"],
+                                                           "--layers 5: L splits its blocks half and half"),
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
     "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p must be in \(0, 1\]"),
     "an empty batch": lambda tmp: (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
@@ -519,6 +578,21 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
         main(["--out", str(out), "--device", "cpu", *args, "--max-steps", "2"])
     assert (out.read_bytes() if out.exists() else None) == before, f"{case}: the checkpoint was touched"
     assert not (tmp_path / "samples.png").exists(), f"{case}: wrote samples"
+
+
+def test_a_checkpoint_that_does_not_say_its_step_count_resumes_only_with_max_steps(tmp_path):
+    """A checkpoint of an older train.py, whose args lack max_steps, is refused in one line asking
+    for --max-steps (not a KeyError after the data is read), and resumes once it is given."""
+    data = write_codes(tmp_path / "codes")
+    out = tmp_path / "arpg.pt"
+    assert run_train("--data", str(data), *FAST, "--max-steps", "2", "--out", str(out)).returncode == 0
+    checkpoint = load(out)
+    del checkpoint["args"]["max_steps"]
+    torch.save(checkpoint, out)
+    with pytest.raises(ValueError, match="does not say how many steps its run planned"):
+        main(["--data", str(data), *FAST, "--out", str(out), "--resume"])
+    main(["--data", str(data), *FAST, "--out", str(out), "--resume", "--max-steps", "3"])
+    assert load(out)["step"] == 3, "the resumed run should end at the --max-steps given"
 
 
 def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
