@@ -330,6 +330,9 @@ def build_dataset(args, vq, preset, device):
         return TokenGrids(codes[:, None], labels, CLASS_NAMES, vq.config.codebook_size, codes.shape[1])
 
     names, files, kind = scan_class_folders(args.data)
+    if args.image_size is not None and kind == "codes":
+        raise ValueError(f"--image-size applies to a folder of images; {args.data} holds codes, cropped when they "
+                         f"were tokenized: drop it")
     if kind == "images":
         if vq is None:
             raise ValueError(f"{args.data} holds images: pass the tokenizer checkpoint that turns them into "
@@ -843,6 +846,8 @@ def fill_in_defaults(args, world_size):
         raise FileNotFoundError(f"nothing to resume: {args.out} not found (drop --resume to start afresh)")
     check_output_path(args.out)                                           # before the work, not after it
     if args.data is None:
+        if args.image_size is not None:
+            raise ValueError("--image-size applies to a folder of images; the built-in shapes are 64 x 64: drop it")
         args.tokenizer = args.tokenizer or BUILTIN_TOKENIZER
         if not os.path.isfile(args.tokenizer):
             check_output_path(args.tokenizer, "--tokenizer")             # a tokenizer will be trained there
