@@ -7,10 +7,13 @@ Li, Yang, Li, Wang, "Autoregressive Image Generation with Randomized Parallel De
     shape legend -> 2-D RoPE (with the class-token quirk) -> attention -> Pass-1 and Pass-2
     blocks -> the model: training forward (random-order teacher forcing, paper Sec. 3.1),
     then `generate` (randomized parallel decoding, Sec. 3.1 and Alg. 1) with zero-shot
-    editing (known tokens, Sec. 3.2) -> checkpoint loading (official files and ours).
+    editing (known tokens, Sec. 3.2) -> token sampling -> the fast decoding path (the same
+    tokens, less overhead) -> checkpoint loading (official files and ours) -> the device check.
 
-It computes exactly what the official implementation computes (tests/test_arpg.py checks
-logits and generations against fixtures made by running it) and loads the released weights.
+With the official presets (L, XL, XXL) it computes exactly what the official implementation
+computes (tests/test_arpg.py checks logits and generations against fixtures made by running
+it) and loads the released weights; the CPU-sized `tiny` preset departs in three marked places
+(the class token's RoPE slot, Pass-2 queries that carry their position, a 2 + 5 block split).
 
 Quick use:
     from arpg import ARPG
@@ -103,19 +106,12 @@ class ARPGConfig:
 
 # Parameter counts: ARPG-L 319,845,376; ARPG-XL 718,997,760; ARPG-XXL 1,302,449,664 (16384 codes,
 # 1000 classes, as released); tiny 1,744,512 (128 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
-# tiny's depth was first picked at an early 9-minute budget (seed 0, 1000 samples at 32 steps):
-# 4 layers (2 + 2) took 1314 steps, 56.9% class accuracy; 6 layers 959 steps, 65.6%; 8 layers 743
-# steps, 59.3%. Its blocks are split 2 + n, not half and half: a Pass-2 block is where a target's
-# query reads the canvas, and reading it well matters more than encoding the known tokens once more.
-# After 1000 steps (6 blocks, two seeds): class accuracy 71.8% -> 75.1% and 71.8% -> 74.1%, final
-# loss 0.937 -> 0.916 and 0.939 -> 0.913 for 2 + 4 against 3 + 3; 4 + 2: 70.1% and 0.970. A Pass-2
-# block has no key/value projections, so the model is also 2% smaller and its step 1-4% faster.
-# Once the recipe fitted ~1500 six-block steps into the budget, a seventh block went in (2 + 5; its
-# step is ~18% slower). In the same 5.2 minutes of training (1315 steps against 1500, the same
-# tokenizers): 92.6% against 89.5% (seed 0) and 87.2% against 88.3% (seed 1), two sampling seeds
-# each; default runs with it (and train.TOKENIZER_STEPS) 90.8 / 89.8 / 88.5% against 91.2 / 88.1 /
-# 85.6% (seeds 0 / 1 / 2), Frechet distance 1.57 against 2.95 (seed 0; EXPERIMENTS.md). Where steps
-# cost twice as much (fp32 on a CPU), a timed run trains 5 blocks instead (train.FP32_CPU_TINY_LAYERS).
+# tiny's 7 blocks are split 2 + 5, not half and half: a Pass-2 block is where a target's query
+# reads the canvas, and reading it well mattered more than encoding the known tokens once more
+# (6 blocks, 1000 steps, two seeds: 75.1% / 74.1% class accuracy for 2 + 4 against 71.8% / 71.8%
+# for 3 + 3; a Pass-2 block also has no key/value projections, so it is cheaper). Its depth
+# follows the CPU budget: 7 blocks where it holds ~1400 bf16 steps, 5 where steps cost twice as
+# much in fp32 (train.FP32_CPU_TINY_LAYERS). Each choice, with its measurements: EXPERIMENTS.md.
 ARPG_PRESETS = {
     "tiny": ARPGConfig(dim=128, n_layer=7, pass1_layers=2, n_head=4, vocab_size=128, num_classes=10, block_size=64,
                        class_rope="identity", query_position=True),  # departures: RoPE section, ARPG.guided, the split
@@ -139,10 +135,11 @@ ARPG_PRESETS = {
 # were trained with it, so the L / XL / XXL presets keep it (class_rope="zero").
 #
 # The `tiny` preset uses the identity rotation instead (class_rope="identity"), a deliberate
-# departure. With the zero slot the class token's attention weight can only fall, to about
-# 1 / (n + 1) once n tokens are known, and a query cannot tell where it is on the canvas: RoPE
-# alone gives only offsets between tokens, and the class key, the one key without a position,
-# is zero. With the identity slot the class key is an ordinary, unrotated key, so the logit
+# departure. With the zero slot the logit of every query against the class key is 0, whatever
+# the query: no query can attend to the class more than its other keys let it, and the class
+# token's share of attention only shrinks as tokens are revealed. Nor can a query tell where it
+# is on the canvas: RoPE alone gives only offsets between tokens, and the class key, the one key
+# without a position, is zero. With the identity slot the class key is an ordinary, unrotated key, so the logit
 # between a query at position p and the class key depends on p. The model can then attend to the
 # class as strongly as it likes and learn absolute position from it. On the earlier built-in
 # classes, after a 600-step run (the default at the time), the class accuracy of 32-step samples
@@ -191,7 +188,7 @@ class RMSNorm(nn.Module):
 
 def dropout(p: float) -> nn.Module:
     """nn.Dropout(p), or nothing at all for p = 0: in training mode even a Dropout(0.0) draws a
-    random mask and multiplies by it, which cost the `tiny` recipe (no dropout) ~10% of its
+    random mask and multiplies by it, which cost train.py's `tiny` recipe (no dropout) ~10% of its
     CPU training step (eager, batch 64: 420 -> 380 ms)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
@@ -240,8 +237,8 @@ def attend(q, k, v, mask, dropout_p):
 def attend_unfused(q, k, v, mask=None, dropout_p=0.0):
     """attend() spelled out as softmax(q k^T / sqrt(D)) v, the softmax in fp32; mask (K, N) or None.
 
-    Same result, to float rounding. Besides bf16 training on a CPU (above), it serves inference:
-    there each call has only a few queries, and the fused CPU kernel spends more time setting up
+    Same result, to float rounding. Besides bf16 training on a CPU (above), it serves the fast
+    decoding path (`StaticCachePasses`): there each call has only a few queries, and the fused CPU kernel spends more time setting up
     than computing (about 2x slower per call at `tiny` size).
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, K, N)
@@ -308,7 +305,7 @@ class CrossAttention(nn.Module):
 # Submodule names (self_dec, cross_dec, attn_norm, to_k, ...) are the official checkpoint's keys.
 
 class ContextBlock(nn.Module):
-    """Pass-1 block: causal self-attention over revealed tokens, then SwiGLU."""
+    """Pass-1 block: self-attention over revealed tokens (causal in training), then SwiGLU."""
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
@@ -339,6 +336,10 @@ class GuidedBlock(nn.Module):
 
 
 class TwoPassDecoder(nn.Module):
+    """The weights of the two passes, under the official checkpoint's names: Pass 1, the context
+    decoder (self_dec), and Pass 2, the guided decoder (cross_dec), with the shared K/V projection
+    and norm between them. It has no forward: ARPG.context and ARPG.guided run the passes."""
+
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.self_dec = nn.ModuleList(ContextBlock(config) for _ in range(config.context_depth))  # Pass 1
@@ -471,7 +472,7 @@ class ARPG(nn.Module):
         Worked example, 4 tokens, order = [2, 0, 3, 1] (positions), c = class token:
 
             Pass-1 input   c        x[2]     x[0]     x[3]        (x[1] is never an input)
-            its RoPE       zero     pos 2    pos 0    pos 3
+            its RoPE       slot 0   pos 2    pos 0    pos 3
             Pass-2 query   [MASK]   [MASK]   [MASK]   [MASK]
             its RoPE       pos 2    pos 0    pos 3    pos 1       <- "target-aware": where to predict
             predicts       x[2]     x[0]     x[3]     x[1]
@@ -552,7 +553,7 @@ class ARPG(nn.Module):
             raise ValueError(f"steps must be between 1 and the {U} tokens to decode, got {steps}")
 
         # 2. The first Pass-1 input: the class token (RoPE slot 0), then any known tokens.
-        guided = cfg_scale != 1.0
+        use_cfg = cfg_scale != 1.0
         class_ids = self.class_ids(labels.to(device))[:, None]           # (B, 1)
         tokens = torch.zeros(B, L, dtype=torch.long, device=device)
         feed_ids, feed_slots = class_ids, torch.zeros(1, dtype=torch.long, device=device)
@@ -569,13 +570,13 @@ class ARPG(nn.Module):
             # time, against 95.0% with this mask (README, zero-shot editing).
             T = len(feed_slots)                                           # the class token and the known tokens
             prefill_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T): each sees those before it
-        if guided:  # the unconditional half: null class, same revealed tokens
+        if use_cfg:  # the unconditional half: null class, same revealed tokens
             feed_ids = torch.cat([feed_ids, feed_ids], dim=0)             # (2B, T)
             feed_ids[B:, 0] = self.null_class_id
 
         passes = StaticCachePasses(self, len(feed_ids), feed_ids.shape[1] + U, compile) if fast else self
         caches, decoded = None, 0
-        for n_reveal in reveal_counts(U, steps, schedule):
+        for n_reveal in reveal_counts(U, steps, schedule):  # tokens per step, by the schedule (schedules.py)
             # 3. Pass 1 reads only what is new; no mask (after the prefill): tokens fed together see each other.
             feed_rope = rope[feed_slots][None]                            # (1, T, D/2, 2)
             caches = passes.context(feed_ids, feed_rope, mask=prefill_mask, caches=caches)
@@ -586,15 +587,15 @@ class ARPG(nn.Module):
             decoded += n_reveal
             # 5. Classifier-free guidance, scaled by how much of the canvas is known after this step
             #    (the official loop uses decoded / L; known tokens count as filled when editing).
-            if guided:
+            if use_cfg:
                 cond, uncond = logits[:B], logits[B:]
                 filled = (L - U + decoded) / L
                 logits = uncond + (cond - uncond) * CFG_SCHEDULES[cfg_schedule](cfg_scale, filled)
             # 6. Sample, and write the new tokens to their grid positions.
             new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K)
             tokens[:, target_pos] = new_tokens                          # (B, K) written
-            # 7. They are next step's Pass-1 input (both halves when guided).
-            feed_ids = torch.cat([new_tokens, new_tokens]) if guided else new_tokens  # (2B or B, K)
+            # 7. They are next step's Pass-1 input (both halves with guidance).
+            feed_ids = torch.cat([new_tokens, new_tokens]) if use_cfg else new_tokens  # (2B or B, K)
             feed_slots = target_pos + 1
         return tokens
 
@@ -669,7 +670,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always the top token)
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
         mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        drop = (mass_before >= top_p).scatter(-1, sorted_idx, mass_before >= top_p)  # back to vocab order
+        drop_sorted = mass_before >= top_p                                # (..., V) in sorted order
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)  # (B*K, 1), as the official loop
@@ -682,7 +684,7 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # The readable loop above stays the reference. This class gives it a drop-in replacement for
 # `context` and `guided` that computes the same numbers, up to float rounding (the sampled tokens
 # are identical: tests/test_arpg.py), with changes that only save time:
-#   1. Preallocated caches. Every cache is one (2, rows, H, capacity, D) buffer allocated once;
+#   1. Preallocated caches. Every cache is one (2, batch, H, capacity, D) buffer allocated once;
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
 #      the official sampler does) copies the whole cache every step.
 #   2. Fewer, larger operations. Each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's
@@ -697,7 +699,7 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # `context` returns views of the filled part of each buffer: exactly what the readable caches hold.
 
 class StaticCachePasses:
-    def __init__(self, model: "ARPG", rows: int, capacity: int, compile: bool = False):
+    def __init__(self, model: "ARPG", batch: int, capacity: int, compile: bool = False):
         config, layers = model.config, model.layers
         self.n_head, self.eps = config.n_head, config.norm_eps
         self.embeddings = model.embeddings.weight                         # (V + classes + 3, C)
@@ -711,7 +713,7 @@ class StaticCachePasses:
                                torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]), b.ffn.w2.weight) for b in layers.cross_dec]
         self.shared_kv = (layers.norm.weight, torch.cat([layers.to_k.weight, layers.to_v.weight]))  # k|v: (2C, C)
         self.head = (model.norm.weight, model.head.weight)
-        shape = (2, rows, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
+        shape = (2, batch, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
         self.buffers = [self.embeddings.new_empty(shape) for _ in range(len(layers.self_dec) + 1)]  # + shared KV
         self.filled = 0                                                   # cache positions written so far
         self.context_step = torch.compile(self._context_step, dynamic=True) if compile else self._context_step
@@ -766,6 +768,8 @@ class StaticCachePasses:
         return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
 
 
+# RoPE for the fast path: the rotation as two multiply-adds against tables built once per step.
+
 def rotation_tables(rope):
     """RoPE rows (..., D/2, 2) as two (..., D) tables for `rotate`: cos per channel, and sin with
     the sign of each channel's partner: -sin on even channels, +sin on odd ones."""
@@ -779,19 +783,6 @@ def rotate(x, cos, sin):
     x32 = x.float()
     swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)             # (odd, even) per pair
     return (x32 * cos + swapped * sin).type_as(x)
-
-
-def check_device(name):
-    """Refuse, in one line, a --device this PyTorch cannot run on (the scripts' shared check)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); "
-                         f"use --device cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -877,3 +868,19 @@ def infer_config(state) -> ARPGConfig:
         raise ValueError(f"cannot infer the head count of a model of width {dim}; pass config=ARPGConfig(...)")
     return replace(ARPG_PRESETS["L"], dim=dim, n_layer=context + guided, n_head=heads[dim], vocab_size=vocab_size,
                    pass1_layers=None if context == guided else context, num_classes=n_rows - vocab_size - 3)
+
+
+# -----------------------------------------------------------------------------
+# The device check the scripts share (train, sample, bench, tokenizer)
+
+def check_device(name):
+    """Refuse, in one line, a --device this PyTorch cannot run on (the scripts' shared check)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); "
+                         f"use --device cpu")

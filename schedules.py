@@ -8,8 +8,11 @@ which must run without PyTorch, uses the very same rules as `ARPG.generate`.
 import math
 
 MASK_SCHEDULES = {
-    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S.
-    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),  # recommended: few tokens early, many late
+    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S. For 256
+    # tokens in 32 steps, arccos (the paper's recommendation) reveals 5-6 tokens a step for most
+    # of the run and saves many for the end (..., 11, 14, 17, 40); cosine starts with single
+    # tokens and grows to about 12 a step (1, 1, 1, 2, 3, ..., 13, 12).
+    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),
     "cosine": lambda progress: math.cos(math.pi / 2 * progress),
 }
 
@@ -54,8 +57,10 @@ def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale)
 
 
 # Guidance, decoding schedule and nucleus sampling for a checkpoint (or an export) that names none:
-# official files and older ones of ours get the paper's guidance growing linearly to 4, its arccos
-# schedule and top-p off. train.py saves its recipe's own under "sampling".
+# official files and older ones of ours get the paper's linear guidance schedule (up to 4, our
+# choice: the authors recommend 5.0 / 6.0 / 7.5 for L / XL / XXL at 64 steps, SPEC 6, so pass
+# --cfg for their numbers), its arccos schedule and top-p off. train.py saves its recipe's own
+# under "sampling".
 SAMPLING_DEFAULTS = {"cfg_scale": 4.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 1.0}
 
 

@@ -150,7 +150,7 @@ TOKENIZER_MINUTES = 2.5
 # batches of 32 70.4% (969 steps). Default runs: 5 blocks 77.6% (mean of seeds 0-6), 7 blocks 73.4%
 # (mean of five), seeds 3-4 points apart either way.
 # Where bf16 runs, the budget holds ~1400 steps of the 7-block model, and 7 blocks gave more than 6
-# (arpg.ARPG_PRESETS). A run with --max-steps keeps the preset on every CPU.
+# (EXPERIMENTS.md). A run with --max-steps keeps the preset on every CPU.
 FP32_CPU_TINY_LAYERS = 5
 
 
