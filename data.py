@@ -217,8 +217,8 @@ def save_image_grid(images, row_labels, path, pad=2):
 
     font = ImageFont.load_default()
     labels = [str(s) for s in row_labels] if row_labels is not None else []
-    # Label column just wide enough for the longest label (plus a margin).
-    label_w = max((int(font.getlength(s)) for s in labels), default=-pad) + 2 * pad
+    # Label column just wide enough for the longest label (plus a margin); none without labels.
+    label_w = max(int(font.getlength(s)) for s in labels) + 2 * pad if labels else 0
     grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, rows * (h + pad) + pad), (255,) * 3)
     draw = ImageDraw.Draw(grid)
     for r in range(rows):

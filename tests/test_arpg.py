@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 import arpg
 from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, apply_rope, build_rope_table, infer_config, reveal_counts,
-                  rotate, rotation_tables, save_atomic)
+                  rotate, rotation_tables, sample_tokens, save_atomic)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = np.load(FIXTURES / "arpg_tiny_reference.npz")
@@ -285,6 +286,52 @@ def test_editing_one_token_per_step_is_greedy_teacher_forcing():
         logits, _ = model(expected, labels, order=full_order.expand(2, -1))  # (2, 16, V), causal in full_order
         expected[:, full_order[i]] = logits[:, i].argmax(-1)
     assert torch.equal(tokens, expected), f"{(tokens != expected).sum().item()} tokens differ from teacher forcing"
+
+
+def test_rope_table_of_a_rectangular_grid_follows_the_formula():
+    """The official fixtures only hold a square grid. For a 3 x 5 grid, row 1 + r*5 + c of the table
+    is (cos, sin) of r * f_i on the first D/4 pairs and c * f_i on the rest, f_i = 1 / 10000^(2i / (D/2))
+    (SPEC 4), recomputed here in plain Python, and ARPG.rope_table(3, 5) is that table: a row/column
+    mix-up would pass every square test."""
+    D, rows, cols = 16, 3, 5
+    table = build_rope_table(rows, cols, D)
+    freqs = [1 / 10000 ** (2 * i / (D // 2)) for i in range(D // 4)]
+    for r in range(rows):
+        for c in range(cols):
+            angles = [r * f for f in freqs] + [c * f for f in freqs]
+            expected = torch.tensor([[math.cos(a), math.sin(a)] for a in angles])
+            torch.testing.assert_close(table[1 + r * cols + c], expected, msg=f"grid position ({r}, {c})")
+    model = small_model()                                                 # and the model asks for that table
+    head_dim = model.config.dim // model.config.n_head
+    assert torch.equal(model.rope_table(rows, cols), build_rope_table(rows, cols, head_dim, model.config.rope_base,
+                                                                      model.config.class_rope)), "ARPG.rope_table"
+
+
+# Kept tokens worked out by hand for these logits: sorted, they are 0 (2.0), 7 (1.6), 1 (1.5), 2 (1.2),
+# 6 (0.9), 3 (0.3), 4 (-0.5), 5 (-1.0). top-p keeps a token while the mass before it is below p.
+SAMPLING_LOGITS = [2.0, 1.5, 1.2, 0.3, -0.5, -1.0, 0.9, 1.6]
+SAMPLING_CASES = [
+    (1.0, 0, 1.0, {0, 1, 2, 3, 4, 5, 6, 7}),  # no filter
+    (0.7, 3, 1.0, {0, 7, 1}),                 # the three largest logits
+    (1.0, 0, 0.45, {0, 7}),                   # probabilities .296, .199, .180: mass before token 1 is .495
+    (1.0, 4, 0.8, {0, 7, 1}),                 # top-4 first, renormalised .367, .246, .222, .165: .835 before 2
+    (3.0, 0, 0.9, {0, 7, 1, 2, 6, 3, 4}),     # flattened by T: .856 before token 4, .934 before token 5
+]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", SAMPLING_CASES)
+def test_sampling_draws_the_kept_tokens_in_proportion_to_exp_logit_over_t(temperature, top_k, top_p, kept):
+    """sample_tokens draws exactly the tokens the rules keep (worked out by hand above), each with
+    probability exp(logit / T) over the kept tokens' sum (20,000 draws, within 0.015)."""
+    draws = 20000
+    tokens = sample_tokens(torch.tensor(SAMPLING_LOGITS).repeat(draws, 1), temperature, top_k, top_p,
+                           torch.Generator().manual_seed(0))
+    frequency = torch.bincount(tokens, minlength=len(SAMPLING_LOGITS)).double() / draws
+    assert set(frequency.nonzero().flatten().tolist()) == kept, f"drew {frequency.nonzero().flatten().tolist()}"
+    weight = {i: math.exp(SAMPLING_LOGITS[i] / temperature) for i in kept}
+    for i in kept:
+        expected = weight[i] / sum(weight.values())
+        assert abs(frequency[i] - expected) < 0.015, f"token {i}: {frequency[i]:.3f} drawn, {expected:.3f} expected"
 
 
 def test_larger_rectangular_grid_decodes_every_token():

@@ -55,7 +55,7 @@ def test_no_two_images_identical_in_1000():
 
 
 def test_shape_contrasts_with_background():
-    """Each image holds a visible shape: its pixels are not all one colour, corners are background."""
+    """Each image holds a visible shape: its pixels are far from all one colour."""
     images, _ = make_builtin_dataset(50, seed=0)
     for i, img in enumerate(images):
         spread = int(img.astype(int).max(axis=(0, 1)).sum() - img.astype(int).min(axis=(0, 1)).sum())
@@ -63,19 +63,25 @@ def test_shape_contrasts_with_background():
 
 
 def test_save_image_grid_writes_png_of_the_right_size(tmp_path):
-    """save_image_grid writes a readable PNG holding every tile, and leaves no temp file behind."""
+    """save_image_grid writes a readable PNG holding every tile at its place, 2-pixel gaps around
+    them, after a label column when there are labels, and leaves no temp file behind."""
     images, _ = make_builtin_dataset(6, seed=0, image_size=32)
     grid = images.reshape(2, 3, 32, 32, 3)
-    path = tmp_path / "grid.png"
-    save_image_grid(grid, ["first", "second"], str(path))
-    with Image.open(path) as im:
-        w, h = im.size
-        assert im.format == "PNG", f"wrote {im.format}"
-    assert h == 2 * (32 + 2) + 2, f"grid height {h}"
-    assert w > 3 * (32 + 2), f"grid width {w} cannot hold 3 tiles plus labels"
-    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"], "temporary file left behind"
-
-    save_image_grid(grid, None, str(tmp_path / "nolabels.png"))  # labels are optional
+    for labels, name in ((["first", "second"], "grid.png"), (None, "nolabels.png")):
+        path = tmp_path / name
+        save_image_grid(grid, labels, str(path))
+        with Image.open(path) as im:
+            assert im.format == "PNG", f"wrote {im.format}"
+            picture = np.asarray(im.convert("RGB"))
+        h, w = picture.shape[:2]
+        label_w = w - (3 * (32 + 2) + 2)                                  # what is left of the tiles' width
+        assert h == 2 * (32 + 2) + 2, f"grid height {h}"
+        assert label_w > 20 if labels else label_w == 0, f"label column {label_w} px wide"
+        for r in range(2):
+            for c in range(3):
+                top, left = 2 + r * (32 + 2), label_w + 2 + c * (32 + 2)
+                assert np.array_equal(picture[top:top + 32, left:left + 32], grid[r, c]), f"{name}: tile {r}, {c}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "nolabels.png"], "temporary file left behind"
 
 
 def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):

@@ -68,9 +68,24 @@ def read_png(path):
 
 # --- grids and determinism ---
 
-def test_grid_has_one_labelled_row_per_class(ckpts, tmp_path):
-    """A grid has one row per requested class and --per-class columns of 64x64 samples, with a label column."""
+def spy_on_generate(monkeypatch):
+    """Record the labels and the `fast` flag of every ARPG.generate call; the calls still run."""
+    calls = []
+    real_generate = ARPG.generate
+
+    def generate(self, labels, **kwargs):
+        calls.append((labels.tolist(), kwargs.get("fast")))
+        return real_generate(self, labels, **kwargs)
+    monkeypatch.setattr(ARPG, "generate", generate)
+    return calls
+
+
+def test_grid_has_one_labelled_row_per_class(ckpts, tmp_path, monkeypatch):
+    """A grid has one row per requested class and --per-class columns of 64x64 samples, with a label
+    column, and row r is sampled for the r-th class (labels 0, 0, 3, 3, 7, 7 fill it row by row)."""
+    calls = spy_on_generate(monkeypatch)
     grid = read_png(run(ckpts, tmp_path, "--classes", "0", "3", "7", "--per-class", "2", "--steps", "4"))
+    assert [labels for labels, _ in calls] == [[0, 0, 3, 3, 7, 7]], f"generate was asked for {calls}"
     pad = 2
     assert grid.shape[0] == 3 * (64 + pad) + pad, f"height {grid.shape[0]}: expected 3 rows of 64 px"
     label_width = grid.shape[1] - (2 * (64 + pad) + pad)
@@ -91,11 +106,14 @@ def test_same_seed_gives_the_same_images_and_another_seed_others(ckpts, tmp_path
     assert not np.array_equal(first, other), "different seeds, same images"
 
 
-def test_readable_and_fast_samplers_draw_the_same_images(ckpts, tmp_path):
-    """--sampler readable and --sampler fast give identical images for the same seed."""
+def test_readable_and_fast_samplers_draw_the_same_images(ckpts, tmp_path, monkeypatch):
+    """--sampler readable and --sampler fast reach generate as fast=False / True and give identical
+    images for the same seed."""
+    calls = spy_on_generate(monkeypatch)
     args = ("--classes", "4", "--per-class", "4", "--steps", "8")
     fast = read_png(run(ckpts, tmp_path, *args, "--sampler", "fast", out="fast.png"))
     readable = read_png(run(ckpts, tmp_path, *args, "--sampler", "readable", out="readable.png"))
+    assert [flag for _, flag in calls] == [True, False], f"generate's fast flags: {calls}"
     assert np.array_equal(fast, readable), "the two samplers disagree"
 
 
@@ -152,7 +170,8 @@ def test_a_token_is_kept_only_if_all_its_pixels_are_kept():
     ("expand", ["--grid", "12", "10"], (12, 10), None, 0),
 ])
 def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid, offset, n_known):
-    """Every edit puts the input's tokens on the canvas, returns them unchanged and decodes every other position."""
+    """Every edit puts the input's tokens on the canvas and returns them unchanged; the other
+    positions are sampled (that generate decodes each exactly once is tests/test_arpg.py's)."""
     args = sample.parse_args(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], "--edit", mode, "--per-class", "3",
                               "--steps", "16", *extra])
     model, vq, names, _, _ = sample.load_models(args)

@@ -246,7 +246,9 @@ def test_dead_codes_are_restarted_onto_latents():
     assert moved == TINY.codebook_size - 2, f"{moved} codes restarted, expected {TINY.codebook_size - 2}"
     assert torch.equal(after[[3, 5]], before[[3, 5]]), "a used code was moved"
     candidates = quantizer.normalize(latents).permute(0, 2, 3, 1).reshape(-1, TINY.codebook_embed_dim)
-    distance = torch.cdist(after[0:1], candidates).min().item()
+    dead = [code for code in range(TINY.codebook_size) if code not in (3, 5)]
+    distances = torch.cdist(after[dead], candidates, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not via mm
+    distance = distances.min(dim=1).values.max().item()                 # the farthest restarted code's nearest latent
     assert distance < 1e-6, f"a restarted code is {distance} away from every latent"
 
 
@@ -351,7 +353,7 @@ def test_train_tokenizer_in_bf16_follows_fp32(tmp_path):
         weights[precision] = torch.cat([p.detach().flatten() for p in vq.parameters()])
     start = torch.cat([p.detach().flatten() for p in tiny_model().parameters()])
     moved, gap = (weights["fp32"] - start).norm(), (weights["bf16"] - weights["fp32"]).norm()
-    assert gap < 0.1 * moved, f"bf16 steps ended {gap:.4f} from the fp32 ones, which moved {moved:.4f}"
+    assert 0 < gap < 0.1 * moved, f"bf16 steps ended {gap:.4f} from the fp32 ones, which moved {moved:.4f}"
 
 
 def test_tokenizer_muon_takes_the_inner_kernels_and_adamw_everything_else():
@@ -371,8 +373,9 @@ def test_tokenizer_muon_takes_the_inner_kernels_and_adamw_everything_else():
     assert sum(len(group["params"]) for group in only.param_groups) == len(names), "AdamW alone holds every tensor"
 
 
-def test_evaluate_tokenizer_psnr_is_infinite_free_and_exact():
-    """evaluate_tokenizer's PSNR is the mean per-image PSNR of the uint8 round trip."""
+def test_evaluate_tokenizer_psnr_is_infinite_free_and_exact(monkeypatch):
+    """evaluate_tokenizer's PSNR is the mean per-image PSNR of the uint8 round trip; an image
+    reconstructed exactly counts as 10 log10(255^2 / 1e-10) dB, not as infinity."""
     vq = tiny_model()
     images = random_images(3, 8, 8)
     recon = tensor_to_images(vq.decode(vq.encode(images_to_tensor(images))))
@@ -380,6 +383,10 @@ def test_evaluate_tokenizer_psnr_is_infinite_free_and_exact():
     expected = np.mean(10 * np.log10(255.0 ** 2 / mse))
     got = evaluate_tokenizer(vq, images, batch_size=2)["psnr"]
     assert abs(got - expected) < 1e-9, f"psnr {got} != {expected}"
+    perfect = images_to_tensor(images)
+    monkeypatch.setattr(vq, "decode", lambda codes: perfect[:len(codes)])  # batch of 3: a perfect round trip
+    got = evaluate_tokenizer(vq, images, batch_size=3)["psnr"]
+    assert got == pytest.approx(10 * np.log10(255.0 ** 2 / 1e-10)), f"psnr of a perfect reconstruction: {got}"
 
 
 # -----------------------------------------------------------------------------
@@ -418,6 +425,18 @@ def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
         crop = np.asarray(centre_crop(image.convert("RGB"), 16))[None]
     expected = vq.encode(images_to_tensor(np.concatenate([crop, crop[:, :, ::-1]])))
     assert np.array_equal(codes, expected.flatten(1).numpy()), "codes are not those of the crop and its flip"
+
+
+def test_centre_crop_is_the_middle_square_after_halving_large_images():
+    """A 96 x 64 image cropped to 64 keeps columns 16..79 unchanged; a 256 x 128 one cropped to 64 is
+    first box-halved (each 2 x 2 block averaged, within rounding) and then cut to its middle square."""
+    from tokenizer import centre_crop
+    wide = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(centre_crop(Image.fromarray(wide), 64)), wide[:, 16:80]), "not the middle"
+    large = np.random.default_rng(1).integers(0, 256, (128, 256, 3), dtype=np.uint8)
+    halved = large.reshape(64, 2, 128, 2, 3).mean(axis=(1, 3))        # (64, 128, 3)
+    crop = np.asarray(centre_crop(Image.fromarray(large), 64)).astype(float)
+    assert np.abs(crop - halved[:, 32:96]).max() <= 1, "not the box-halved middle square"
 
 
 def tokenize_cli(*argv):

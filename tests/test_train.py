@@ -393,6 +393,17 @@ def test_data_order_is_a_pure_function_of_the_step():
         assert sorted(indices[10 * epoch:10 * epoch + 10]) == list(range(10)), f"epoch {epoch} is not a permutation"
 
 
+def test_ema_moves_by_its_warm_up_decay_then_by_its_own():
+    """update_ema: ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + step) / (10 + step)):
+    0.1 at step 0 (mostly the new weights), the given decay once the warm-up has caught up."""
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for step, d in ((0, 0.1), (10 ** 6, 0.99)):
+        expected = [d * e + (1 - d) * w for e, w in zip(ema.parameters(), model.parameters())]
+        update_ema(ema, model, 0.99, step)
+        for got, want in zip(ema.parameters(), expected):
+            torch.testing.assert_close(got.detach(), want.detach(), msg=f"step {step}: decay {d}")
+
+
 def test_learning_rate_warms_up_then_decays_by_cosine_or_after_holding_the_peak():
     """Both schedules climb linearly to the peak over the warm-up. Cosine (the paper's) then falls
     at every step; the tiny recipe's holds the peak until the last decay_steps, then falls by
