@@ -174,14 +174,18 @@ def test_onnx_runtime_loop_gives_the_official_greedy_tokens(tmp_path, steps):
 
 
 def test_fp16_and_larger_grid_exports_decode_like_pytorch(tmp_path, exported):
-    """An fp16 export runs with fp16 caches (logits within 1e-2 of fp32 PyTorch); an export for a
-    larger, non-square grid (--grid) gives ARPG.generate(grid=...)'s greedy tokens."""
+    """An fp16 export (logits within 1e-2 of fp32 PyTorch, by export's own measure) decodes, greedily
+    and guided, at least 95% of fp32 PyTorch's tokens (fp16 rounding may flip near-ties); an export
+    for a larger, non-square grid (--grid) gives ARPG.generate(grid=...)'s greedy tokens."""
     _, model, _ = exported
     export_onnx(model, None, str(tmp_path / "fp16"), fp16=True)
     metadata = json.loads((tmp_path / "fp16" / "arpg_onnx.json").read_text())
     assert metadata["dtype"] == "float16" and metadata["parity_max_abs_diff"]["guided"] <= 1e-2, metadata
-    tokens = OnnxSampler(str(tmp_path / "fp16"), device="cpu").generate(np.array([1, 2]), steps=8, seed=0)
-    assert tokens.shape == (2, 64) and tokens.min() >= 0 and tokens.max() < model.config.vocab_size, "fp16 loop gives no valid tokens"
+    labels, order = torch.tensor([1, 2, 3, 4]), torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    expected = model.generate(labels, steps=8, top_k=1, order=order, cfg_scale=4.0).numpy()
+    tokens = OnnxSampler(str(tmp_path / "fp16"), device="cpu").generate(labels.numpy(), steps=8, top_k=1,
+                                                                       order=order.numpy(), cfg_scale=4.0)
+    assert (tokens == expected).mean() >= 0.95, f"fp16 agrees on {(tokens == expected).mean():.0%} of the tokens"
 
     export_onnx(model, None, str(tmp_path / "wide"), grid=(6, 12))
     labels, order = torch.tensor([4, 5]), torch.randperm(72, generator=torch.Generator().manual_seed(0))
