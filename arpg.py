@@ -720,6 +720,8 @@ class StaticCachePasses:
         self.guided = torch.compile(self._guided, dynamic=True) if compile else self._guided
 
     def context(self, ids, rope, mask=None, caches=None):
+        """ARPG.context's signature and result. The caches live in self.buffers; the `caches`
+        argument only says whether this is a new batch's first call (None) or a later one."""
         if caches is None:                                                # a new batch of images starts
             self.filled = 0
         self.context_step(ids, rope, self.filled, mask)

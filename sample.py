@@ -213,7 +213,7 @@ def edit_steps(steps, canvas):
     steps, not 32 (which would be more steps than tokens).
     """
     rows, cols = canvas.grid
-    return min(canvas.n_unknown, max(1, round(steps * canvas.n_unknown / (rows * cols))))  # at most 1 token a step
+    return min(canvas.n_unknown, max(1, round(steps * canvas.n_unknown / (rows * cols))))  # at least 1 token a step
 
 
 def generate_batches(model, vq, labels, canvas, steps, settings, generator, batch_size):
@@ -241,7 +241,7 @@ def generate_images(model, vq, labels, canvas, steps, settings, generator, batch
 # FID sample files: the .npz of the ADM evaluator (SPEC 8), streamed to disk
 
 def write_fid_npz(path, batches, n, image_shape, labels):
-    """Write uint8 batches as `path`.npz with arr_0 (n, H, W, 3) and labels (n,), holding one batch at a time.
+    """Write uint8 batches to `path` (an .npz) as arr_0 (n, H, W, 3) and labels (n,), one batch at a time.
 
     50,000 ImageNet samples are 9.8 GB: instead of stacking them in memory for np.savez, the
     array is written straight into the zip entry that np.load reads (an .npy header, then the
@@ -357,8 +357,8 @@ def edit_input(args, model, vq, names):
         raise ValueError(f"--edit {args.edit} needs --image for a model not trained on the built-in shapes")
     image_class = 0 if args.image_class is None else args.image_class
     side = model.config.grid_size * vq.downsample
-    # Labels cycle through the classes, so image i * n_classes + c has class c. A seed of its own:
-    # never an image ARPG was trained on.
+    # Labels cycle through the classes, so image i * n_classes + c has class c. The seed of --eval's
+    # inpainting sources (evaluate.INPAINT_SEED), not a training seed: never an image ARPG trained on.
     images, _ = make_builtin_dataset((args.image_index + 1) * len(names), seed=evaluate.INPAINT_SEED, image_size=side)
     return images[args.image_index * len(names) + image_class], image_class
 
@@ -502,6 +502,9 @@ def check_against_model(args, config):
 
 
 def default_classes(names):
+    """A grid's rows when no --classes are given (also train.py's and export.py's): every class of a
+    model with up to 16, the ImageNet showcase for 1000 (a thousand rows is no picture), else 8
+    spread over the range."""
     if len(names) <= 16:
         return list(range(len(names)))
     if len(names) == 1000:

@@ -7,7 +7,9 @@ the loss itself is `ARPG.forward` in arpg.py) and the recipe of Sec. 4.1 / SPEC 
 (0.9, 0.95), weight decay 0.05 on matrices only, lr 1e-4 per 256 images of global batch, linear
 warm-up then cosine decay to 1e-5, gradient clipping at 1.0, bf16 autocast, label dropout 0.1
 (so classifier-free guidance works at sampling time), EMA weights. The `tiny` CPU recipe departs
-from it where a few minutes of training need it (RECIPES below): Muon for the weight matrices.
+from it where a few minutes of training need it (RECIPES below): Muon for the weight matrices,
+a higher learning rate held at its peak before a linear decay, no dropout, no EMA, a compiled
+step, and 5 blocks instead of 7 in a timed fp32 run (FP32_CPU_TINY_LAYERS).
 
 With no arguments it does everything on a CPU with no download, in about 9.5 minutes on 2 cores:
 draws the built-in shapes dataset (data.py), trains the small VQ tokenizer (tokenizer.py) unless
@@ -57,6 +59,7 @@ from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, check_device, config_from_dict
                   save_atomic)
 from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_script, save_image_grid
 from muon import Muon
+from sample import default_classes
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
 from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, list_image_folder,
                        tensor_to_images, train_tokenizer)
@@ -74,44 +77,29 @@ from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, 
 # machine's speed.
 
 RECIPES = {
-    # A few minutes on a CPU leave little room to overfit (after 1000 steps the loss on the training
-    # images is 0.06 below that on held-out ones; EXPERIMENTS.md): dropout would only slow learning, and an
-    # EMA would mostly average the early, worse weights (the final decay already settles them).
-    # The learning rate stays at its peak until the last 30% of the steps, then falls linearly,
-    # instead of the paper's cosine: a short run then spends fewer steps at a small learning rate
-    # (after the default run: loss 1.237 -> 1.203 and 1.217 -> 1.188, class accuracy 29.0% -> 36.2%
-    # and 29.8% -> 30.0%, for seeds 0 and 1).
-    # The matrices of the two passes are trained by Muon (muon.py), the rest by AdamW: in the
-    # same 600 steps the final loss fell from 1.203 to 1.085 and from 1.188 to 1.104 (Muon lr 0.02,
-    # seeds 0 and 1; class accuracy in EXPERIMENTS.md). Muon's lr is 0.015 rather than 0.02: class
-    # accuracy 77.4% -> 80.1% and 75.8% -> 77.0% (991 fp32 steps, seeds 0 and 1), 82.3% -> 84.3%
-    # (1601 bf16 steps, seed 0; final loss 0.827 -> 0.791, on held-out images 0.888 -> 0.857).
-    # AdamW, left with the embeddings, the output head, the norms and the query-position map, peaks
-    # at 6e-3: after 1000 steps (2 + 4 blocks, seeds 0 and 1) class accuracy 74.1% -> 76.4% and
-    # 75.1% -> 79.4%, final loss 0.913 -> 0.899 and 0.916 -> 0.885, against 3e-3 (1.2e-2: 76.5%,
-    # seed 1).
-    # Its steps are compiled (`compile_or_not`: on a 2-core CPU 1.2x faster in fp32, 1.1-1.3x in bf16,
-    # after 30-80 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run
-    # in bf16 (`default_precision`: 1.6-1.9x faster than fp32).
-    # Its models are sampled with nucleus sampling at 0.8 and a constant guidance of 2.5 (the
-    # checkpoint carries these and the decoding schedule as sample.py's defaults). Top-p 0.8 took
-    # class accuracy from 42.8% to 50.0% (seed 0, with Muon; EXPERIMENTS.md). The paper's guidance grows
-    # linearly from 1 to its scale as the canvas fills, so the first tokens, which settle where the
-    # shape lies and what it is, are drawn almost unguided; a constant 2.5 guides them too: class
-    # accuracy 65.2% -> 71.9%, 68.0% -> 73.7% and 63.9% -> 70.2% for three models of the default run
-    # (1000 samples each at 32 steps, as `sample.py --eval` draws them; guidance falling from 3 to 1
-    # did no better). Better-trained models want less of it: for two bf16 models of ~2000 steps,
-    # 2.0 instead of 2.5 gave 82.4% -> 85.8% and 86.8% -> 86.3% (sampling seed 0), 83.9% -> 86.5%
-    # and 84.6% -> 86.1% (seed 1), Frechet distance 3.66 -> 2.11 and 3.13 -> 2.11 (1.5: 82.4%, 3.0:
-    # 79.0%, seed 1). Then the tokenizer's kernels got Muon, and its sharper codes want 2.5 again:
-    # four default-run models, two sampling seeds each, 87.6% on average at 2.0, 88.9% at 2.5, 89.0%
-    # at 3.0 (but one model down to 84.7%), 88.0% at 3.5. And they reveal tokens on the cosine
-    # schedule, not the paper's arccos: at 32 steps on 64 tokens, arccos ends with steps of 3, 3, 3,
-    # 4 and 10 tokens, drawn independently of each other, where cosine reveals one token per step
-    # for the first 13 steps and 2-3 after: 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1% and
-    # 70.2% -> 78.8% for four models (2 tokens every step: 72.0%). The paper samples without
-    # nucleus sampling; sample.py's defaults for a checkpoint naming none are its linear guidance
-    # at 4 and its arccos schedule.
+    # tiny departs from the paper where a few minutes of CPU training call for it (each change with
+    # its measured effect, and the settings tried around it: EXPERIMENTS.md):
+    # - No dropout and no EMA. A short run has little room to overfit (with 20,000 images the loss
+    #   on training and on held-out images stayed together, 0.773 against 0.786 after 2154 steps),
+    #   and an EMA would mostly average the early, worse weights.
+    # - The learning rate holds its peak until the last 30% of the steps, then falls linearly,
+    #   instead of the cosine: fewer steps at a small learning rate (an early 600-step run: class
+    #   accuracy 29.0% -> 36.2% and 29.8% -> 30.0%, seeds 0 and 1).
+    # - Muon (muon.py) at 0.015 for the matrices of the two passes, AdamW at 6e-3 for the rest (the
+    #   embeddings, the head, the norms, the query-position map). Muon took 600 steps' final loss
+    #   from 1.203 to 1.085 and from 1.188 to 1.104 (seeds 0, 1); 0.015 rather than 0.02: 77.4% ->
+    #   80.1% and 75.8% -> 77.0%; AdamW's 6e-3 rather than 3e-3: 74.1% -> 76.4% and 75.1% -> 79.4%.
+    # - The step compiled (`compile_or_not`: on 2 cores 1.2x faster in fp32, ~1.1x in bf16, after
+    #   30-80 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run in
+    #   bf16 (`default_precision`: 1.6-1.9x faster than fp32).
+    # - Sampled with a constant guidance of 2.5 (the paper's ramps up from 1 as the canvas fills,
+    #   so the first tokens, which settle where the shape lies and what it is, go almost unguided:
+    #   65.2% -> 71.9%, 68.0% -> 73.7% and 63.9% -> 70.2% for three default-run models), top-p 0.8
+    #   (42.8% -> 50.0%, an early model) and the cosine schedule (64 tokens in 32 steps: one a step
+    #   for the first 13 steps, then 2-3, where arccos ends with steps of 3, 3, 3, 4 and 10 tokens,
+    #   drawn independently of each other: 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1%,
+    #   70.2% -> 78.8%). The checkpoint carries these as
+    #   sample.py's defaults; one that names none gets schedules.SAMPLING_DEFAULTS.
     "tiny": dict(batch_size=64, lr=6e-3, min_lr=1e-5, muon_lr=0.015, warmup=0.05, decay=0.3, total_minutes=9.5,
                  ema=0.0, dropout=0.0, compile=True, sample_cfg=2.5, sample_cfg_schedule="constant",
                  sample_schedule="cosine", sample_top_p=0.8, log_every=25, sample_every=400, save_every=200),
@@ -140,7 +128,7 @@ TOKENIZER_STEPS = 900
 # accuracy, and 600 steps 2 min 26 s, 565 ARPG steps, 75.0%; with seed 1, 900 steps 4 min 07 s,
 # 386 ARPG steps, 72.7%, and the cap 552 steps, 567 ARPG steps, 74.4%; the cap with seed 0: 579
 # steps, 597 ARPG steps, 73.2%; EXPERIMENTS.md.) Where bf16 runs, 900 steps take about 2 minutes
-# and the cap does not bind.
+# and the cap binds only in the machine's slow spells.
 TOKENIZER_MINUTES = 2.5
 # On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
 # steps cost ~35% less, so the budget holds ~800 steps instead of ~500. 5 blocks learn more from
@@ -172,7 +160,8 @@ def parse_args(argv=None):
                       help="built-in dataset size (drawn and tokenized once at start, ~20 s on 2 cores)")
     what.add_argument("--image-size", type=int, default=None,
                       help="image folders are resized and centre-cropped to this side (default: the preset's "
-                           "grid x the tokenizer's downsampling: 16 x 16 for L with VQ-16, 8 x 8 for tiny)")
+                           "grid x the tokenizer's downsampling: 256 = 16 tokens x 16 for L with VQ-16, "
+                           "64 = 8 x 8 for tiny)")
     what.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS,
                       help=f"steps to train the small tokenizer when it is missing (default: {TOKENIZER_STEPS}; "
                            f"in a run timed by --total-minutes, at most {TOKENIZER_MINUTES} minutes of them)")
@@ -528,9 +517,7 @@ def check_matches_data(config, dataset):
 # Sample grids: one row per class, decoded by the tokenizer
 
 def save_sample_grid(model, vq, class_names, path, args, device):
-    n_classes = len(class_names)
-    # A thousand rows is no picture: beyond 16 classes, show 8 spread over the range.
-    classes = list(range(n_classes)) if n_classes <= 16 else [round(i * (n_classes - 1) / 7) for i in range(8)]
+    classes = default_classes(class_names)  # sample.py's rows: every class up to 16, else 8 of them
     labels = torch.tensor(classes, device=device).repeat_interleave(args.sample_columns)  # (R*C,)
     generator = torch.Generator(device).manual_seed(args.seed)  # the same noise every time: grids are comparable
     tokens = model.generate(labels, steps=args.sample_steps, cfg_scale=args.sample_cfg,  # (R*C, L)
@@ -647,7 +634,8 @@ def steps_within(minutes, run_started, train_model, model, dataset, args, rank, 
     A few throwaway optimizer steps are timed (`throwaway_steps`: the weights are put back); the
     step count sets the learning-rate schedule, and `train` corrects it from the real steps' pace
     while the learning rate is still at its peak (the probe can be 20% off: 159 ms a step against
-    180-199 ms in the loop, bf16 on a 2-core Xeon). The final count is saved in the checkpoint
+    180-199 ms in the loop, bf16 on a 2-core Xeon); the cosine decay (--decay 0) has no such
+    plateau, so there the probe's count stands. The final count is saved in the checkpoint
     (--resume continues to it). 5% of the time left is kept back for the sample grids and
     checkpoints. Returns (steps, the deadline on time.perf_counter's clock).
     """
@@ -673,7 +661,9 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
     """Optimizer steps from start_step to args.max_steps, or until stopped; the checkpoint is saved at
     the end. train_model runs the steps: `model` itself, or its DDP or compiled wrapper. With a
     deadline (--total-minutes), args.max_steps is re-planned at each log line while the learning
-    rate is at its peak, so the decay still spans the last args.decay of the steps. Returns
+    rate holds its peak, so the decay still spans the last args.decay of the steps (with the
+    cosine decay, --decay 0, never: the cosine falls from the end of the warm-up on, and a new
+    step count would bend it mid-way). Returns
     (the last step, the last logged loss, whether Ctrl-C / SIGTERM stopped it)."""
     is_main, distributed = rank == 0, world_size > 1
     loader = step_loader(dataset, args, start_step, rank, world_size, device)
@@ -731,7 +721,8 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
                           f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
                 loss_sum.zero_()
                 loss_count, interval_start = 0, time.perf_counter()
-                if deadline is not None and warmup_steps <= step < args.max_steps - decay_steps:
+                holding_peak = decay_steps and warmup_steps <= step < args.max_steps - decay_steps
+                if deadline is not None and holding_peak:
                     pace = (time.perf_counter() - started) / (step - start_step)  # seconds a step, pauses included
                     replanned = step + steps_that_fit(deadline, pace, device, distributed)
                     if abs(replanned - args.max_steps) > 0.01 * args.max_steps:  # not for every flicker of the pace
@@ -804,14 +795,16 @@ def model_layers(args, preset, device):
 
 def fill_in_defaults(args, world_size):
     """Resolve the None flags from the recipe of --size (all but --max-steps, which needs the data
-    and the model: main), then check them: before any process group or file exists."""
+    and the model, and --layers, which needs the device: main), then check them: before any
+    process group or file exists."""
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
     for key in ("batch_size", "muon_lr", "warmup", "decay", "total_minutes", "ema", "dropout", "compile",
                 "sample_cfg", "sample_cfg_schedule", "sample_schedule", "sample_top_p", "log_every", "sample_every",
                 "save_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-    args.lr = args.lr or recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
+    if args.lr is None:
+        args.lr = recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
     if args.min_lr is None:
         args.min_lr = recipe["min_lr"] if recipe["min_lr"] is not None else PAPER_MIN_LR_PER_256 * args.batch_size / 256
     check_device(args.device)
@@ -820,15 +813,16 @@ def fill_in_defaults(args, world_size):
         args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
     at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "num_images": 1, "tokenizer_steps": 1,
                 "vocab_size": 1, "image_size": 1, "sample_steps": 1, "sample_columns": 1, "log_every": 1,
-                "save_every": 0, "sample_every": 0, "workers": 0, "total_minutes": 0, "lr": 0, "muon_lr": 0,
+                "save_every": 0, "sample_every": 0, "workers": 0, "total_minutes": 0, "muon_lr": 0,
                 "min_lr": 0, "weight_decay": 0, "grad_clip": 0}
     for key, least in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < least:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
     if args.layers is not None:
         check_layers(args.layers, args.size)
-    if args.minutes is not None and args.minutes <= 0:
-        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    for key in ("minutes", "lr"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr:g} is above the peak learning rate {args.lr:g}: the decay would "
                          f"rise; pick a --min-lr of at most {args.lr:g}")
@@ -882,15 +876,15 @@ def read_run_checkpoint(path):
 # read in (with the step, the seed sets every random draw), and the optimization. Free to change:
 # --max-steps (to train longer), and how the run is executed and logged (device, workers, compile,
 # logging, sampling, saving); the model's shape is checked against the checkpoint's config.
-RESUME_KEEPS = ("size", "data", "num_images", "seed", "batch_size", "grad_accum", "lr", "min_lr", "muon_lr",
-                "warmup", "decay", "weight_decay", "grad_clip", "ema", "dropout", "precision")
+RESUME_KEEPS = ("size", "data", "tokenizer", "image_size", "num_images", "seed", "batch_size", "grad_accum", "lr",
+                "min_lr", "muon_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema", "dropout", "precision")
 
 
 def check_same_run(args, saved_args):
     """Refuse a --resume whose run-defining flags differ from those the checkpoint was trained with."""
     def same(key):
         now, then = getattr(args, key), saved_args[key]
-        if key == "data" and now is not None and then is not None:          # one folder, however it is written
+        if key in ("data", "tokenizer") and now is not None and then is not None:  # one path, however written
             return os.path.realpath(now) == os.path.realpath(then)
         return now == then
     if args.max_steps is None and "max_steps" not in saved_args:
@@ -924,8 +918,8 @@ def main(argv=None):
         if not os.path.isfile(args.tokenizer):
             if is_main:
                 # The first 5000 images at most: its 900 steps of 16 then see each image about 3 times.
-                # Trained on 20,000 (each seen once) its reconstructions were classified 97.4% instead of
-                # 99.2% (seed 0), and the ARPG on top of it reached 83.3% instead of 89.5%.
+                # Trained on all 20,000 (then 1200 steps, each image seen once) its reconstructions were
+                # classified 97.4% instead of 99.2% (seed 0), and the ARPG on top reached 83.3%, not 89.5%.
                 images, _ = make_builtin_dataset(min(args.num_images, TOKENIZER_IMAGES), seed=args.seed)
                 minutes = TOKENIZER_MINUTES if is_timed(args) else None     # the ARPG gets what time is left
                 budget = f" or {minutes} minutes, whichever ends first" if minutes else ""

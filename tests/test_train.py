@@ -192,6 +192,22 @@ def test_a_probe_that_is_too_fast_is_corrected_from_the_real_steps(tmp_path, mon
     assert final_lr == pytest.approx(expected), f"the decay did not finish: lr {final_lr}, expected {expected}"
 
 
+def test_a_cosine_schedule_keeps_the_probe_s_step_count(tmp_path, monkeypatch, capsys):
+    """With the cosine decay (--decay 0) the learning rate falls from the end of the warm-up on,
+    so a re-planned step count would bend it mid-decay: the probe's count stands, even when the
+    probe was too fast."""
+    import train
+    probe = train.throwaway_steps
+    monkeypatch.setattr(train, "throwaway_steps", lambda *args, **kwargs: probe(*args, **kwargs) / 4)
+    data = write_codes(tmp_path / "codes")
+    main(["--data", str(data), *FAST, "--total-minutes", "0.1", "--decay", "0", "--save-every", "0",
+          "--out", str(tmp_path / "arpg.pt")])
+    stdout = capsys.readouterr().out
+    (line,) = [line for line in stdout.splitlines() if line.startswith("--total-minutes 0.1:")]
+    assert "re-planned" not in stdout, stdout
+    assert load(tmp_path / "arpg.pt")["step"] == int(line.split()[-2]), "the probe's step count was not kept"
+
+
 @pytest.mark.parametrize("step_flags, minutes", [([], TOKENIZER_MINUTES), (["--max-steps", "5"], None)])
 def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monkeypatch, step_flags, minutes):
     """A run timed by --total-minutes (the default) trains the missing tokenizer for its steps or
@@ -275,7 +291,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_trained_with_a_warning(tmp_p
 
 def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
     """--resume without the run's --data (it would train on the built-in shapes instead), or with
-    another --batch-size or --seed, is refused in one line naming the flag, before any work, and
+    another --batch-size, --seed or --tokenizer, is refused in one line naming the flag, before any work, and
     the checkpoint is left as it was; the same folder written another way is the same run."""
     data = write_codes(tmp_path / "codes")
     out = tmp_path / "arpg.pt"
@@ -284,7 +300,8 @@ def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
     before = out.read_bytes()
     for flags, named in (([], "--data is None (was"),
                          (["--data", str(data), "--batch-size", "4"], "--batch-size is 4 (was 8)"),
-                         (["--data", str(data), "--seed", "3"], "--seed is 3 (was 0)")):
+                         (["--data", str(data), "--seed", "3"], "--seed is 3 (was 0)"),
+                         (["--data", str(data), "--tokenizer", "vq.pt"], "--tokenizer is vq.pt (was None)")):
         with pytest.raises(ValueError, match=re.escape(named)):
             main([*common, *flags, "--max-steps", "4", "--resume"])
     assert out.read_bytes() == before, "a refused resume changed the checkpoint"
@@ -564,7 +581,7 @@ BAD_INPUTS = {
     "codes and images in one folder": codes_and_images_in_one_folder,
     "an image size the tokenizer cannot tile": an_image_size_the_tokenizer_cannot_tile,
     "an image size for codes": lambda tmp: (["--data", str(write_codes(tmp / "codes")), "--vocab-size", str(VOCAB),
-                                             "--image-size", "64"], "--image-size applies to a folder of images; .* holds codes"),
+                                             "--image-size", "64"], "--image-size applies to .* holds codes"),
     "an image size for the built-in shapes": lambda tmp: (["--image-size", "32"], "the built-in shapes are 64 x 64"),
     "a vocabulary of no codes": lambda tmp: (["--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
     "--out is a folder": lambda tmp: (["--out", str(tmp)], "is a folder; give a file name"),
@@ -574,6 +591,7 @@ BAD_INPUTS = {
                                                            "--layers 5: L splits its blocks half and half"),
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
     "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p must be in \(0, 1\]"),
+    "a learning rate of 0": lambda tmp: (["--lr", "0"], "--lr must be positive, got 0.0"),
     "an empty batch": lambda tmp: (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     "a negative time budget": lambda tmp: (["--total-minutes", "-1"], "--total-minutes must be at least 0"),
     "an EMA that never moves": lambda tmp: (["--ema", "1"], r"must be in \[0, 1\)"),
