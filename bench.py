@@ -44,7 +44,8 @@ parser.add_argument("--cfg", type=float, default=4.0, help="guidance scale (not 
 parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (after one warm-up call)")
 parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime sampler")
 parser.add_argument("--no-train", action="store_true", help="skip the training-throughput row")
-parser.add_argument("--profile", action="store_true", help="only print a profile of one fast decoding call")
+parser.add_argument("--profile", action="store_true",
+                    help="only print a profile of one fast decoding call (eager, at the first --steps and --batch)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--out", default="out/bench.md", help="where to write the markdown table")
 args = parser.parse_args()
@@ -56,10 +57,13 @@ def refuse(message):
 
 
 tokens_per_image = ARPG_PRESETS[args.size].block_size if args.tokens is None else args.tokens
-if tokens_per_image < 1 or math.isqrt(tokens_per_image) ** 2 != tokens_per_image:
-    refuse(f"--tokens must be a square number of at least 1 (the tokens of an n x n grid), got {tokens_per_image}")
+if tokens_per_image < 16 or math.isqrt(tokens_per_image) ** 2 != tokens_per_image:
+    refuse(f"--tokens must be a square number of at least 16 (the tokens of an n x n grid; the ONNX export "
+           f"checks itself on 12), got {tokens_per_image}")
 if not all(1 <= steps <= tokens_per_image for steps in args.steps):
     refuse(f"--steps must be between 1 and the {tokens_per_image} tokens of an image, got {args.steps}")
+if not math.isfinite(args.cfg):
+    refuse(f"--cfg must be a finite number, got {args.cfg}")
 if min(args.batch or [1]) < 1 or args.repeats < 1:
     refuse(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
 try:
@@ -75,7 +79,8 @@ batches = args.batch or ([64] if on_gpu else [16, 64])
 torch.manual_seed(0)
 config = replace(ARPG_PRESETS[args.size], block_size=tokens_per_image)
 model = ARPG(config).eval()
-torch.nn.init.normal_(model.head.weight, std=0.02)   # a zero head would make every sample the same token
+torch.nn.init.normal_(model.head.weight, std=0.02)   # a zero head: uniform logits, and the export's parity check
+                                                     # of its logits would compare zeros with zeros
 if not args.no_onnx and not args.profile:
     from export import export_onnx                   # only when asked: exporting needs onnx
     from onnx_sampler import OnnxSampler
@@ -126,10 +131,10 @@ def timed(fns, repeats):
 
 if args.profile:
     labels = torch.arange(batches[0], device=device) % config.num_classes
-    model.generate(labels, steps=32, cfg_scale=args.cfg, fast=True)
+    model.generate(labels, steps=args.steps[0], cfg_scale=args.cfg, fast=True)    # warm-up
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as profile:
-        model.generate(labels, steps=32, cfg_scale=args.cfg, fast=True)
+        model.generate(labels, steps=args.steps[0], cfg_scale=args.cfg, fast=True)
         synchronize()
     sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(profile.key_averages().table(sort_by=sort_key, row_limit=15))
@@ -154,6 +159,8 @@ for batch in batches:
     runs = {(name, steps): functools.partial(sample, steps) for name, sample in samplers.items() for steps in args.steps}
     runs.update({(f"{name}, raster", L): functools.partial(sample, L, raster) for name, sample in samplers.items()})
     for (name, steps), (seconds, peak) in timed(runs, args.repeats).items():
+        if name.startswith("onnx runtime"):
+            peak = None      # torch's counter does not see ONNX Runtime's own GPU memory
         rows.append((name, batch, steps, batch / seconds, peak))
         print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {memory(peak)}")
 
@@ -204,7 +211,8 @@ device_name = torch.cuda.get_device_name(device) if on_gpu else f"{cpu_name()} (
 lines = [
     f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
     f"with {config.block_size} tokens per image "
-    f"(random weights), {'bf16' if on_gpu else 'fp32'}, guidance {args.cfg} (rows doubled), token generation only.",
+    f"(random weights), {'bf16 (ONNX Runtime: fp16 graphs)' if on_gpu else 'fp32'}, guidance {args.cfg}"
+    f"{' (rows doubled)' if args.cfg != 1 else ''}, token generation only.",
     "",
     "| sampler | batch | steps | img/s | peak GPU memory |",
     "|---|---|---|---|---|",

@@ -1,7 +1,7 @@
 """
 The built-in dataset: ten classes of flat geometric shapes, drawn on the fly, no download.
 
-ARPG is trained on ImageNet (SPEC section 8), which nobody wants to fetch just to see the
+ARPG is trained on ImageNet (SPEC 8), which nobody wants to fetch just to see the
 method work. This file draws a class-conditional toy dataset instead: one flat-coloured shape
 (circle, square, bar, a pair of dots, ...) per 64x64 image, on a flat background, at a random position,
 size and rotation, in colours drawn from two small palettes. Every image is different, the
@@ -19,6 +19,10 @@ Look at it:
 Use it:
     from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
     images, labels = make_builtin_dataset(5000, seed=0)  # uint8 (5000, 64, 64, 3), int64 (5000,)
+
+The end of the file holds what every script shares: atomic file writes, output-path checks, the
+labelled image grid and the one-line exit on bad input. They live here, free of torch, so that
+onnx_sampler.py runs without PyTorch.
 """
 import argparse
 import contextlib

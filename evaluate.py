@@ -37,17 +37,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arpg import load_strict, read_checkpoint, save_atomic, unwrap_state_dict
+from arpg import in_eval_mode, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
 from data import CLASS_NAMES, make_builtin_dataset, run_script
 
 DEFAULT_CLASSIFIER = "out/classifier.pt"
 
-# Seeds of the real image sets. Training (train.py) draws its images with seed 0; every set
-# here has its own seed so the classifier is never tested on what it, or ARPG, was trained on.
+# Seeds of the real image sets. Training (train.py) draws its images with its --seed (0 by
+# default; the runs in README.md used 0-11); every set here has a seed of its own, so the classifier
+# is never tested on what it, or ARPG, was trained on (unless a run picks one of these as --seed).
 CLASSIFIER_TRAIN_SEED = 1001   # the classifier's training images
 HELDOUT_SEED = 1002            # its test images: the accuracy reported for real images
 REFERENCE_SEED = 1003          # the real set every Frechet distance is measured against
-SECOND_REAL_SEED = 1004        # a second real set: real-vs-real distance, the floor
+SECOND_REAL_SEED = 1004        # a second real set: real-vs-real distance, the floor (and sample.py's
+                               # reconstructions and ARPG-as-classifier images)
 INPAINT_SEED = 1005            # the real images whose centres sample.py regenerates
 
 
@@ -96,7 +98,7 @@ def train_classifier(images, labels, steps=400, batch_size=64, lr=2e-2, seed=0):
 
     It trains on ONE CPU thread. Its convolutions are too small to gain much from a second one,
     and when other processes share the cores, OpenMP threads that wait for each other made each
-    step 5-10x slower on a 2-core machine (0.13 s/step with one thread, 0.7-1.6 s with two).
+    step 5-12x slower on a 2-core machine (0.13 s/step with one thread, 0.7-1.6 s with two).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -151,10 +153,10 @@ def load_classifier(path=DEFAULT_CLASSIFIER, image_size=64, n_train=3000, train_
 
 @torch.no_grad()
 def classify(classifier, images, batch_size=500):
-    """uint8 images (N, H, W, 3) -> (predicted classes (N,) int64, features (N, F) float64), numpy."""
+    """uint8 images (N, H, W, 3) -> (predicted classes (N,) int64, features (N, D) float64), numpy."""
     predictions, features = [], []
     for start in range(0, len(images), batch_size):
-        batch_features = classifier.features(to_input(images[start:start + batch_size]))  # (b, F)
+        batch_features = classifier.features(to_input(images[start:start + batch_size]))  # (b, D)
         predictions.append(classifier.head(batch_features).argmax(dim=1))
         features.append(batch_features.double())
     return torch.cat(predictions).numpy(), torch.cat(features).numpy()
@@ -177,7 +179,7 @@ def symmetric_sqrt(matrix):
 
 
 def frechet_distance(features_a, features_b):
-    """Frechet distance between Gaussians fitted to two feature sets (N, F) and (M, F): FID's formula.
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D): FID's formula.
 
         d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)
 
@@ -186,7 +188,7 @@ def frechet_distance(features_a, features_b):
     trace of the square root, and symmetric_sqrt can be used twice.
     """
     mu_a, mu_b = features_a.mean(axis=0), features_b.mean(axis=0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)  # (F, F) each
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)  # (D, D) each
     root_a = symmetric_sqrt(cov_a)
     middle = symmetric_sqrt(root_a @ cov_b @ root_a)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(middle))
@@ -203,7 +205,7 @@ def score_images(classifier, images, labels, reference_features):
 def real_image_rows(classifier, n, image_size=64):
     """The reference rows of the results table, from real images only.
 
-    Returns (reference features of n real images (n, F), rows): "real images" scores n other real
+    Returns (reference features of n real images (n, D), rows): "real images" scores n other real
     images (their class accuracy, and the real-vs-real Frechet distance: the floor for n samples).
     """
     _, reference_features = classify(classifier, make_builtin_dataset(n, seed=REFERENCE_SEED, image_size=image_size)[0])
@@ -212,6 +214,7 @@ def real_image_rows(classifier, n, image_size=64):
 
 
 @torch.no_grad()
+@in_eval_mode
 def likelihood_classification(model, codes, labels, n_orders=4, seed=0, batch_size=250):
     """(d) The share of real images (their codes (N, L) and labels (N,)) that ARPG assigns to their
     own class: each image's teacher-forced loss (`ARPG.forward`, the training loss, summed over its
@@ -221,7 +224,6 @@ def likelihood_classification(model, codes, labels, n_orders=4, seed=0, batch_si
     A model can know the classes this way long before it can draw them: a sample must get every
     token right, while here the true image only has to be likelier under its own label.
     """
-    model.eval()
     codes = codes.to(model.embeddings.weight.device)
     labels = torch.as_tensor(labels, device=codes.device)
     N, L = codes.shape
@@ -260,10 +262,11 @@ def main(argv=None):
     parser.add_argument("--npz", default=None,
                         help="samples to score: a .npz with arr_0 uint8 (N, H, W, 3) and labels (N,), "
                              "as written by `sample.py --fid N`")
-    parser.add_argument("--n", type=int, default=1000,
-                        help="real images per reference set (use the sample count of what you compare with)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="real images per reference set (default: as many as --npz holds, else 1000; a "
+                             "Frechet distance depends on the sample count, so compare at one count)")
     args = parser.parse_args(argv)
-    if args.n < 2:
+    if args.n is not None and args.n < 2:
         raise ValueError(f"--n must be at least 2 (a covariance needs two images), got {args.n}")
 
     samples = None
@@ -277,10 +280,11 @@ def main(argv=None):
                 raise ValueError(f"{args.npz} needs arr_0 (images) and labels: write it with `sample.py --fid N`")
             samples, labels = npz["arr_0"], npz["labels"]
         # The classifier halves an image four times (16 pixels at least), and a covariance needs 2 images.
+        # The real sets it is compared with are square.
         if (samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3 or len(samples) < 2
-                or min(samples.shape[1:3]) < 16 or labels.shape != samples.shape[:1]
+                or samples.shape[1] < 16 or samples.shape[1] != samples.shape[2] or labels.shape != samples.shape[:1]
                 or not np.issubdtype(labels.dtype, np.integer)):
-            raise ValueError(f"{args.npz}: expected arr_0 uint8 (N, H, W, 3), N >= 2, H and W >= 16, and integer "
+            raise ValueError(f"{args.npz}: expected arr_0 uint8 (N, H, H, 3), N >= 2, H >= 16, and integer "
                              f"labels (N,), got {samples.dtype} {samples.shape} and {labels.dtype} {labels.shape}")
         if labels.min() < 0 or labels.max() >= len(CLASS_NAMES):
             raise ValueError(f"{args.npz}: labels must be built-in class ids 0..{len(CLASS_NAMES) - 1}; "
@@ -289,7 +293,8 @@ def main(argv=None):
     image_size = samples.shape[1] if samples is not None else 64
     classifier, heldout_accuracy = load_classifier(args.classifier, image_size)
     print(f"classifier: {heldout_accuracy:.1%} accuracy on 1000 held-out real images")
-    reference_features, rows = real_image_rows(classifier, args.n, image_size)
+    n = args.n or (len(samples) if samples is not None else 1000)
+    reference_features, rows = real_image_rows(classifier, n, image_size)
     if samples is not None:
         rows.append((os.path.basename(args.npz), score_images(classifier, samples, labels, reference_features)))
     print(format_table(rows))

@@ -118,9 +118,9 @@ def export_graph(module, example, input_names, output_names, dynamic_axes, folde
     # the export in training mode, with dropout on.
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter (the default: about 1 s for the tiny model, against 10-30 s for
-        # the torch.export-based one on these CPUs) is deprecated since PyTorch 2.9 and says so
-        # on every call.
+        # The TorchScript exporter (this script's default: about 1 s for the tiny model, against
+        # 10-30 s for the torch.export-based one, torch's own default, on these CPUs) is deprecated
+        # since PyTorch 2.9 and says so on every call.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*will be removed.*", category=DeprecationWarning)
         torch.onnx.export(module, example, os.path.join(raw_folder, "graph.onnx"), input_names=input_names,
@@ -185,7 +185,7 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
     diffs["guided"] = max_diff(logits, model.guided(rope[target_slots.to(device)][None], caches[-1]))
 
     if "vq_decoder" in sessions:
-        codes = torch.randint(0, config.vocab_size, (2, *grid), generator=generator)
+        codes = torch.randint(0, config.vocab_size, (B, *grid), generator=generator)  # traced with 2 images
         images = sessions["vq_decoder"].run(None, {"codes": codes.numpy()})[0]
         diffs["vq_decoder"] = max_diff(images, vq.decode(codes.to(vq.device)))
     return diffs
@@ -206,8 +206,9 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     start = time.perf_counter()
     config = model.config
     rows, cols = grid or (config.grid_size,) * 2
-    if rows < 1 or cols < 1:
-        raise ValueError(f"the grid must have at least one row and one column of tokens, got {rows} x {cols}")
+    if rows < 1 or cols < 1 or rows * cols < 12:  # the parity check below decodes 12 positions
+        raise ValueError(f"the grid must have at least one row and one column and 12 tokens in all, got "
+                         f"{rows} x {cols}")
     if vq is not None and vq.config.codebook_size != config.vocab_size:
         raise ValueError(f"the tokenizer has {vq.config.codebook_size} codes but ARPG was trained on "
                          f"{config.vocab_size}; pass the tokenizer ARPG was trained with")

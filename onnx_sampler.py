@@ -45,14 +45,18 @@ from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_de
 METADATA_FILE = "arpg_onnx.json"
 METADATA_FORMAT = "arpg-onnx/1"
 EXPORT_ID_KEY = "arpg_export_id"   # stored in every graph's metadata_props and in the JSON
+METADATA_KEYS = ("graphs", "arpg_config", "cache", "grid", "dtype", "export_id", "first_class_id", "null_class_id",
+                 "class_names", "default_classes")                  # what this file reads from the JSON
+NO_DECODER = ("this export has no vq_decoder.onnx (it was made without a tokenizer, as bench.py makes them): "
+              "run python export.py with the model's tokenizer (--vq-ckpt) to decode images")
 
 
 # -----------------------------------------------------------------------------
 # Sampling, in numpy (SPEC 6)
 #
-# The schedules come from schedules.py, as in arpg.py. `sample_tokens` mirrors arpg.py's line for
-# line, in numpy because arpg.py imports torch; tests/test_export.py checks that both give the
-# same sampling distribution.
+# The schedules come from schedules.py, as in arpg.py. `sample_tokens` follows arpg.py's step for
+# step (temperature, top-k, top-p, then one draw per row), in numpy because arpg.py imports torch;
+# tests/test_export.py checks that both give the same sampling distribution.
 
 def softmax(logits):
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))        # -inf -> probability 0
@@ -95,6 +99,9 @@ def read_metadata(folder):
         raise ValueError(f"cannot read {path}, damaged: re-export the folder with python export.py ({error})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
         raise ValueError(f"{path} is not an ARPG ONNX export ({METADATA_FORMAT}); re-export with python export.py")
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:                                                          # an older export, or an edited file
+        raise ValueError(f"{path} lacks {', '.join(missing)}: re-export the folder with python export.py")
     for graph_file in metadata["graphs"].values():
         if not os.path.isfile(os.path.join(folder, graph_file)):
             raise FileNotFoundError(f"{graph_file} is missing from {folder}; "
@@ -130,7 +137,8 @@ def start_sessions(folder, graphs, device, single_threaded=()):
         options = ort.SessionOptions()
         # ORT's CPU threads spin-wait after each run by default, for the next one. Here the next run
         # waits for numpy's sampling, which the spinning threads slow down: off, the loop ran 2.7x
-        # faster on 2 busy cores (tiny model, batch 16, 32 steps).
+        # faster on 2 cores busy with other work (tiny model, batch 16, 32 steps; session 4). On
+        # quiet cores it makes no difference (session 13, AVX2 EPYC: 250.3 against 246.7 ms a call).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if name in single_threaded:
             options.intra_op_num_threads = 1
@@ -170,8 +178,10 @@ class OnnxSampler:
         # A narrow model's steps are too small to share between CPU threads: handing work to ORT's
         # thread pool costs more than it saves. At width 128 (tiny) on 2 cores, one thread per ARPG
         # graph took a 16-image 32-step call from 61.1 to 48.8 ms, and 64 images at 64 steps from
-        # 376 to 354 ms (64 images at 32 steps: 190 and 193). Wider models keep ORT's default;
-        # the VQ decoder's convolutions always do.
+        # 376 to 354 ms (64 images at 32 steps: 190 and 193; session 8's 6-block tiny, AVX-512
+        # EPYC); session 13's 7-block tiny on an AVX2 EPYC: 259.0 -> 236.6 and 269.1 -> 250.3 ms
+        # (16 images, 32 steps, guidance 4). Wider models keep ORT's default; the VQ decoder's
+        # convolutions always do.
         narrow = self.metadata["arpg_config"]["dim"] <= 256
         self.sessions, self.device = start_sessions(folder, self.metadata["graphs"], device,
                                                     single_threaded=("context", "guided") if narrow else ())
@@ -278,7 +288,7 @@ class OnnxSampler:
     def decode(self, tokens):
         """Tokens (B, rows*cols) -> uint8 images (B, H, W, 3) through vq_decoder.onnx."""
         if "vq_decoder" not in self.sessions:
-            raise ValueError("this export has no vq_decoder.onnx; export again with --vq-ckpt to decode images")
+            raise ValueError(NO_DECODER)
         codes = np.asarray(tokens, dtype=np.int64).reshape(-1, self.rows, self.cols)  # (B, rows, cols)
         images = self.sessions["vq_decoder"].run(None, {"codes": codes})[0]  # (B, 3, H, W) in [-1, 1]
         # The same mapping as tokenizer.tensor_to_images: +128 then truncation rounds to the nearest level.
@@ -319,6 +329,8 @@ def main():
     check_output_path(args.out)
 
     sampler = OnnxSampler(args.onnx_dir, args.device)
+    if "vq_decoder" not in sampler.sessions:                             # found out now, not after sampling
+        raise ValueError(NO_DECODER)
     classes = args.classes or sampler.metadata["default_classes"]
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
     stored = {**SAMPLING_DEFAULTS, **sampler.metadata.get("sampling", {})}  # older exports store fewer

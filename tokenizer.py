@@ -1,7 +1,7 @@
 """
 The image tokenizer: LlamaGen's VQ-16, rebuilt, loadable from `vq_ds16_c2i.pt`, and trainable on a CPU.
 
-ARPG never sees pixels. A VQ tokenizer (SPEC section 8; LlamaGen, Sun et al. 2024, which
+ARPG never sees pixels. A VQ tokenizer (SPEC 8; LlamaGen, Sun et al. 2024, which
 follows VQGAN, Esser et al. 2021) turns an image into a grid of integers, ARPG models that grid,
 and the same tokenizer turns generated grids back into pixels:
 
@@ -47,7 +47,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from arpg import check_device, config_from_dict, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
-from data import run_script
+from data import run_script, save_image_grid
 from muon import Muon
 
 # -----------------------------------------------------------------------------
@@ -78,8 +78,8 @@ VQ_PRESETS = {
     "VQ-16": VQConfig(),
     # For the built-in 64x64 shapes: 8x downsampling (8x8 tokens), 128 codes. 700,955 parameters.
     # Local codes: with a whole-image encoder, the code of a flat background patch also carries
-    # where a nearby edge runs (a side channel that raises PSNR), so one background colour gets
-    # spread over hundreds of codes, all of which ARPG then has to learn to predict. Encoding
+    # where a nearby edge runs (a side channel that raises PSNR), so one background colour got
+    # spread over ~160 codes, all of which ARPG then has to learn to predict. Encoding
     # every patch on its own gives one code per flat colour and keeps the codes easy to model;
     # the decoder still sees the whole grid.
     # 128 codes, not more: with 512, an edge patch's code changed with sub-pixel shifts of the
@@ -371,7 +371,7 @@ class VectorQuantizer(nn.Module):
         data-dependent codebook initialisation that ends the autoencoder warm-up (k-means++
         seeding, as SoundStream starts its codebooks from k-means on the first batch)."""
         self.codebook_used.fill_(-1)
-        return self.restart_dead_codes(z)
+        self.restart_dead_codes(z)
 
     @torch.no_grad()
     def restart_dead_codes(self, z):
@@ -381,7 +381,7 @@ class VectorQuantizer(nn.Module):
 
         Where to put them matters for generation, not only for reconstruction. Most patches of
         the built-in shapes are flat background, so codes restarted on *random* latents pile up
-        there: one flat colour ends up spread over a hundred near-identical codes, which carry
+        there: one flat colour ends up spread over many near-identical codes, which carry
         no picture but are pure noise for ARPG to predict. So the new codes are placed as in
         k-means++ seeding: one at a time, on a latent drawn with probability proportional to its
         squared distance from the nearest code so far. Latents that are already well described
@@ -490,17 +490,24 @@ class VQModel(nn.Module):
         With local codes, a patch's code depends on that patch alone, so each distinct patch is
         encoded once, as an f x f image of its own, and its code copied to every place it occurs.
         Flat backgrounds repeat: of the 1.28M patches of the 20,000 built-in images, 32.5% are
-        distinct, and tokenizing them takes ~3x less time."""
+        distinct, and tokenizing the built-in data took 13 s instead of 22 s (EXPERIMENTS.md)."""
         def in_batches(images, n):                                        # (M, h, w, 3) -> (M, h/f, w/f)
             return torch.cat([self.encode(images_to_tensor(images[i:i + n])).cpu() for i in range(0, len(images), n)])
 
         images_uint8 = np.asarray(images_uint8)
-        if not self.config.local_codes:
-            return in_batches(images_uint8, batch_size)
+        if (images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 or images_uint8.shape[-1] != 3
+                or not len(images_uint8)):
+            raise ValueError(f"expected uint8 images (N >= 1, H, W, 3), got {images_uint8.dtype} {images_uint8.shape}")
         N, H, W, _ = images_uint8.shape
         f = self.downsample
+        if H % f or W % f:
+            raise ValueError(f"image size {H}x{W} is not divisible by the tokenizer's downsampling factor {f}")
+        if not self.config.local_codes:
+            return in_batches(images_uint8, batch_size)
         patches = rearrange(images_uint8, "n (h p) (w q) c -> (n h w) p q c", p=f, q=f)  # (N*h*w, f, f, 3)
         as_bytes = np.ascontiguousarray(patches).reshape(len(patches), -1)  # one row of f*f*3 bytes each
+        # Each row viewed as one opaque value, so np.unique compares whole patches: `first` indexes
+        # one example of each distinct patch, `where` maps every patch to its example.
         _, first, where = np.unique(as_bytes.view(np.dtype((np.void, as_bytes.shape[1]))).ravel(),
                                     return_index=True, return_inverse=True)
         distinct = patches[first]                                         # (U, f, f, 3)
@@ -559,7 +566,8 @@ class VQModel(nn.Module):
 COMMITMENT_BETA = 0.25      # weight of the commitment loss (VQ-VAE's beta; LlamaGen uses 0.25 too)
 AUTOENCODER_WARMUP = 0.25   # fraction of training spent as a plain autoencoder, before quantizing
 RESTART_EVERY = 50          # steps between dead-code restarts
-# Steps when neither max_steps nor minutes is given: 2.4-2.9 min on 2 CPU cores. 1200 rather than
+# Steps when neither max_steps nor minutes is given: 2.4-2.9 min on 2 cores of an Intel Xeon with AMX
+# or an AMD EPYC with AVX-512 BF16, about 5 min on an AVX2-only EPYC. 1200 rather than
 # 800: held-out PSNR 23.8 -> 26.4 dB (seed 0) and 25.1 -> 26.1 dB (seed 1) on an Intel AVX-512 machine,
 # and the ARPG trained on its codes reached loss 1.04 instead of 1.27 and 51.3% class accuracy
 # instead of 44.8% (1000 samples each; EXPERIMENTS.md). train.py's default run trains it for 900 steps, to
@@ -581,8 +589,7 @@ def _learning_rate(progress, lr, warmup=0.05, final_ratio=0.1):
 
 
 def _save_reconstruction_grid(vq, images_uint8, path):
-    """Rows of inputs and their reconstructions, for watching training (needs data.py's grid writer)."""
-    from data import save_image_grid  # local import: tokenizing a folder must not need data.py
+    """Rows of inputs and their reconstructions, for watching training."""
     with torch.no_grad():
         recon = tensor_to_images(vq.decode(vq.encode(images_to_tensor(images_uint8))))
     rows = np.stack([images_uint8, recon])  # (2, n, H, W, 3)
@@ -645,6 +652,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     """
     if max_steps is None and minutes is None:
         max_steps = DEFAULT_STEPS
+    if (max_steps is not None and max_steps < 1) or (minutes is not None and minutes <= 0):
+        raise ValueError(f"max_steps must be at least 1 and minutes positive, got {max_steps} and {minutes}")
     images_uint8 = np.asarray(images_uint8)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -766,7 +775,8 @@ def list_image_folder(image_dir):
                      if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith("."))
     items = []
     for class_id, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(image_dir, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(f for f in os.listdir(os.path.join(image_dir, name))  # hidden files (macOS ._x.jpg) skipped
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         items += [(os.path.join(image_dir, name, f), class_id, index) for index, f in enumerate(files)]
     if not items:
         raise ValueError(f"no images in {image_dir}: expected one subfolder per class holding "
@@ -775,7 +785,7 @@ def list_image_folder(image_dir):
 
 
 class ImageFolderCrops(torch.utils.data.Dataset):
-    """Centre crops of the images of list_image_folder, as (3, S, S) tensors in [-1, 1]."""
+    """The images of list_image_folder as (centre crop (3, S, S) in [-1, 1], class_id, index)."""
 
     def __init__(self, items, image_size):
         self.items, self.image_size = items, image_size

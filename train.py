@@ -543,6 +543,11 @@ class StopRequest:
     def request(self, signum, frame):
         self.requested = True
         signal.signal(signum, self.previous[signum])
+        # A signal sent to every process of the run ends the DataLoader's workers too, and PyTorch
+        # reports a worker's death from a SIGCHLD handler, in whatever line runs then (the saving,
+        # say). Once a stop is asked for, that handler goes: a batch that never comes is caught
+        # where it is fetched instead (`train`), and a stop between steps needs no more batches.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -687,7 +692,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
                     group["lr"] = group["peak_lr"] * lr / args.lr
             try:
                 loss_sum += optimizer_step(train_model, model, optimizers, loader, args, device, distributed)
-            except (RuntimeError, EOFError):
+            except (RuntimeError, EOFError, OSError):  # how a dead worker's batch fails: its exit, a cut pipe
                 if not stop.requested or distributed:
                     raise
                 # A SIGTERM sent to every process of the run (a scheduler that signals a whole job)
@@ -927,7 +932,8 @@ def main(argv=None):
                     f"({args.tokenizer_steps} steps{budget})")
                 train_tokenizer(images, VQ_PRESETS["small"], args.tokenizer, max_steps=args.tokenizer_steps,
                                 minutes=minutes, seed=args.seed, device=device.type,
-                                precision=tokenizer_precision(args, device))
+                                precision=tokenizer_precision(args, device),
+                                log_dir=os.path.dirname(os.path.abspath(args.tokenizer)))  # its vq_recon.png
             if world_size > 1:
                 dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None

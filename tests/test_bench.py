@@ -49,8 +49,9 @@ def test_bench_removes_its_onnx_export_folder(tmp_path):
     (["--tokens", "50"], "--tokens must be a square number"),
     (["--device", "gpu0"], "--device gpu0: not a device name"),
     (["--out", "/"], "--out / is a folder; give a file name in it"),
-    (["--tokens", "0"], "--tokens must be a square number of at least 1 (the tokens of an n x n grid), got 0"),
-    (["--tokens", "-4"], "--tokens must be a square number of at least 1 (the tokens of an n x n grid), got -4"),
+    (["--tokens", "0"], "--tokens must be a square number of at least 16"),
+    (["--tokens", "9"], "--tokens must be a square number of at least 16 (the tokens of an n x n grid; the ONNX"),
+    (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
     (["--batch", "0"], "--batch and --repeats must be at least 1"),
 ])
 def test_bench_refuses_bad_input_in_one_line(args, message):

@@ -100,13 +100,14 @@ def test_another_checkpoint_given_as_the_classifier_is_refused_and_left_alone(tm
 # --- the command line ---
 
 def test_cli_scores_a_sample_file_and_refuses_one_without_labels(cached_classifier, tmp_path):
-    """`evaluate.py --npz` adds a row for the file next to real images; a file without labels is one error line."""
+    """`evaluate.py --npz` adds a row for the file next to as many real images as it holds; a file
+    without labels is one error line."""
     path, _, _ = cached_classifier
     images, labels = make_builtin_dataset(30, seed=9)
     good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
     np.savez(good, arr_0=images, labels=labels)
     np.savez(bad, arr_0=images)
-    command = [sys.executable, "evaluate.py", "--classifier", path, "--n", "30", "--npz"]
+    command = [sys.executable, "evaluate.py", "--classifier", path, "--npz"]  # --n: the file's 30 images
     result = subprocess.run(command + [str(good)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr}"
     assert "| real images | 30 |" in result.stdout and "| good.npz | 30 |" in result.stdout, result.stdout
@@ -137,7 +138,8 @@ def test_arpg_as_a_classifier_names_the_classes_it_learnt_and_not_swapped_labels
     assert evaluate.likelihood_classification(model, codes, (labels + 1) % 4, n_orders=2) == 0.0, "shifted labels"
 
 
-@pytest.mark.parametrize("case", ["labels (N, 1)", "float labels", "a bare .npy", "8-pixel images", "one image"])
+@pytest.mark.parametrize("case", ["labels (N, 1)", "float labels", "a bare .npy", "8-pixel images", "one image",
+                                  "non-square images"])
 def test_cli_refuses_a_sample_file_it_cannot_score(tmp_path, case):
     """A sample file whose labels are not integers (N,), that is not an .npz, or whose images are too
     small or too few to score is refused with a ValueError (one 'error:' line), before any work."""
@@ -152,9 +154,11 @@ def test_cli_refuses_a_sample_file_it_cannot_score(tmp_path, case):
         path = path.with_suffix(".npy")
     elif case == "8-pixel images":
         np.savez(path, arr_0=images[:, :8, :8], labels=labels)
+    elif case == "non-square images":                                    # the real sets are square
+        np.savez(path, arr_0=images[:, :, :48], labels=labels)
     else:
         np.savez(path, arr_0=images[:1], labels=labels[:1])
-    message = "is not an .npz archive" if case == "a bare .npy" else "expected arr_0 uint8 (N, H, W, 3), N >= 2"
+    message = "is not an .npz archive" if case == "a bare .npy" else "expected arr_0 uint8 (N, H, H, 3), N >= 2"
     with pytest.raises(ValueError, match=re.escape(message)):
         evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])
     assert not (tmp_path / "never.pt").exists(), "a classifier was trained for a file that cannot be scored"

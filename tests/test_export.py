@@ -258,12 +258,15 @@ def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_def
 
 
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
-    """A missing checkpoint, a file as the export folder, a folder as the PNG, a missing graph,
-    graphs mixed from two exports and an explicit but unavailable CUDA provider each end with one
-    'error:' line and exit code 2."""
+    """A missing checkpoint, a grid too small to export, a file as the export folder, a folder as the
+    PNG, a missing graph, graphs mixed from two exports, a JSON that lacks a key, an export without
+    a decoder and an explicit but unavailable CUDA provider each end with one 'error:' line and
+    exit code 2."""
     folder, model, vq = exported
-    with pytest.raises(ValueError, match="at least one row and one column of tokens, got 0 x 8"):
+    with pytest.raises(ValueError, match="at least one row and one column and 12 tokens in all, got 0 x 8"):
         export_onnx(model, vq, str(tmp_path / "no_rows"), grid=(0, 8))
+    with pytest.raises(ValueError, match="12 tokens in all, got 2 x 2"):  # too small for the parity check
+        export_onnx(model, vq, str(tmp_path / "no_rows"), grid=(2, 2))
     assert not (tmp_path / "no_rows").exists(), "a refused export left a folder behind"
     (tmp_path / "notes.txt").write_text("a file")
     with pytest.raises(ValueError, match="is a file; the export needs a folder name"):
@@ -288,6 +291,21 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     code, output = run("onnx_sampler.py", "--onnx-dir", str(mixed), "--device", "cpu")
     assert code == 2 and len(output.strip().splitlines()) == 1, output
     assert output.startswith("error: context.onnx comes from another export"), output
+
+    older = tmp_path / "older"                                            # a JSON without a key this sampler reads
+    shutil.copytree(folder, older)
+    (older / "arpg_onnx.json").write_text(json.dumps({k: v for k, v in metadata.items() if k != "default_classes"}))
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(older), "--device", "cpu")
+    assert code == 2 and output.strip() == f"error: {older / 'arpg_onnx.json'} lacks default_classes: re-export " \
+                                            "the folder with python export.py", output
+
+    undecodable = tmp_path / "undecodable"                                # bench.py's kind: no VQ decoder
+    shutil.copytree(folder, undecodable)
+    os.remove(undecodable / "vq_decoder.onnx")
+    graphs = {k: v for k, v in metadata["graphs"].items() if k != "vq_decoder"}
+    (undecodable / "arpg_onnx.json").write_text(json.dumps({**metadata, "graphs": graphs}))
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(undecodable), "--device", "cpu")
+    assert code == 2 and output.strip() == f"error: {onnx_sampler.NO_DECODER}", output
 
     sampler = OnnxSampler(str(folder), device="cpu")
     with pytest.raises(ValueError, match="class ids"):

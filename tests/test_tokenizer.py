@@ -169,7 +169,8 @@ def test_local_codes_are_encoded_once_per_distinct_patch_and_equal_one_encode():
 
 
 def test_bad_inputs_give_clear_errors():
-    """Wrong channel count, sizes not divisible by f, uint8 tensors and out-of-range codes are ValueErrors."""
+    """Wrong channel count, sizes not divisible by f, uint8 tensors, out-of-range codes, misshapen
+    uint8 batches for encode_images and a training run of no steps are ValueErrors."""
     vq = tiny_model()
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         vq.encode(torch.zeros(1, 4, 16, 16))
@@ -185,6 +186,14 @@ def test_bad_inputs_give_clear_errors():
         vq.decode(torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="uint8"):
         images_to_tensor(np.zeros((1, 8, 8, 3), dtype=np.float32))
+    local = VQModel(replace(TINY, local_codes=True))                      # its patch path reshapes first
+    for images, message in ((np.zeros((1, 18, 16, 3), np.uint8), "18x16 is not divisible"),
+                            (np.zeros((16, 16, 3), np.uint8), r"uint8 images \(N >= 1, H, W, 3\)"),
+                            (np.zeros((0, 16, 16, 3), np.uint8), r"got uint8 \(0, 16, 16, 3\)")):
+        with pytest.raises(ValueError, match=message):
+            local.encode_images(images)
+    with pytest.raises(ValueError, match="max_steps must be at least 1"):  # it used to train forever
+        train_tokenizer(random_images(2, 16, 16), TINY, "unused.pt", max_steps=0)
 
 
 @pytest.mark.parametrize("local_codes", [False, True])
@@ -408,8 +417,10 @@ def image_folder(tmp_path):
 
 
 def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
-    """CLI --tokenize writes {out}/{class_id}/{index}.npy, int64 (2, h*w): the centre crop, then its flip."""
+    """CLI --tokenize writes {out}/{class_id}/{index}.npy, int64 (2, h*w): the centre crop, then its
+    flip; hidden files (macOS's ._ resource forks) are not images."""
     images, ckpt = image_folder
+    (images / "a_cats" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07")      # not a JPEG at all
     out = tmp_path / "codes"
     main(["--tokenize", str(images), "--out", str(out), "--vq-ckpt", str(ckpt), "--image-size", "16",
           "--batch-size", "2", "--num-workers", "0", "--device", "cpu"])

@@ -211,7 +211,8 @@ def test_a_cosine_schedule_keeps_the_probe_s_step_count(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("step_flags, minutes", [([], TOKENIZER_MINUTES), (["--max-steps", "5"], None)])
 def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monkeypatch, step_flags, minutes):
     """A run timed by --total-minutes (the default) trains the missing tokenizer for its steps or
-    TOKENIZER_MINUTES, whichever ends first; a run of --max-steps trains it for its steps alone."""
+    TOKENIZER_MINUTES, whichever ends first; a run of --max-steps trains it for its steps alone.
+    Either writes its reconstruction grid (vq_recon.png) beside the tokenizer."""
     import train
 
     class Stop(Exception):
@@ -228,6 +229,7 @@ def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monk
         main(["--tokenizer", str(tmp_path / "vq.pt"), "--num-images", "10", "--device", "cpu", *step_flags,
               "--out", str(tmp_path / "arpg.pt")])
     assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, minutes)], calls
+    assert calls[0]["log_dir"] == str(tmp_path), "its reconstruction grid goes beside the tokenizer"
 
 
 @pytest.mark.parametrize("flags, device, layers", [
