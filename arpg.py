@@ -402,6 +402,15 @@ class ARPG(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the RoPE table too (its cos and sin off by up to
+        # 2e-3), where the official code keeps its table in fp32: the table follows the model's
+        # device, never its dtype.
+        rope = self.rope
+        super()._apply(fn, recurse)
+        self.rope = rope.to(self.head.weight.device)
+        return self
+
     def class_ids(self, labels):
         """Class label c -> its token id."""
         return labels + self.config.vocab_size + 1
@@ -761,7 +770,7 @@ class StaticCachePasses:
         cos, sin = rotation_tables(target_rope[:, :, None])               # (1, K, 1, D) each
         x = self.mask_embedding.expand(B, K, C)                           # (B, K, C)
         if self.query_position is not None:
-            x = x + F.linear(target_rope.flatten(-2), self.query_position)  # + (1, K, C), the same for every row
+            x = x + F.linear(target_rope.flatten(-2).to(x.dtype), self.query_position)  # + (1, K, C), every row
         for attn_norm, q_weight, proj, ffn_norm, w13, w2 in self.guided_blocks:
             q = F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1)  # (B, K, H, D)
             q = rotate(q, cos, sin)

@@ -36,7 +36,8 @@ Checkpoints (--out, written to a temporary file, then renamed): model, EMA, opti
 (a plain dict), step and seed; loadable with torch.load(weights_only=True). The data order and
 every random number of a step are a pure function of (seed, step), so that is all the state a
 resume needs: Ctrl-C saves and exits, and --resume ends with the same weights, bit for bit, as
-a run that was never stopped.
+a run that was never stopped (on a CPU, tested; on a GPU only up to its non-deterministic
+kernels, such as the backward pass of fused attention, which this code does not switch off).
 """
 
 import argparse
@@ -422,7 +423,8 @@ def setup_distributed(device_name):
     rank, world_size, local_rank = world_from_environment()
     device = torch.device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        # Under torchrun each process takes the GPU of its local rank; alone, the one asked for.
+        device = torch.device("cuda", local_rank if "LOCAL_RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -595,12 +597,20 @@ def throwaway_steps(train_model, model, dataset, args, rank, world_size, device,
     optimizers = make_optimizers(model, args.lr, args.weight_decay, device, args.muon_lr, args.precision)
     loader = step_loader(dataset, args, 0, rank, world_size, device)
     optimizer_step(train_model, model, optimizers, loader, args, device, world_size > 1)  # first calls are slower
+    wait_for_device(device)
     started = time.perf_counter()
     for _ in range(timed_steps):
         optimizer_step(train_model, model, optimizers, loader, args, device, world_size > 1)
+    wait_for_device(device)                                               # a GPU may still be running the steps
     seconds_per_step = (time.perf_counter() - started) / max(1, timed_steps)
     model.load_state_dict(weights)
     return seconds_per_step
+
+
+def wait_for_device(device):
+    """Wait until a GPU has finished the work queued on it (CPU work is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compile_or_not(train_model, model, dataset, args, rank, world_size, device, log):

@@ -334,6 +334,19 @@ def test_sampling_draws_the_kept_tokens_in_proportion_to_exp_logit_over_t(temper
         assert abs(frequency[i] - expected) < 0.015, f"token {i}: {frequency[i]:.3f} drawn, {expected:.3f} expected"
 
 
+def test_a_bf16_model_keeps_an_fp32_rope_table_and_decodes_other_grids():
+    """model.to(bfloat16) leaves the RoPE table fp32 and exact (rounded, its angles were off by up
+    to 2e-3), and both samplers decode a grid other than the training one in bf16 (the fast path
+    used to multiply the fp32 table of a new grid by bf16 weights and fail)."""
+    model = small_model().to(torch.bfloat16)
+    head_dim = model.config.dim // model.config.n_head
+    expected = build_rope_table(4, 4, head_dim, model.config.rope_base, model.config.class_rope)
+    assert model.rope.dtype == torch.float32 and torch.equal(model.rope, expected), "the table was rounded"
+    for fast in (False, True):
+        tokens = model.generate(torch.tensor([1, 2]), steps=4, grid=(5, 6), fast=fast)
+        assert tokens.shape == (2, 30) and 0 <= tokens.min() and tokens.max() < 64, f"fast={fast}: {tokens}"
+
+
 def test_larger_rectangular_grid_decodes_every_token():
     """Outpainting canvas: a 4 x 8 grid on a model trained on 4 x 4 yields 32 valid codes per row."""
     model = small_model()
