@@ -51,6 +51,7 @@ REFERENCE_SEED = 1003          # the real set every Frechet distance is measured
 SECOND_REAL_SEED = 1004        # a second real set: real-vs-real distance, the floor (and sample.py's
                                # reconstructions and ARPG-as-classifier images)
 INPAINT_SEED = 1005            # the real images whose centres sample.py regenerates
+HELDOUT_IMAGES = 1000          # the classifier's test images (HELDOUT_SEED)
 
 
 # -----------------------------------------------------------------------------
@@ -140,11 +141,11 @@ def load_classifier(path=DEFAULT_CLASSIFIER, image_size=64, n_train=3000, train_
     start = time.time()
     images, labels = make_builtin_dataset(n_train, seed=CLASSIFIER_TRAIN_SEED, image_size=image_size)
     classifier = train_classifier(images, labels, steps=train_steps)
-    test_images, test_labels = make_builtin_dataset(1000, seed=HELDOUT_SEED, image_size=image_size)
+    test_images, test_labels = make_builtin_dataset(HELDOUT_IMAGES, seed=HELDOUT_SEED, image_size=image_size)
     accuracy = class_accuracy(classify(classifier, test_images)[0], test_labels)
     save_atomic({"model": classifier.state_dict(), "image_size": image_size, "heldout_accuracy": accuracy,
                  "n_train": n_train}, path)
-    log(f"classifier: {accuracy:.1%} on 1000 held-out real images ({time.time() - start:.0f} s)")
+    log(f"classifier: {accuracy:.1%} on {HELDOUT_IMAGES} held-out real images ({time.time() - start:.0f} s)")
     return classifier, accuracy
 
 
@@ -292,7 +293,7 @@ def main(argv=None):
 
     image_size = samples.shape[1] if samples is not None else 64
     classifier, heldout_accuracy = load_classifier(args.classifier, image_size)
-    print(f"classifier: {heldout_accuracy:.1%} accuracy on 1000 held-out real images")
+    print(f"classifier: {heldout_accuracy:.1%} accuracy on {HELDOUT_IMAGES} held-out real images")
     n = args.n or (len(samples) if samples is not None else 1000)
     reference_features, rows = real_image_rows(classifier, n, image_size)
     if samples is not None:

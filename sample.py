@@ -412,7 +412,7 @@ def run_evaluation(args, model, vq, settings, step_counts):
     n = args.eval_samples
     side = model.config.grid_size * vq.downsample
     classifier, heldout_accuracy = evaluate.load_classifier(args.classifier, side)
-    print(f"evaluation classifier: {heldout_accuracy:.1%} accuracy on 1000 held-out real images")
+    print(f"evaluation classifier: {heldout_accuracy:.1%} accuracy on {evaluate.HELDOUT_IMAGES} held-out real images")
     reference_features, rows = evaluate.real_image_rows(classifier, n, side)
 
     # The tokenizer's round trip bounds what ARPG can reach: its samples are decoded by the same decoder.
