@@ -238,8 +238,8 @@ def attend_unfused(q, k, v, mask=None, dropout_p=0.0):
     """attend() spelled out as softmax(q k^T / sqrt(D)) v, the softmax in fp32; mask (K, N) or None.
 
     Same result, to float rounding. Besides bf16 training on a CPU (above), it serves the fast
-    decoding path (`StaticCachePasses`): there each call has only a few queries, and the fused CPU kernel spends more time setting up
-    than computing (about 2x slower per call at `tiny` size).
+    decoding path (`StaticCachePasses`): there each call has only a few queries, and the fused
+    CPU kernel spends more time setting up than computing (about 2x slower per call at `tiny` size).
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, K, N)
     if mask is not None:

@@ -99,8 +99,8 @@ RECIPES = {
     #   (42.8% -> 50.0%, an early model) and the cosine schedule (64 tokens in 32 steps: one a step
     #   for the first 13 steps, then 2-3, where arccos ends with steps of 3, 3, 3, 4 and 10 tokens,
     #   drawn independently of each other: 71.9% -> 79.4%, 73.7% -> 80.9%, 73.6% -> 80.1%,
-    #   70.2% -> 78.8%). The checkpoint carries these as
-    #   sample.py's defaults; one that names none gets schedules.SAMPLING_DEFAULTS.
+    #   70.2% -> 78.8%). The checkpoint carries these as sample.py's defaults; one that names
+    #   none gets schedules.SAMPLING_DEFAULTS.
     "tiny": dict(batch_size=64, lr=6e-3, min_lr=1e-5, muon_lr=0.015, warmup=0.05, decay=0.3, total_minutes=9.5,
                  ema=0.0, dropout=0.0, compile=True, sample_cfg=2.5, sample_cfg_schedule="constant",
                  sample_schedule="cosine", sample_top_p=0.8, log_every=25, sample_every=400, save_every=200),
