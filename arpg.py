@@ -139,13 +139,13 @@ ARPG_PRESETS = {
 # the query: no query can attend to the class more than its other keys let it, and the class
 # token's share of attention only shrinks as tokens are revealed. Nor can a query tell where it
 # is on the canvas: RoPE alone gives only offsets between tokens, and the class key, the one key
-# without a position, is zero. With the identity slot the class key is an ordinary, unrotated key, so the logit
-# between a query at position p and the class key depends on p. The model can then attend to the
-# class as strongly as it likes and learn absolute position from it. On the earlier built-in
-# classes, after a 600-step run (the default at the time), the class accuracy of 32-step samples
-# went from 13.6% to 23.0% (EXPERIMENTS.md, "What was worth keeping"). ImageNet-scale models learn around
-# the quirk; a tiny one on a CPU budget cannot afford to. Grid position p (row-major,
-# p = row * cols + col) is slot p + 1.
+# without a position, is zero. With the identity slot the class key is an ordinary, unrotated
+# key, so the logit between a query at position p and the class key depends on p. The model can
+# then attend to the class as strongly as it likes and learn absolute position from it. On the
+# earlier built-in classes, after a 600-step run (the default at the time), the class accuracy of
+# 32-step samples went from 13.6% to 23.0% (EXPERIMENTS.md, "What was worth keeping").
+# ImageNet-scale models learn around the quirk; a tiny one on a CPU budget cannot afford to. Grid
+# position p (row-major, p = row * cols + col) is slot p + 1.
 
 def build_rope_table(rows: int, cols: int, head_dim: int, base: float = 10000.0,
                      class_rope: str = "zero") -> torch.Tensor:

@@ -44,11 +44,11 @@ class Muon(torch.optim.Optimizer):
     every singular value ~1 lets the rare directions learn as fast as the common ones. In a
     600-step run of the tiny ARPG (an early recipe) the final loss fell from 1.203 (AdamW) to
     1.085 (train.py, RECIPES); the small tokenizer's held-out PSNR rose by 1.3-2.0 dB in the same
-    steps (tokenizer.py, train_tokenizer). The update of an (out, in) matrix is scaled by sqrt(max(1, out / in)),
-    Muon's usual correction for tall matrices. Parameters of one shape are orthogonalized
-    together, as one batch, in `dtype`: bf16 is enough for singular values that only need to land
-    in 0.7-1.2 (Muon's own code uses it), and on a CPU with bf16 instructions it made the `tiny`
-    step 8% faster (2-core AMD EPYC: 195 -> 178 ms).
+    steps (tokenizer.py, train_tokenizer). The update of an (out, in) matrix is scaled by
+    sqrt(max(1, out / in)), Muon's usual correction for tall matrices. Parameters of one shape are
+    orthogonalized together, as one batch, in `dtype`: bf16 is enough for singular values that only
+    need to land in 0.7-1.2 (Muon's own code uses it), and on a CPU with bf16 instructions it made
+    the `tiny` step 8% faster (2-core AMD EPYC: 195 -> 178 ms).
     """
 
     def __init__(self, params, lr, momentum=0.95, dtype=torch.float32):

@@ -500,8 +500,7 @@ class VQModel(nn.Module):
             raise ValueError(f"expected uint8 images (N >= 1, H, W, 3), got {images_uint8.dtype} {images_uint8.shape}")
         N, H, W, _ = images_uint8.shape
         f = self.downsample
-        if H % f or W % f:
-            raise ValueError(f"image size {H}x{W} is not divisible by the tokenizer's downsampling factor {f}")
+        self.check_images(images_to_tensor(images_uint8[:1]))           # H and W multiples of f
         if not self.config.local_codes:
             return in_batches(images_uint8, batch_size)
         patches = rearrange(images_uint8, "n (h p) (w q) c -> (n h w) p q c", p=f, q=f)  # (N*h*w, f, f, 3)
@@ -765,14 +764,19 @@ def centre_crop(image, size):
     return image.crop((left, top, left + size, top + size))
 
 
+def class_folder_names(root):
+    """The sorted names of root's subfolders, one per class; hidden ones (.ipynb_checkpoints) are
+    not classes. (train.py lists code folders with it too.)"""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+
+
 def list_image_folder(image_dir):
     """[(path, class_id, index)] for `image_dir/<class>/<image>`: class ids follow the sorted
     subfolder names, index the sorted file names within a class. Raises a clear error when the
     folder is missing or holds no images."""
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    classes = sorted(d for d in os.listdir(image_dir)                   # hidden folders (.ipynb_checkpoints) skipped
-                     if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith("."))
+    classes = class_folder_names(image_dir)
     items = []
     for class_id, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(image_dir, name))  # hidden files (macOS ._x.jpg) skipped

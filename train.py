@@ -62,8 +62,8 @@ from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_scrip
 from muon import Muon
 from sample import default_classes
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
-from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, list_image_folder,
-                       tensor_to_images, train_tokenizer)
+from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, class_folder_names,
+                       list_image_folder, tensor_to_images, train_tokenizer)
 
 # -----------------------------------------------------------------------------
 # Recipes: the defaults that depend on the model size. Each flag named by a key here takes its
@@ -286,8 +286,8 @@ def scan_class_folders(root):
     """{root}/{class}/{file} -> (class names in label order, files per class, "codes" or "images")."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    listing = {name: sorted(os.listdir(os.path.join(root, name))) for name in names}  # hidden folders skipped
+    names = class_folder_names(root)
+    listing = {name: sorted(os.listdir(os.path.join(root, name))) for name in names}
     has_codes = any(f.endswith(".npy") for files in listing.values() for f in files)
     has_images = any(f.lower().endswith(IMAGE_EXTENSIONS) for files in listing.values() for f in files)
     if has_codes and has_images:  # which one was meant? Either choice would drop the other silently
