@@ -204,12 +204,13 @@ def check_output_path(path, flag="--out"):
         raise ValueError(f"cannot write {flag} {path}: its folder {folder} is not writable; choose another path")
 
 
-def save_image_grid(images, row_labels, path, pad=2):
+def save_image_grid(images, row_labels, path, pad=2, column_labels=None):
     """
     Save a grid of uint8 images as one picture (PNG, or the format the name's extension asks for):
-    images (R, C, H, W, 3), row r labelled row_labels[r].
+    images (R, C, H, W, 3), row r labelled row_labels[r], column c headed column_labels[c].
 
-    row_labels may be None (no label column). Written atomically (`atomic_output`).
+    Either labels may be None (no label column, no header; a column label may have several
+    lines). Written atomically (`atomic_output`).
     """
     images = np.asarray(images)
     if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -218,15 +219,24 @@ def save_image_grid(images, row_labels, path, pad=2):
     rows, cols, h, w, _ = images.shape
     if row_labels is not None and len(row_labels) != rows:
         raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    if column_labels is not None and len(column_labels) != cols:
+        raise ValueError(f"{len(column_labels)} column labels for {cols} columns")
 
     font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [str(s) for s in row_labels] if row_labels is not None else []
+    headers = [str(s) for s in column_labels] if column_labels is not None else []
     # Label column just wide enough for the longest label (plus a margin); none without labels.
+    # Likewise the header band: as tall as the tallest column label.
     label_w = max(int(font.getlength(s)) for s in labels) + 2 * pad if labels else 0
-    grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, rows * (h + pad) + pad), (255,) * 3)
+    header_h = max(measure.multiline_textbbox((0, 0), s, font=font)[3] for s in headers) + pad if headers else 0
+    grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, header_h + rows * (h + pad) + pad), (255,) * 3)
     draw = ImageDraw.Draw(grid)
+    for c, header in enumerate(headers):
+        draw.multiline_text((label_w + pad + c * (w + pad) + w // 2, pad), header, fill=(0, 0, 0), font=font,
+                            anchor="ma", align="center")
     for r in range(rows):
-        top = pad + r * (h + pad)
+        top = header_h + pad + r * (h + pad)
         if labels:
             draw.text((pad, top + h // 2), labels[r], fill=(0, 0, 0), font=font, anchor="lm")
         for c in range(cols):

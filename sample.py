@@ -1,5 +1,6 @@
 """
-Sample from a trained ARPG: class grids, FID sample files, zero-shot editing, and a quality check.
+Sample from a trained ARPG: class grids, FID sample files, zero-shot editing, a picture of the
+decoding, and a quality check.
 
 Paper: randomized parallel decoding (Sec. 3.1, Alg. 1; SPEC 6) reveals the image tokens in a
 random order, many per step; zero-shot editing (Sec. 3.2; SPEC 7) prefills Pass 1 with the
@@ -12,6 +13,7 @@ After `python train.py` (built-in shapes, CPU; seconds each, --eval about two mi
     python sample.py --edit class-edit --box 8 8 56 56 # a circle's centre redrawn as each other class
     python sample.py --edit outpaint --extend 0 0 0 4  # 4 more token columns on the right
     python sample.py --edit expand --grid 16 16        # 128x128 from a model trained on 64x64
+    python sample.py --show-decoding                   # out/decoding.png: the canvas step by step
     python sample.py --eval 8 16 32                    # accuracy, Frechet distance, inpainting vs real
     python sample.py --fid 1000                        # out/fid_1000.npz, arr_0 uint8 (1000, 64, 64, 3)
 
@@ -36,7 +38,7 @@ from tqdm import tqdm
 import evaluate
 from arpg import ARPG, check_device, read_checkpoint
 from data import CLASS_NAMES, atomic_output, check_output_path, make_builtin_dataset, run_script, save_image_grid
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, sampling_settings
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
 from tokenizer import VQModel, tensor_to_images
 
 # LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
@@ -109,6 +111,9 @@ def parse_args(argv=None):
                        help="zero-shot editing (SPEC 7): inpaint a masked region; class-edit: inpaint under "
                             "other labels; outpaint: a larger canvas around the image; expand: a larger "
                             "canvas from the class alone")
+    modes.add_argument("--show-decoding", action="store_true",
+                       help="a picture of the decoding itself: one row per class, the canvas after steps 1, 2, 4, "
+                            "... of --steps (grey: not decoded yet), the finished image last; out/decoding.png")
     modes.add_argument("--eval", type=int, nargs="*", default=None, metavar="STEPS",
                        help="built-in shapes only: class accuracy, Frechet distance and inpainting class-keeping "
                             "of samples at these step counts (default: --steps), next to real images")
@@ -311,6 +316,11 @@ def token_mask(pixel_mask, factor):
     return patches.any(axis=(1, 3))                                                   # (h, w)
 
 
+def patch_pixels(tokens, factor):
+    """bool (h, w) tokens -> bool (h*f, w*f) pixels: each token's whole f x f patch (token_mask's inverse)."""
+    return np.kron(tokens, np.ones((factor, factor), dtype=bool))
+
+
 def inpaint_canvas(codes, regenerate):
     """Keep the tokens outside the region: codes (N, h, w), regenerate bool (h, w) -> Canvas."""
     _, h, w = codes.shape
@@ -338,7 +348,7 @@ def edit_panels(image, canvas, factor, offset=(0, 0)):
         top, left = offset[0] * factor, offset[1] * factor
         input_panel[top:top + image.shape[0], left:left + image.shape[1]] = image
     known = np.zeros(rows * cols, dtype=bool) if canvas.known_mask is None else canvas.known_mask.numpy()
-    regenerated = np.kron(~known.reshape(rows, cols), np.ones((factor, factor), dtype=bool))  # (H, W)
+    regenerated = patch_pixels(~known.reshape(rows, cols), factor)       # (H, W)
     mask_panel = np.repeat(regenerated[:, :, None] * np.uint8(255), 3, axis=2)  # (H, W, 3)
     # A grey frame: white regions at the border would otherwise merge with the white page.
     mask_panel[[0, -1], :] = mask_panel[:, [0, -1]] = EMPTY_GREY
@@ -401,6 +411,34 @@ def plan_edit(args, model, vq, names):
     else:
         labels = [image_class]
     return canvas, input_panel, mask_panel, labels
+
+
+# -----------------------------------------------------------------------------
+# A picture of the decoding itself (--show-decoding)
+#
+# Once drawn, a token never changes: after step s the canvas holds exactly the final tokens at
+# the first n_1 + ... + n_s positions of the order. So each frame is the finished image with the
+# patches of the tokens not yet drawn painted grey. (Their pixels come from decoding the finished
+# canvas: the tokenizer's decoder needs every token, so a half-drawn canvas has no picture of
+# its own.)
+
+def frame_steps(steps):
+    """The steps after which the canvas is shown: about 1/32, 1/16, 1/8, 1/4, 1/2, 3/4 and all of them."""
+    return sorted({max(1, round(steps * fraction)) for fraction in (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)})
+
+
+def decoding_frames(images, order, counts, shown_steps, factor):
+    """images (N, H, W, 3) decoded in `order` (L,) with counts[s] tokens at step s -> frames
+    (N, F, H, W, 3): frame f shows the patches of the tokens drawn by step shown_steps[f], grey elsewhere."""
+    rows, cols = images.shape[1] // factor, images.shape[2] // factor
+    drawn_by = np.cumsum(counts)                                          # tokens drawn after each step
+    frames = []
+    for step in shown_steps:
+        drawn = np.zeros(rows * cols, dtype=bool)
+        drawn[order[:drawn_by[step - 1]]] = True
+        pixels = patch_pixels(drawn.reshape(rows, cols), factor)          # (H, W)
+        frames.append(np.where(pixels[None, :, :, None], images, np.uint8(EMPTY_GREY)))  # (N, H, W, 3)
+    return np.stack(frames, axis=1)
 
 
 # -----------------------------------------------------------------------------
@@ -472,7 +510,7 @@ def check_flags(args):
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     check_device(args.device)
     applies = {"--eval-samples": args.eval is not None, "--classifier": args.eval is not None,
-               "--per-class": args.eval is None and args.fid is None}  # --eval and --fid set their own counts
+               "--per-class": args.eval is None and args.fid is None and not args.show_decoding}  # their own counts
     for flag, applies_here in applies.items():
         if getattr(args, flag[2:].replace("-", "_")) is not None and not applies_here:
             raise ValueError(f"{flag} does not apply to this mode (--eval-samples and --classifier go with --eval; "
@@ -528,6 +566,8 @@ def output_path(args):
         return args.out or f"out/fid_{args.fid}.npz"
     if args.edit is not None:
         return args.out or f"out/edit_{args.edit}.png"
+    if args.show_decoding:
+        return args.out or "out/decoding.png"
     return args.out or "out/sample_grid.png"
 
 
@@ -582,6 +622,20 @@ def main(argv=None):
         given = np.broadcast_to(np.stack([input_panel, mask_panel]), (len(classes), 2, *input_panel.shape))
         save_image_grid(np.concatenate([given, results], axis=1), [names[c] for c in classes], out)  # (R, 2+P, ...)
         print(f"wrote {out}: each row input | mask (white = regenerated) | {args.per_class} result(s)")
+
+    elif args.show_decoding:
+        classes = args.classes or default_classes(names)
+        L = config.block_size
+        order = torch.randperm(L, generator=generator, device=args.device)  # one order for every row
+        _, images = generate_images(model, vq, torch.tensor(classes), full, args.steps, dict(settings, order=order),
+                                    generator, args.batch_size)
+        counts = reveal_counts(L, args.steps, settings["schedule"])
+        shown = frame_steps(args.steps)
+        frames = decoding_frames(images, order.cpu().numpy(), counts, shown, vq.downsample)  # (R, F, H, W, 3)
+        headers = [f"step {s}\n{sum(counts[:s])}/{L} tokens" for s in shown]
+        save_image_grid(frames, [names[c] for c in classes], out, column_labels=headers)
+        print(f"wrote {out}: {len(classes)} classes, the canvas after steps {', '.join(map(str, shown))} of "
+              f"{args.steps} ({settings['schedule']} schedule; grey: not decoded yet)")
 
     else:
         classes = args.classes or default_classes(names)

@@ -64,24 +64,32 @@ def test_shape_contrasts_with_background():
 
 def test_save_image_grid_writes_png_of_the_right_size(tmp_path):
     """save_image_grid writes a readable PNG holding every tile at its place, 2-pixel gaps around
-    them, after a label column when there are labels, and leaves no temp file behind."""
+    them, after a label column when there are labels and below a header band when there are column
+    labels (text over each column), and leaves no temp file behind."""
     images, _ = make_builtin_dataset(6, seed=0, image_size=32)
     grid = images.reshape(2, 3, 32, 32, 3)
-    for labels, name in ((["first", "second"], "grid.png"), (None, "nolabels.png")):
+    cases = ((["first", "second"], None, "grid.png"), (None, None, "nolabels.png"),
+             (["first", "second"], ["a", "two\nlines", "c"], "headers.png"))
+    for labels, headers, name in cases:
         path = tmp_path / name
-        save_image_grid(grid, labels, str(path))
+        save_image_grid(grid, labels, str(path), column_labels=headers)
         with Image.open(path) as im:
             assert im.format == "PNG", f"wrote {im.format}"
             picture = np.asarray(im.convert("RGB"))
         h, w = picture.shape[:2]
         label_w = w - (3 * (32 + 2) + 2)                                  # what is left of the tiles' width
-        assert h == 2 * (32 + 2) + 2, f"grid height {h}"
+        header_h = h - (2 * (32 + 2) + 2)                                 # what is left of the tiles' height
         assert label_w > 20 if labels else label_w == 0, f"label column {label_w} px wide"
+        assert header_h > 20 if headers else header_h == 0, f"header band {header_h} px high"
+        for c in range(3 if headers else 0):
+            left = label_w + 2 + c * (32 + 2)
+            assert (picture[:header_h, left:left + 32] < 128).any(), f"{name}: column {c} has no header text"
         for r in range(2):
             for c in range(3):
-                top, left = 2 + r * (32 + 2), label_w + 2 + c * (32 + 2)
+                top, left = header_h + 2 + r * (32 + 2), label_w + 2 + c * (32 + 2)
                 assert np.array_equal(picture[top:top + 32, left:left + 32], grid[r, c]), f"{name}: tile {r}, {c}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "nolabels.png"], "temporary file left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "headers.png", "nolabels.png"], \
+        "temporary file left behind"
 
 
 def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):
@@ -94,12 +102,14 @@ def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):
 
 
 def test_save_image_grid_rejects_bad_input(tmp_path):
-    """A clear ValueError for a wrong layout or a wrong number of labels."""
+    """A clear ValueError for a wrong layout or a wrong number of row or column labels."""
     images, _ = make_builtin_dataset(4, seed=0, image_size=16)
     with pytest.raises(ValueError, match="rows, cols"):
         save_image_grid(images, None, str(tmp_path / "x.png"))  # (N, H, W, 3): missing a grid axis
     with pytest.raises(ValueError, match="row labels"):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), ["only one"], str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="column labels"):
+        save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / "x.png"), column_labels=["a"])
 
 
 def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_path):

@@ -16,9 +16,10 @@ from PIL import Image
 
 import evaluate
 import sample
+import schedules
 from arpg import ARPG, ARPG_PRESETS, save_atomic
 from data import CLASS_NAMES
-from tokenizer import VQConfig, VQModel
+from tokenizer import VQConfig, VQModel, tensor_to_images
 
 ROOT = Path(__file__).resolve().parent.parent
 # A tokenizer small enough to decode in milliseconds: 8x downsampling (64x64 -> 8x8 tokens), 64 codes.
@@ -115,6 +116,54 @@ def test_readable_and_fast_samplers_draw_the_same_images(ckpts, tmp_path, monkey
     readable = read_png(run(ckpts, tmp_path, *args, "--sampler", "readable", out="readable.png"))
     assert [flag for _, flag in calls] == [True, False], f"generate's fast flags: {calls}"
     assert np.array_equal(fast, readable), "the two samplers disagree"
+
+
+# --- the decoding, step by step ---
+
+def test_frame_steps_are_fractions_of_the_steps():
+    """--show-decoding shows the canvas after about 1/32, 1/16, ..., 1/2, 3/4 and all of the steps."""
+    assert sample.frame_steps(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert sample.frame_steps(64) == [2, 4, 8, 16, 32, 48, 64]
+    assert sample.frame_steps(8) == [1, 2, 4, 6, 8], "steps under 1 become step 1, once"
+    assert sample.frame_steps(1) == [1]
+
+
+def test_show_decoding_reveals_the_final_tokens_in_generation_order(ckpts, tmp_path, monkeypatch):
+    """--show-decoding: row r is class r's sample; frame f shows exactly the patches of the tokens
+    drawn by its step (the first n_1 + ... + n_s positions of the order generate was given), each
+    as in the finished image, and grey elsewhere; the last frame is the finished image; every
+    column is headed."""
+    calls = []
+    real_generate = ARPG.generate
+
+    def generate(self, labels, **kwargs):
+        tokens = real_generate(self, labels, **kwargs)
+        calls.append((labels.tolist(), kwargs, tokens))
+        return tokens
+    monkeypatch.setattr(ARPG, "generate", generate)
+    grid = read_png(run(ckpts, tmp_path, "--show-decoding", "--classes", "2", "5", "--steps", "8"))
+    [(labels, kwargs, tokens)] = calls
+    assert labels == [2, 5], f"generate was asked for {labels}"
+    order = kwargs["order"].numpy()
+    drawn_by = np.cumsum(schedules.reveal_counts(64, 8, kwargs["schedule"]))
+    finished = tensor_to_images(VQModel.from_checkpoint(ckpts["vq"]).decode(tokens.view(-1, 8, 8)))  # (2, 64, 64, 3)
+
+    pad, shown = 2, [1, 2, 4, 6, 8]
+    header = grid.shape[0] - (2 * (64 + pad) + pad)
+    label_width = grid.shape[1] - (len(shown) * (64 + pad) + pad)
+    assert header > 20 and label_width > 20, f"header {header} px, label column {label_width} px"
+    for f, step in enumerate(shown):
+        left = label_width + pad + f * (64 + pad)
+        assert (grid[:header, left:left + 64] < 128).any(), f"frame {f} has no header"
+        drawn = np.zeros(64, dtype=bool)
+        drawn[order[:drawn_by[step - 1]]] = True
+        for r in range(2):
+            top = header + pad + r * (64 + pad)
+            patches = grid[top:top + 64, left:left + 64].reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, 8, 8, 3)
+            expected = finished[r].reshape(8, 8, 8, 8, 3).swapaxes(1, 2).reshape(64, 8, 8, 3)
+            assert np.array_equal(patches[drawn], expected[drawn]), f"row {r}, step {step}: a drawn patch differs"
+            assert (patches[~drawn] == sample.EMPTY_GREY).all(), f"row {r}, step {step}: an undrawn patch shows"
+    assert drawn.all(), "the last frame is not the finished image"
 
 
 # --- FID files ---
@@ -304,6 +353,8 @@ def write_png(path, height, width):
     (["--eval", "4", "--eval-samples", "1"], "--eval-samples must be at least 2"),
     (["--eval-samples", "50"], "--eval-samples does not apply to this mode"),
     (["--fid", "10", "--per-class", "2"], "--per-class does not apply to this mode"),
+    (["--show-decoding", "--per-class", "2"], "--per-class does not apply to this mode"),
+    (["--show-decoding", "--classes", "10"], "--classes 10 out of range"),
     (["--out", "UNDER_A_FILE"], "cannot make its folder"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
     (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
