@@ -62,7 +62,7 @@ from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_scrip
 from muon import Muon
 from sample import default_classes
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
-from tokenizer import (IMAGE_EXTENSIONS, VQ_PRESETS, ImageFolderCrops, VQModel, class_folder_names,
+from tokenizer import (IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolderCrops, VQModel, class_folder_names,
                        list_image_folder, tensor_to_images, train_tokenizer)
 
 # -----------------------------------------------------------------------------
@@ -116,7 +116,7 @@ PAPER_MIN_LR_PER_256 = 2.5e-6
 PAPER_EPOCHS = 400          # SPEC 5: the paper's training length; max_steps = epochs * images / batch
 ADAM_BETAS = (0.9, 0.95)    # SPEC 5
 BUILTIN_TOKENIZER = "out/tokenizer.pt"  # the small tokenizer the default run trains
-TOKENIZER_IMAGES = 5000                 # ... on the first this many built-in images (main)
+# ... on the first tokenizer.TRAINING_IMAGES (5000) built-in images
 # ... for 900 steps rather than tokenizer.py's 1200, which leaves the ARPG ~40 s (~180 steps) more
 # of the default run: held-out PSNR 27.92 -> 26.89 dB (seed 0) and 28.07 -> 27.09 dB (seed 1), but
 # ARPGs given the steps that buys (1690 against 1500, 6 blocks) 89.5% -> 89.5% and 88.3% -> 90.5%
@@ -326,7 +326,8 @@ def build_dataset(args, vq, preset, device):
     if kind == "images":
         if vq is None:
             raise ValueError(f"{args.data} holds images: pass the tokenizer checkpoint that turns them into "
-                             f"codes with --tokenizer")
+                             f"codes with --tokenizer (to train a small one on them first: python tokenizer.py "
+                             f"--train {args.data} --out out/my_tokenizer.pt)")
         # Read and crop with tokenizer.py's loader, so the codes equal `tokenizer.py --tokenize`'s
         # (the same class ids too), and keep them in memory: fine for small folders; pre-tokenize
         # large ones once with tokenizer.py instead of at every start.
@@ -932,10 +933,7 @@ def main(argv=None):
     if args.data is None:
         if not os.path.isfile(args.tokenizer):
             if is_main:
-                # The first 5000 images at most: its 900 steps of 16 then see each image about 3 times.
-                # Trained on all 20,000 (then 1200 steps, each image seen once) its reconstructions were
-                # classified 97.4% instead of 99.2% (seed 0), and the ARPG on top reached 83.3%, not 89.5%.
-                images, _ = make_builtin_dataset(min(args.num_images, TOKENIZER_IMAGES), seed=args.seed)
+                images, _ = make_builtin_dataset(min(args.num_images, TRAINING_IMAGES), seed=args.seed)
                 minutes = TOKENIZER_MINUTES if is_timed(args) else None     # the ARPG gets what time is left
                 budget = f" or {minutes} minutes, whichever ends first" if minutes else ""
                 log(f"no tokenizer at {args.tokenizer}: training the small one on {len(images)} built-in images "

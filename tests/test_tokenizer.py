@@ -479,6 +479,58 @@ def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, expected, i
     assert not (tmp_path / "codes").exists(), "the code folder was created despite the error"
 
 
+def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder, tmp_path, monkeypatch, capsys):
+    """--train: the small preset, trained on the centre crops of the folder's images (all of them, in
+    folder order, when there are no more than TRAINING_IMAGES), written to --out with vq_recon.png
+    beside it; the last line says how to train ARPG on the folder with it."""
+    images, _ = image_folder
+    seen = []
+    real_train = tokenizer.train_tokenizer
+
+    def train(images_uint8, config, out_path, **kwargs):
+        seen.append(images_uint8)
+        return real_train(images_uint8, config, out_path, **kwargs)
+    monkeypatch.setattr(tokenizer, "train_tokenizer", train)
+    out = tmp_path / "run" / "vq.pt"
+    main(["--train", str(images), "--out", str(out), "--steps", "2", "--image-size", "16", "--num-workers", "0",
+          "--device", "cpu"])
+    from tokenizer import centre_crop
+    crops = []
+    for path in ("a_cats/0.jpg", "a_cats/1.png", "b_dogs/0.jpg"):
+        with Image.open(images / path) as image:
+            crops.append(np.asarray(centre_crop(image.convert("RGB"), 16)))
+    assert len(seen) == 1 and np.array_equal(seen[0], np.stack(crops)), "not trained on the folder's crops"
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["config"] == asdict(VQ_PRESETS["small"]) and checkpoint["step"] == 2, checkpoint["step"]
+    assert (tmp_path / "run" / "vq_recon.png").is_file(), "no reconstruction grid beside the checkpoint"
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"next: python train.py --data {images} --tokenizer {out} --image-size 16", last
+
+    monkeypatch.setattr(tokenizer, "TRAINING_IMAGES", 2)                  # a folder larger than the cap
+    main(["--train", str(images), "--out", str(out), "--steps", "1", "--image-size", "16", "--num-workers", "0",
+          "--device", "cpu"])
+    assert len(seen[1]) == 2, f"trained on {len(seen[1])} images, not the cap's 2"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--train", "IMAGES", "--vq-ckpt", "VQ"], "--vq-ckpt goes with --tokenize"),
+    (["--train", "IMAGES", "--steps", "0"], "--steps and --batch-size must be at least 1, got 0 and 16"),
+    (["--train", "IMAGES", "--batch-size", "0"], "--steps and --batch-size must be at least 1, got 1200 and 0"),
+    (["--train", "IMAGES", "--image-size", "60"], "multiple of the tokenizer's downsampling factor 8, got 60"),
+    (["--train", "IMAGES", "--image-size", "0"], "multiple of the tokenizer's downsampling factor 8, got 0"),
+    (["--tokenize", "IMAGES"], "--tokenize needs --vq-ckpt"),
+    (["--tokenize", "IMAGES", "--vq-ckpt", "VQ", "--steps", "5"], "--steps goes with --train")])
+def test_train_cli_bad_input_is_one_line_and_writes_nothing(argv, expected, image_folder, tmp_path, capsys):
+    """Flags of the other mode, or values --train cannot use, are one 'error:' line, exit code 2, no file."""
+    images, ckpt = image_folder
+    argv = [{"IMAGES": str(images), "VQ": str(ckpt)}.get(arg, arg) for arg in argv]
+    with pytest.raises(SystemExit) as stop:
+        tokenize_cli(*argv, "--out", str(tmp_path / "out" / "vq.pt"), "--num-workers", "0", "--device", "cpu")
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and message.count("\n") == 1 and expected in message, repr(message)
+    assert not (tmp_path / "out").exists(), "a refused command wrote something"
+
+
 def test_tokenize_failing_midway_leaves_no_code_folder(image_folder, tmp_path, capsys):
     """An unreadable image after some batches are written ends in one 'error:' line and leaves
     neither --out nor its hidden work folder: train.py would take a partial code folder for whole."""

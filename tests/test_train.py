@@ -544,6 +544,12 @@ def an_image_size_the_tokenizer_cannot_tile(tmp_path):
             "--image-size must be a positive multiple of the tokenizer's downsampling factor 8, got 12")
 
 
+def images_without_tokenizer(tmp_path):
+    os.makedirs(tmp_path / "images" / "cat")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "images" / "cat" / "0.png")
+    return tmp_path / "images"
+
+
 def damaged_code_file(contents):
     """The first code file of class 0 replaced by an empty file, or by an array of no codes."""
     def case(tmp_path):
@@ -582,6 +588,8 @@ BAD_INPUTS = {
     "resumed from another version of the code": resumed_from_another_version,
     "codes and images in one folder": codes_and_images_in_one_folder,
     "an image size the tokenizer cannot tile": an_image_size_the_tokenizer_cannot_tile,
+    "images without a tokenizer": lambda tmp: (["--data", str(images_without_tokenizer(tmp))],
+                                                "holds images: pass the tokenizer .* python tokenizer.py --train"),
     "an image size for codes": lambda tmp: (["--data", str(write_codes(tmp / "codes")), "--vocab-size", str(VOCAB),
                                              "--image-size", "64"], "--image-size applies to .* holds codes"),
     "an image size for the built-in shapes": lambda tmp: (["--image-size", "32"], "the built-in shapes are 64 x 64"),
