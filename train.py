@@ -945,8 +945,6 @@ def main(argv=None):
             if world_size > 1:
                 dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
-    if vq is None:
-        log("no --tokenizer: no sample grids while training (sample.py --vq-ckpt draws them from the checkpoint)")
     if vq is not None and args.vocab_size is not None and args.vocab_size != vq.config.codebook_size:
         raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer {args.tokenizer} "
                          f"({vq.config.codebook_size} codes)")
@@ -956,6 +954,8 @@ def main(argv=None):
     dataset = build_dataset(args, vq, preset, device)
     log(f"data: {len(dataset)} images of {dataset.length} tokens, {len(dataset.class_names)} classes, "
         f"codes < {dataset.vocab_size} ({time.perf_counter() - started:.1f}s)")
+    if vq is None:
+        log("no --tokenizer: no sample grids while training (sample.py --vq-ckpt draws them from the checkpoint)")
 
     # 3. The model: the preset with the data's vocabulary, classes and grid, or the checkpoint's.
     if args.resume:
