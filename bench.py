@@ -90,7 +90,7 @@ if not args.no_onnx and not args.profile:
     with tempfile.TemporaryDirectory(prefix="arpg-bench-onnx-") as onnx_dir:
         export_onnx(model, None, onnx_dir, fp16=on_gpu)  # from the fp32 weights, as a deployer would
         try:
-            onnx_sampler = OnnxSampler(onnx_dir, device="cuda" if on_gpu else "cpu")  # (ORT: the first GPU)
+            onnx_sampler = OnnxSampler(onnx_dir, device=str(device))      # cpu, or torch's GPU: cuda:N
         except ValueError as error:                  # no working CUDA provider: the other rows still run
             print(f"ONNX Runtime rows skipped: {error}")
             args.no_onnx = True

@@ -33,6 +33,7 @@ distribution but not the same stream of random numbers: numpy's generator is not
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -121,17 +122,20 @@ def load_graph(path, options, providers):
 
 
 def start_sessions(folder, graphs, device, single_threaded=()):
-    """An InferenceSession per graph, on CUDA when asked for and really available; and the device used.
-    The graphs named in `single_threaded` run their CPU work on one thread (see OnnxSampler).
+    """An InferenceSession per graph, on CUDA when asked for and really available (device "cuda:N":
+    GPU N, "cuda": the first); and the device used, as ("cuda", N) or ("cpu", 0). The graphs named
+    in `single_threaded` run their CPU work on one thread (see OnnxSampler).
 
     onnxruntime-gpu lists CUDAExecutionProvider even where CUDA or cuDNN is missing; a session
     then falls back to the CPU after printing a long complaint. So we ask for CUDA with ORT's
     logging silenced, look at the providers the sessions actually got, and say it in one line.
     """
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (GPU N), got {device!r}")
     wants_cuda = device != "cpu"
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
+    gpu = int(device.partition(":")[2] or 0)
+    providers = ([("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if wants_cuda
+                 else ["CPUExecutionProvider"])
 
     def session_options(name):
         options = ort.SessionOptions()
@@ -153,18 +157,18 @@ def start_sessions(folder, graphs, device, single_threaded=()):
         ort.set_default_logger_severity(2)                               # back to ORT's default (warnings)
     on_cuda = all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions.values())
     if wants_cuda and not on_cuda:
-        if device == "cuda":
+        if device != "auto":
             raise ValueError("the CUDA execution provider is not available here (it needs onnxruntime-gpu, an "
                              "NVIDIA GPU, CUDA and cuDNN); use --device cpu or --device auto")
         print("onnx_sampler: CUDA execution provider not available, running ONNX Runtime on the CPU", file=sys.stderr)
-    return sessions, "cuda" if on_cuda else "cpu"
+    return sessions, ("cuda", gpu) if on_cuda else ("cpu", 0)
 
 
 class OnnxSampler:
     """Randomized parallel decoding with ONNX Runtime: the loop of `ARPG.generate`, in numpy.
 
-    device: 'auto' (CUDA if its provider really works, else CPU, said in one line), 'cuda' (an
-    error if unavailable) or 'cpu'. Every step runs through IO binding: the caches a step
+    device: 'auto' (the first GPU if CUDA's provider really works, else CPU, said in one line),
+    'cuda' or 'cuda:N' (the first GPU or GPU N; an error if unavailable) or 'cpu'. Every step runs through IO binding: the caches a step
     returns stay where ONNX Runtime put them (GPU memory under CUDA) and are bound as the next
     step's input, so they never cross to the host; only token ids go in and logits come out.
 
@@ -183,7 +187,7 @@ class OnnxSampler:
         # (16 images, 32 steps, guidance 4). Wider models keep ORT's default; the VQ decoder's
         # convolutions always do.
         narrow = self.metadata["arpg_config"]["dim"] <= 256
-        self.sessions, self.device = start_sessions(folder, self.metadata["graphs"], device,
+        self.sessions, (self.device, self.device_id) = start_sessions(folder, self.metadata["graphs"], device,
                                                     single_threaded=("context", "guided") if narrow else ())
         # Every graph carries the id of the export that wrote it: files of two exports (another
         # model, another config, another dtype) must never be run together.
@@ -208,8 +212,8 @@ class OnnxSampler:
         binding.bind_cpu_input("slots", np.ascontiguousarray(slots, dtype=np.int64))
         binding.bind_ortvalue_input("past_kv", kv)
         binding.bind_ortvalue_input("past_shared_kv", shared_kv)
-        binding.bind_output("kv", self.device)                           # stays on the device for the next step
-        binding.bind_output("shared_kv", self.device)
+        binding.bind_output("kv", self.device, self.device_id)          # stays on the device for the next step
+        binding.bind_output("shared_kv", self.device, self.device_id)
         self.sessions["context"].run_with_iobinding(binding)
         kv, shared_kv = binding.get_outputs()
         return kv, shared_kv
@@ -228,8 +232,8 @@ class OnnxSampler:
         layers, heads, head_dim = self.cache_layout
         kv = np.zeros((layers, 2, batch, heads, 0, head_dim), self.cache_dtype)   # (layers, k|v, B, H, N=0, D)
         shared_kv = np.zeros((2, batch, heads, 0, head_dim), self.cache_dtype)    # (k|v, B, H, N=0, D)
-        return (ort.OrtValue.ortvalue_from_numpy(kv, self.device, 0),
-                ort.OrtValue.ortvalue_from_numpy(shared_kv, self.device, 0))
+        return (ort.OrtValue.ortvalue_from_numpy(kv, self.device, self.device_id),
+                ort.OrtValue.ortvalue_from_numpy(shared_kv, self.device, self.device_id))
 
     # --- the decoding loop: ARPG.generate, step for step ---
 
@@ -320,8 +324,9 @@ def main():
                         help="nucleus sampling mass (default: sample.py's for this model, stored by export.py; "
                              "1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (order and samples)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                        help="ONNX Runtime execution provider: auto = CUDA when it really works, else CPU")
+    parser.add_argument("--device", default="auto",
+                        help="ONNX Runtime execution provider: cpu, cuda (the first GPU), cuda:N (GPU N), or auto = "
+                             "the first GPU when CUDA really works, else the CPU")
     parser.add_argument("--out", default="out/onnx_samples.png", help="PNG grid to write")
     args = parser.parse_args()
     if args.per_class < 1:
@@ -343,7 +348,8 @@ def main():
                     [names[c] for c in classes], args.out)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, "
           f"cfg {settings['cfg_scale']} ({settings['cfg_schedule']}), {settings['schedule']} schedule, "
-          f"top-p {settings['top_p']}, ONNX Runtime on {sampler.device}")
+          f"top-p {settings['top_p']}, ONNX Runtime on {sampler.device}"
+          + (f":{sampler.device_id}" if sampler.device == "cuda" else ""))
 
 
 if __name__ == "__main__":

@@ -320,6 +320,28 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
         assert code == 2 and output.strip().startswith("error: the CUDA execution provider is not available"), output
 
 
+def test_onnx_runtime_is_asked_for_the_gpu_it_is_given(exported, monkeypatch):
+    """device "cuda:N" asks ONNX Runtime's CUDA provider for GPU N and "cuda" for GPU 0 (bench.py
+    passes torch's device, so both time the same GPU); a malformed device name is refused."""
+    folder, _, _ = exported
+    graphs = onnx_sampler.read_metadata(str(folder))["graphs"]
+    asked = []
+
+    class CudaSession:                                                    # as if the CUDA provider had started
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnx_sampler, "load_graph", lambda path, options, providers: asked.append(providers)
+                        or CudaSession())
+    for device, gpu in (("cuda:1", 1), ("cuda", 0), ("auto", 0)):
+        asked.clear()
+        _, used = onnx_sampler.start_sessions(str(folder), graphs, device)
+        assert used == ("cuda", gpu), f"{device}: ran on {used}"
+        assert asked == [[("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]] * len(graphs), asked
+    for bad in ("cuda:x", "gpu", "cuda:"):
+        with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+            onnx_sampler.start_sessions(str(folder), graphs, bad)
+
+
 @pytest.mark.parametrize("damaged_file, damage", [("guided.onnx.data", "removed"), ("guided.onnx", "truncated"),
                                                   ("guided.onnx.data", "truncated"), ("arpg_onnx.json", "truncated")])
 def test_a_damaged_export_is_refused_in_one_line_naming_the_file(exported, tmp_path, damaged_file, damage):
