@@ -227,20 +227,23 @@ def save_image_grid(images, row_labels, path, pad=2, column_labels=None):
     labels = [str(s) for s in row_labels] if row_labels is not None else []
     headers = [str(s) for s in column_labels] if column_labels is not None else []
     # Label column just wide enough for the longest label (plus a margin); none without labels.
-    # Likewise the header band: as tall as the tallest column label.
+    # Likewise the header band: as tall as the tallest column label; and columns as wide as their
+    # tiles, or as the widest column label where that is wider (tiles centred in them).
     label_w = max(int(font.getlength(s)) for s in labels) + 2 * pad if labels else 0
-    header_h = max(measure.multiline_textbbox((0, 0), s, font=font)[3] for s in headers) + pad if headers else 0
-    grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, header_h + rows * (h + pad) + pad), (255,) * 3)
+    header_boxes = [measure.multiline_textbbox((0, 0), s, font=font) for s in headers]  # (left, top, right, bottom)
+    header_h = max(box[3] for box in header_boxes) + pad if headers else 0
+    column_w = max([w] + [box[2] - box[0] + pad for box in header_boxes])
+    grid = Image.new("RGB", (label_w + cols * (column_w + pad) + pad, header_h + rows * (h + pad) + pad), (255,) * 3)
     draw = ImageDraw.Draw(grid)
     for c, header in enumerate(headers):
-        draw.multiline_text((label_w + pad + c * (w + pad) + w // 2, pad), header, fill=(0, 0, 0), font=font,
-                            anchor="ma", align="center")
+        draw.multiline_text((label_w + pad + c * (column_w + pad) + column_w // 2, pad), header, fill=(0, 0, 0),
+                            font=font, anchor="ma", align="center")
     for r in range(rows):
         top = header_h + pad + r * (h + pad)
         if labels:
             draw.text((pad, top + h // 2), labels[r], fill=(0, 0, 0), font=font, anchor="lm")
         for c in range(cols):
-            grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (w + pad), top))
+            grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (column_w + pad) + (column_w - w) // 2, top))
 
     extension = os.path.splitext(path)[1]
     image_format = Image.registered_extensions().get(extension.lower(), "PNG")  # .jpg: JPEG

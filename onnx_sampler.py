@@ -121,6 +121,11 @@ def load_graph(path, options, providers):
                          f"(ONNX Runtime: {detail})") from None
 
 
+def check_device_name(device):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (GPU N), got {device!r}")
+
+
 def start_sessions(folder, graphs, device, single_threaded=()):
     """An InferenceSession per graph, on CUDA when asked for and really available (device "cuda:N":
     GPU N, "cuda": the first); and the device used, as ("cuda", N) or ("cpu", 0). The graphs named
@@ -130,8 +135,7 @@ def start_sessions(folder, graphs, device, single_threaded=()):
     then falls back to the CPU after printing a long complaint. So we ask for CUDA with ORT's
     logging silenced, look at the providers the sessions actually got, and say it in one line.
     """
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (GPU N), got {device!r}")
+    check_device_name(device)
     wants_cuda = device != "cpu"
     gpu = int(device.partition(":")[2] or 0)
     providers = ([("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if wants_cuda
@@ -158,8 +162,8 @@ def start_sessions(folder, graphs, device, single_threaded=()):
     on_cuda = all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions.values())
     if wants_cuda and not on_cuda:
         if device != "auto":
-            raise ValueError("the CUDA execution provider is not available here (it needs onnxruntime-gpu, an "
-                             "NVIDIA GPU, CUDA and cuDNN); use --device cpu or --device auto")
+            raise ValueError(f"the CUDA execution provider is not available here for {device} (it needs "
+                             f"onnxruntime-gpu, that NVIDIA GPU, CUDA and cuDNN); use --device cpu or --device auto")
         print("onnx_sampler: CUDA execution provider not available, running ONNX Runtime on the CPU", file=sys.stderr)
     return sessions, ("cuda", gpu) if on_cuda else ("cpu", 0)
 
@@ -167,10 +171,11 @@ def start_sessions(folder, graphs, device, single_threaded=()):
 class OnnxSampler:
     """Randomized parallel decoding with ONNX Runtime: the loop of `ARPG.generate`, in numpy.
 
-    device: 'auto' (the first GPU if CUDA's provider really works, else CPU, said in one line),
-    'cuda' or 'cuda:N' (the first GPU or GPU N; an error if unavailable) or 'cpu'. Every step runs through IO binding: the caches a step
-    returns stay where ONNX Runtime put them (GPU memory under CUDA) and are bound as the next
-    step's input, so they never cross to the host; only token ids go in and logits come out.
+    device: 'auto' (the first GPU if CUDA's provider really works, else CPU, said in one
+    line), 'cuda' or 'cuda:N' (the first GPU or GPU N; an error if unavailable) or 'cpu'.
+    Every step runs through IO binding: the caches a step returns stay where ONNX Runtime put
+    them (GPU memory under CUDA) and are bound as the next step's input, so they never cross to
+    the host; only token ids go in and logits come out.
 
     Footgun (GPU, untested here): the logits (2B, K, V) still come to the host every step and
     guidance and sampling run in numpy. For ARPG-L (V = 16384, 128 rows) that host work, not
@@ -187,8 +192,8 @@ class OnnxSampler:
         # (16 images, 32 steps, guidance 4). Wider models keep ORT's default; the VQ decoder's
         # convolutions always do.
         narrow = self.metadata["arpg_config"]["dim"] <= 256
-        self.sessions, (self.device, self.device_id) = start_sessions(folder, self.metadata["graphs"], device,
-                                                    single_threaded=("context", "guided") if narrow else ())
+        self.sessions, (self.device, self.device_id) = start_sessions(
+            folder, self.metadata["graphs"], device, single_threaded=("context", "guided") if narrow else ())
         # Every graph carries the id of the export that wrote it: files of two exports (another
         # model, another config, another dtype) must never be run together.
         for name, session in self.sessions.items():
@@ -331,6 +336,7 @@ def main():
     args = parser.parse_args()
     if args.per_class < 1:
         raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    check_device_name(args.device)
     check_output_path(args.out)
 
     sampler = OnnxSampler(args.onnx_dir, args.device)

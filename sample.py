@@ -79,7 +79,7 @@ def parse_args(argv=None):
                            "same images")
     what.add_argument("--out", default=None,
                       help="output file (default: out/sample_grid.png, out/fid_N.npz, out/edit_MODE.png, "
-                           "out/eval.md)")
+                           "out/decoding.png, out/eval.md)")
 
     decoding = parser.add_argument_group("decoding (SPEC 6)")
     decoding.add_argument("--steps", type=int, default=32,
@@ -112,8 +112,9 @@ def parse_args(argv=None):
                             "other labels; outpaint: a larger canvas around the image; expand: a larger "
                             "canvas from the class alone")
     modes.add_argument("--show-decoding", action="store_true",
-                       help="a picture of the decoding itself: one row per class, the canvas after steps 1, 2, 4, "
-                            "... of --steps (grey: not decoded yet), the finished image last; out/decoding.png")
+                       help="a picture of the decoding itself: one row per class, the canvas after about 1/32, "
+                            "1/16, ..., 1/2, 3/4 of --steps (grey: not decoded yet), the finished image last; "
+                            "out/decoding.png")
     modes.add_argument("--eval", type=int, nargs="*", default=None, metavar="STEPS",
                        help="built-in shapes only: class accuracy, Frechet distance and inpainting class-keeping "
                             "of samples at these step counts (default: --steps), next to real images")
@@ -427,15 +428,14 @@ def frame_steps(steps):
     return sorted({max(1, round(steps * fraction)) for fraction in (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)})
 
 
-def decoding_frames(images, order, counts, shown_steps, factor):
-    """images (N, H, W, 3) decoded in `order` (L,) with counts[s] tokens at step s -> frames
-    (N, F, H, W, 3): frame f shows the patches of the tokens drawn by step shown_steps[f], grey elsewhere."""
+def decoding_frames(images, order, drawn_counts, factor):
+    """images (N, H, W, 3) decoded in `order` (L,) -> frames (N, F, H, W, 3): frame f shows the
+    patches of the first drawn_counts[f] tokens of the order, grey elsewhere."""
     rows, cols = images.shape[1] // factor, images.shape[2] // factor
-    drawn_by = np.cumsum(counts)                                          # tokens drawn after each step
     frames = []
-    for step in shown_steps:
+    for n_drawn in drawn_counts:
         drawn = np.zeros(rows * cols, dtype=bool)
-        drawn[order[:drawn_by[step - 1]]] = True
+        drawn[order[:n_drawn]] = True
         pixels = patch_pixels(drawn.reshape(rows, cols), factor)          # (H, W)
         frames.append(np.where(pixels[None, :, :, None], images, np.uint8(EMPTY_GREY)))  # (N, H, W, 3)
     return np.stack(frames, axis=1)
@@ -629,10 +629,11 @@ def main(argv=None):
         order = torch.randperm(L, generator=generator, device=args.device)  # one order for every row
         _, images = generate_images(model, vq, torch.tensor(classes), full, args.steps, dict(settings, order=order),
                                     generator, args.batch_size)
-        counts = reveal_counts(L, args.steps, settings["schedule"])
         shown = frame_steps(args.steps)
-        frames = decoding_frames(images, order.cpu().numpy(), counts, shown, vq.downsample)  # (R, F, H, W, 3)
-        headers = [f"step {s}\n{sum(counts[:s])}/{L} tokens" for s in shown]
+        drawn_by = np.cumsum(reveal_counts(L, args.steps, settings["schedule"]))  # tokens drawn after each step
+        drawn = [int(drawn_by[s - 1]) for s in shown]
+        frames = decoding_frames(images, order.cpu().numpy(), drawn, vq.downsample)  # (R, F, H, W, 3)
+        headers = [f"step {s}\n{n}/{L} tokens" for s, n in zip(shown, drawn)]
         save_image_grid(frames, [names[c] for c in classes], out, column_labels=headers)
         print(f"wrote {out}: {len(classes)} classes, the canvas after steps {', '.join(map(str, shown))} of "
               f"{args.steps} ({settings['schedule']} schedule; grey: not decoded yet)")

@@ -14,7 +14,7 @@ with h = H / f, w = W / f for the downsampling factor f = 2 ** (len(ch_mult) - 1
 
 This file, top to bottom: config and presets -> uint8 <-> [-1, 1] helpers -> conv building blocks
 -> encoder / decoder -> vector quantizer -> VQModel -> training (the small tokenizer, on a CPU) ->
-image folders: pre-tokenizing for ARPG training, and reading for the tokenizer's -> command line.
+image folders: pre-tokenizing them for ARPG training, reading them to train the tokenizer on -> command line.
 
 Use it:
     from tokenizer import VQModel, images_to_tensor, tensor_to_images
@@ -872,22 +872,26 @@ def train_on_folder(args):
     config = VQ_PRESETS["small"]
     VQModel(config).check_image_size(size)                                # before reading thousands of images
     steps = DEFAULT_STEPS if args.steps is None else args.steps
+    seed = 0 if args.seed is None else args.seed
     batch_size = 16 if args.batch_size is None else args.batch_size
     if steps < 1 or batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be at least 1, got {steps} and {batch_size}")
-    check_output_path(args.out)
     items = list_image_folder(args.train)
-    chosen = np.sort(np.random.default_rng(args.seed).permutation(len(items))[:TRAINING_IMAGES])
+    check_output_path(args.out)
+    # In random order, not the folder's (class by class): the quality printed below and the
+    # preview grid take the first images.
+    chosen = np.random.default_rng(seed).permutation(len(items))[:TRAINING_IMAGES]
     images = read_crops([items[i] for i in chosen], size, args.num_workers)  # (n, S, S, 3)
     print(f"training the small tokenizer on {len(images)} of the {len(items)} images in {args.train} "
           f"({size}x{size} centre crops), {steps} steps")
-    vq = train_tokenizer(images, config, args.out, max_steps=steps, batch_size=batch_size, seed=args.seed,
+    vq = train_tokenizer(images, config, args.out, max_steps=steps, batch_size=batch_size, seed=seed,
                          device=args.device, log_dir=os.path.dirname(os.path.abspath(args.out)))
     quality = evaluate_tokenizer(vq, images[:500])
     print(f"wrote {args.out}: PSNR {quality['psnr']:.2f} dB on {min(500, len(images))} of the images it trained on, "
           f"{quality['code_usage']:.0%} of its {config.codebook_size} codes used by them; reconstructions in "
           f"{os.path.join(os.path.dirname(args.out), 'vq_recon.png')}")
-    print(f"next: python train.py --data {args.train} --tokenizer {args.out}"
+    arpg_out = os.path.join(os.path.dirname(args.out), "my_arpg.pt")     # not train.py's default out/arpg.pt
+    print(f"next: python train.py --data {args.train} --tokenizer {args.out} --out {arpg_out}"
           + (f" --image-size {size}" if size != 64 else ""))
 
 
@@ -904,12 +908,14 @@ def main(argv=None):
     parser.add_argument("--out", required=True,
                         help="--tokenize: the folder to write the .npy code files to; --train: the checkpoint file")
     parser.add_argument("--vq-ckpt", default=None,
-                        help="--tokenize: tokenizer checkpoint, LlamaGen's vq_ds16_c2i.pt or one from --train / train.py")
+                        help="--tokenize: the tokenizer checkpoint, LlamaGen's vq_ds16_c2i.pt or one from --train "
+                             "or train.py")
     parser.add_argument("--image-size", type=int, default=None,
                         help="side of the centre crop in pixels, a multiple of the downsampling factor (default: 256 "
                              "for --tokenize, LlamaGen's ImageNet size; 64 for --train, the built-in shapes' size)")
     parser.add_argument("--steps", type=int, default=None, help=f"--train: training steps (default {DEFAULT_STEPS})")
-    parser.add_argument("--seed", type=int, default=0, help="--train: random seed (images picked, initialisation)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="--train: random seed (images picked, initialisation; default 0)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (--tokenize, default 64) or per training step (--train, 16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -924,8 +930,8 @@ def main(argv=None):
         return train_on_folder(args)
     if args.vq_ckpt is None:
         raise ValueError("--tokenize needs --vq-ckpt: the tokenizer checkpoint to encode with")
-    if args.steps is not None:
-        raise ValueError("--steps goes with --train")
+    if args.steps is not None or args.seed is not None:
+        raise ValueError("--steps and --seed go with --train")
     vq = VQModel.from_checkpoint(args.vq_ckpt).to(args.device)
     print(f"tokenizer {args.vq_ckpt}: {asdict(vq.config)}")
     n = tokenize_folder(vq, args.tokenize, args.out, 256 if args.image_size is None else args.image_size,

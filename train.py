@@ -327,7 +327,8 @@ def build_dataset(args, vq, preset, device):
         if vq is None:
             raise ValueError(f"{args.data} holds images: pass the tokenizer checkpoint that turns them into "
                              f"codes with --tokenizer (to train a small one on them first: python tokenizer.py "
-                             f"--train {args.data} --out out/my_tokenizer.pt)")
+                             f"--train {args.data} --out out/my_tokenizer.pt"
+                             + (f" --image-size {args.image_size})" if args.image_size else ")"))
         # Read and crop with tokenizer.py's loader, so the codes equal `tokenizer.py --tokenize`'s
         # (the same class ids too), and keep them in memory: fine for small folders; pre-tokenize
         # large ones once with tokenizer.py instead of at every start.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from data import CLASS_NAMES, atomic_output, check_output_path, make_builtin_dataset, save_image_grid
 
@@ -90,6 +90,22 @@ def test_save_image_grid_writes_png_of_the_right_size(tmp_path):
                 assert np.array_equal(picture[top:top + 32, left:left + 32], grid[r, c]), f"{name}: tile {r}, {c}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "headers.png", "nolabels.png"], \
         "temporary file left behind"
+
+
+def test_save_image_grid_widens_columns_for_headers_wider_than_their_tiles(tmp_path):
+    """Column labels wider than the tiles widen every column (no label overprints its neighbour),
+    with each tile centred in its column."""
+    images, _ = make_builtin_dataset(3, seed=0, image_size=16)
+    headers = ["a header much wider", "than a tile of", "sixteen pixels"]
+    save_image_grid(images.reshape(1, 3, 16, 16, 3), None, str(tmp_path / "wide.png"), column_labels=headers)
+    picture = np.asarray(Image.open(tmp_path / "wide.png").convert("RGB"))
+    widest = max(ImageFont.load_default().getlength(s) for s in headers)
+    pitch = (picture.shape[1] - 2) / 3                                    # column width + gap
+    assert pitch >= widest, f"columns {pitch} px apart, headers up to {widest} px wide"
+    top = picture.shape[0] - 2 - 16
+    for c in range(3):
+        left = int(2 + c * pitch + (pitch - 2 - 16) // 2)
+        assert np.array_equal(picture[top:top + 16, left:left + 16], images[c]), f"tile {c} not centred in its column"
 
 
 def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):

@@ -340,6 +340,9 @@ def test_onnx_runtime_is_asked_for_the_gpu_it_is_given(exported, monkeypatch):
     for bad in ("cuda:x", "gpu", "cuda:"):
         with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
             onnx_sampler.start_sessions(str(folder), graphs, bad)
+    out = folder.parent / "not_made"
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "gpu", "--out", str(out / "x.png"))
+    assert code == 2 and "device must be auto, cpu, cuda or cuda:N" in output and not out.exists(), output
 
 
 @pytest.mark.parametrize("damaged_file, damage", [("guided.onnx.data", "removed"), ("guided.onnx", "truncated"),

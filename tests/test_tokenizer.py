@@ -480,9 +480,9 @@ def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, expected, i
 
 
 def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder, tmp_path, monkeypatch, capsys):
-    """--train: the small preset, trained on the centre crops of the folder's images (all of them, in
-    folder order, when there are no more than TRAINING_IMAGES), written to --out with vq_recon.png
-    beside it; the last line says how to train ARPG on the folder with it."""
+    """--train: the small preset, trained on the centre crops of the folder's images (all of them when
+    there are no more than TRAINING_IMAGES), written to --out with vq_recon.png beside it; the last
+    line says how to train ARPG on the folder with it, into a checkpoint beside it."""
     images, _ = image_folder
     seen = []
     real_train = tokenizer.train_tokenizer
@@ -499,12 +499,14 @@ def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder,
     for path in ("a_cats/0.jpg", "a_cats/1.png", "b_dogs/0.jpg"):
         with Image.open(images / path) as image:
             crops.append(np.asarray(centre_crop(image.convert("RGB"), 16)))
-    assert len(seen) == 1 and np.array_equal(seen[0], np.stack(crops)), "not trained on the folder's crops"
+    assert len(seen) == 1 and sorted(image.tobytes() for image in seen[0]) == sorted(c.tobytes() for c in crops), \
+        "not trained on the folder's crops"
     checkpoint = torch.load(out, weights_only=True)
     assert checkpoint["config"] == asdict(VQ_PRESETS["small"]) and checkpoint["step"] == 2, checkpoint["step"]
     assert (tmp_path / "run" / "vq_recon.png").is_file(), "no reconstruction grid beside the checkpoint"
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == f"next: python train.py --data {images} --tokenizer {out} --image-size 16", last
+    assert last == (f"next: python train.py --data {images} --tokenizer {out} --out {tmp_path / 'run' / 'my_arpg.pt'} "
+                    "--image-size 16"), last
 
     monkeypatch.setattr(tokenizer, "TRAINING_IMAGES", 2)                  # a folder larger than the cap
     main(["--train", str(images), "--out", str(out), "--steps", "1", "--image-size", "16", "--num-workers", "0",
@@ -519,11 +521,13 @@ def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder,
     (["--train", "IMAGES", "--image-size", "60"], "multiple of the tokenizer's downsampling factor 8, got 60"),
     (["--train", "IMAGES", "--image-size", "0"], "multiple of the tokenizer's downsampling factor 8, got 0"),
     (["--tokenize", "IMAGES"], "--tokenize needs --vq-ckpt"),
-    (["--tokenize", "IMAGES", "--vq-ckpt", "VQ", "--steps", "5"], "--steps goes with --train")])
+    (["--tokenize", "IMAGES", "--vq-ckpt", "VQ", "--steps", "5"], "--steps and --seed go with --train"),
+    (["--tokenize", "IMAGES", "--vq-ckpt", "VQ", "--seed", "5"], "--steps and --seed go with --train"),
+    (["--train", "MISSING"], "image folder not found")])
 def test_train_cli_bad_input_is_one_line_and_writes_nothing(argv, expected, image_folder, tmp_path, capsys):
     """Flags of the other mode, or values --train cannot use, are one 'error:' line, exit code 2, no file."""
     images, ckpt = image_folder
-    argv = [{"IMAGES": str(images), "VQ": str(ckpt)}.get(arg, arg) for arg in argv]
+    argv = [{"IMAGES": str(images), "VQ": str(ckpt), "MISSING": str(tmp_path / "absent")}.get(arg, arg) for arg in argv]
     with pytest.raises(SystemExit) as stop:
         tokenize_cli(*argv, "--out", str(tmp_path / "out" / "vq.pt"), "--num-workers", "0", "--device", "cpu")
     message = capsys.readouterr().err
