@@ -14,7 +14,7 @@ with h = H / f, w = W / f for the downsampling factor f = 2 ** (len(ch_mult) - 1
 
 This file, top to bottom: config and presets -> uint8 <-> [-1, 1] helpers -> conv building blocks
 -> encoder / decoder -> vector quantizer -> VQModel -> training (the small tokenizer, on a CPU) ->
-image folders: pre-tokenizing them for ARPG training, reading them to train the tokenizer on -> command line.
+image folders (pre-tokenized for ARPG, or read to train the tokenizer on) -> command line.
 
 Use it:
     from tokenizer import VQModel, images_to_tensor, tensor_to_images
