@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 import arpg
 import onnx_sampler
@@ -343,6 +344,26 @@ def test_onnx_runtime_is_asked_for_the_gpu_it_is_given(exported, monkeypatch):
     out = folder.parent / "not_made"
     code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "gpu", "--out", str(out / "x.png"))
     assert code == 2 and "device must be auto, cpu, cuda or cuda:N" in output and not out.exists(), output
+
+
+def test_a_cuda_provider_that_raises_is_not_taken_for_a_damaged_export(exported, monkeypatch, capsys):
+    """If ONNX Runtime's CUDA provider raises instead of falling back (a GPU number that does not
+    exist), --device cuda:N says CUDA is not available for it and --device auto runs on the CPU,
+    rather than calling the export damaged."""
+    folder, _, _ = exported
+    graphs = onnx_sampler.read_metadata(str(folder))["graphs"]
+    real_session = ort.InferenceSession
+
+    def session(path, options=None, providers=None):
+        if any("CUDAExecutionProvider" in str(provider) for provider in providers):
+            raise Fail("CUDA failure 101: invalid device ordinal")
+        return real_session(path, options, providers=providers)
+    monkeypatch.setattr(onnx_sampler.ort, "InferenceSession", session)
+    with pytest.raises(ValueError, match="CUDA execution provider is not available here for cuda:3"):
+        onnx_sampler.start_sessions(str(folder), graphs, "cuda:3")
+    sessions, used = onnx_sampler.start_sessions(str(folder), graphs, "auto")
+    assert used == ("cpu", 0) and set(sessions) == set(graphs), used
+    assert "running ONNX Runtime on the CPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damaged_file, damage", [("guided.onnx.data", "removed"), ("guided.onnx", "truncated"),
