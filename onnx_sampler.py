@@ -152,22 +152,21 @@ def start_sessions(folder, graphs, device, single_threaded=()):
             options.intra_op_num_threads = 1
         return options
 
-    if wants_cuda:
-        ort.set_default_logger_severity(4)                               # fatal only, while CUDA is tried
     def load_all(providers):
         return {name: load_graph(os.path.join(folder, graph_file), session_options(name), providers)
                 for name, graph_file in graphs.items()}
 
+    if wants_cuda:
+        ort.set_default_logger_severity(4)                               # fatal only, while CUDA is tried
     try:
-        try:
-            sessions = load_all(providers)
-        except ValueError:
-            # A CUDA provider that cannot start (on a GPU that is not there, say) may raise rather
-            # than fall back, and load_graph then blames the file. Loaded on the CPU alone, a
-            # damaged export still fails with its own message, and a sound one runs there.
-            if not wants_cuda:
-                raise
-            sessions = load_all(["CPUExecutionProvider"])
+        sessions = load_all(providers)
+    except ValueError:
+        # A CUDA provider that cannot start (on a GPU that is not there, say) may raise rather
+        # than fall back, and load_graph then blames the file. Loaded on the CPU alone, a
+        # damaged export still fails with its own message, and a sound one runs there.
+        if not wants_cuda:
+            raise
+        sessions = load_all(["CPUExecutionProvider"])
     finally:
         ort.set_default_logger_severity(2)                               # back to ORT's default (warnings)
     on_cuda = all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions.values())
