@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
+import torch.fx.experimental._config  # dynamo's shape settings (compile_for_any_size)
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -725,8 +726,8 @@ class StaticCachePasses:
         shape = (2, batch, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
         self.buffers = [self.embeddings.new_empty(shape) for _ in range(len(layers.self_dec) + 1)]  # + shared KV
         self.filled = 0                                                   # cache positions written so far
-        self.context_step = torch.compile(self._context_step, dynamic=True) if compile else self._context_step
-        self.guided = torch.compile(self._guided, dynamic=True) if compile else self._guided
+        self.context_step = compile_for_any_size(self._context_step) if compile else self._context_step
+        self.guided = compile_for_any_size(self._guided) if compile else self._guided
 
     def context(self, ids, rope, mask=None, caches=None):
         """ARPG.context's signature and result. The caches live in self.buffers; the `caches`
@@ -777,6 +778,22 @@ class StaticCachePasses:
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
+
+
+def compile_for_any_size(step):
+    """torch.compile(step) with every size of its inputs symbolic, each with a symbol of its own.
+    By default dynamo gives sizes that happen to be equal one symbol ("duck shaping") and traces
+    again when they part: a first batch of as many rows as the model is wide (64 images with
+    guidance for `tiny`) held the batch to the width, and sizes equal at one step and not at the
+    next got graphs of their own, up to dynamo's limit of 8 per function, past which it runs
+    eagerly. Without it, a process traces each step's few graphs once (sizes 0 and 1 are
+    still traced apart from the rest), whatever the batches and step counts that follow."""
+    compiled = torch.compile(step, dynamic=True)
+
+    def run(*args):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*args)
+    return run
 
 
 # RoPE for the fast path: the rotation as two multiply-adds against tables built once per step.

@@ -478,6 +478,37 @@ def test_fast_path_logits_match_the_readable_path_on_a_larger_grid():
         torch.testing.assert_close(fast, readable, atol=1e-5, rtol=0, msg=f"step {step}")
 
 
+def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypatch):
+    """generate(fast=True, compile=True) samples the readable tokens, and once its steps are traced
+    a new batch size or step count reuses the graphs. The first call has 2 x 32 = 64 rows with
+    guidance, the model's width: the case where dynamo once tied the batch to the weights' shapes
+    and traced everything again for each new batch. Compiled with a backend that only counts
+    graphs (tracing is what is tested; kernels are inductor's business). The first call's steps
+    reveal 1 token and several, so every size the later calls meet has been seen (dynamo traces
+    sizes 0 and 1 apart from the rest)."""
+    traced = []
+
+    def counting_backend(graph, example_inputs):
+        traced.append(graph)
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counting_backend, **kwargs))
+    torch._dynamo.reset()
+    model = small_model(n_layer=3)                                        # 2 + 1 blocks: quicker to trace
+    try:
+        for batch, steps in [(32, 7), (16, 5), (3, 7), (48, 4)]:  # 7 steps: some reveal 1 token, some more
+            labels = torch.arange(batch) % 10
+            tokens = [model.generate(labels, steps=steps, cfg_scale=3.0, fast=True, compile=compile,
+                                     generator=torch.Generator().manual_seed(batch)) for compile in (False, True)]
+            assert torch.equal(*tokens), f"batch {batch}: the compiled steps sampled other tokens"
+            if batch == 32:
+                first_call = len(traced)
+        assert len(traced) == first_call, f"{first_call} graphs traced in the first call, {len(traced)} after the rest"
+    finally:
+        torch._dynamo.reset()
+
+
 def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode():
     """generate() ignores dropout even on a model in training mode, and leaves the mode as it was."""
     model = small_model(token_dropout_p=0.5, resid_dropout_p=0.5, ffn_dropout_p=0.5)
