@@ -168,7 +168,8 @@ def make_builtin_dataset(n, seed=0, image_size=64):
 
 
 # -----------------------------------------------------------------------------
-# Shared by the scripts: files written atomically, a labelled image grid, and the bad-input exit
+# Shared by the scripts: files written atomically, class ids checked, a labelled image grid, and
+# the bad-input exit
 
 @contextlib.contextmanager
 def atomic_output(path, suffix=""):
@@ -202,6 +203,14 @@ def check_output_path(path, flag="--out"):
         raise ValueError(f"cannot write {flag} {path}: cannot make its folder {folder} ({error.strerror})") from None
     if not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {flag} {path}: its folder {folder} is not writable; choose another path")
+
+
+def check_classes(classes, num_classes, flag="--classes"):
+    """Refuse class ids outside the model's 0..num_classes-1, naming each bad one once."""
+    bad = list(dict.fromkeys(c for c in classes if not 0 <= c < num_classes))
+    if bad:
+        raise ValueError(f"{flag} {' '.join(map(str, bad))} out of range: this model has {num_classes} classes "
+                         f"(0..{num_classes - 1})")
 
 
 def save_image_grid(images, row_labels, path, pad=2, column_labels=None):

@@ -165,7 +165,7 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
     steps = [(torch.cat([model.class_ids(labels), codes[:, :4]], dim=1), torch.cat([class_slot, positions[:4] + 1])),
              (codes[:, 4:], positions[4:6] + 1)]                          # (ids (B, T), slots (T,)) per step
 
-    diffs = {"context": 0.0}
+    diffs = {}
     layers, heads, head_dim = config.context_depth, config.n_head, config.dim // config.n_head
     caches = None
     past_kv = np.zeros((layers, 2, B, heads, 0, head_dim), dtype)        # what the sampler starts from
@@ -175,7 +175,8 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
         kv, shared_kv = sessions["context"].run(None, {"ids": ids.numpy(), "slots": slots.numpy(),
                                                         "past_kv": past_kv, "past_shared_kv": past_shared_kv})
         torch_kv = torch.stack([torch.stack(layer) for layer in caches[:-1]])  # (layers, 2, B, H, N+T, D)
-        diffs["context"] = max(diffs["context"], max_diff(kv, torch_kv), max_diff(shared_kv, torch.stack(caches[-1])))
+        step_diffs = [diffs.get("context", 0.0), max_diff(kv, torch_kv), max_diff(shared_kv, torch.stack(caches[-1]))]
+        diffs["context"] = float(np.max(step_diffs))                     # NaN, if any, stays NaN (Python's max drops it)
         # The next step starts from PyTorch's caches, so each step is measured on its own.
         past_kv = torch_kv.cpu().numpy().astype(dtype)
         past_shared_kv = torch.stack(caches[-1]).cpu().numpy().astype(dtype)
@@ -212,6 +213,12 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     if vq is not None and vq.config.codebook_size != config.vocab_size:
         raise ValueError(f"the tokenizer has {vq.config.codebook_size} codes but ARPG was trained on "
                          f"{config.vocab_size}; pass the tokenizer ARPG was trained with")
+    for what, module in (("ARPG", model), ("tokenizer", vq)):
+        broken = [name for name, weight in (module.state_dict() if module is not None else {}).items()
+                  if weight.is_floating_point() and not weight.isfinite().all()]
+        if broken:
+            raise ValueError(f"the {what} weights hold NaN or inf ({', '.join(broken[:3])}"
+                             f"{', ...' if len(broken) > 3 else ''}): export a checkpoint from before the training diverged")
     device = model.embeddings.weight.device
     dtype = torch.float16 if fp16 else torch.float32
     # Export copies in eval mode: tracing must not switch the caller's models to eval or fp16.
@@ -220,15 +227,18 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     vq = copy.deepcopy(vq).eval() if vq is not None else None
     rope = reference.rope_table(rows, cols)                               # (1 + rows*cols, D/2, 2); slot 0: class
     export_id = uuid.uuid4().hex
-    # Work in a temporary folder beside out_dir (same file system, so os.replace is atomic): a
-    # failed export leaves nothing behind, not even an empty out_dir.
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    # Work in a temporary folder inside out_dir (the same file system, even where out_dir is a
+    # link or a mount point, so os.replace is atomic): a failed export leaves nothing behind, not
+    # even an out_dir it made.
     if os.path.isfile(out_dir):
         raise ValueError(f"{out_dir} is a file; the export needs a folder name")
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot export to {out_dir}: its folder {parent} is not writable; choose another path")
-    work = tempfile.mkdtemp(dir=parent, prefix=".onnx-export-")
+    made_out_dir = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        work = tempfile.mkdtemp(dir=out_dir, prefix=".onnx-export-")
+    except PermissionError:
+        raise ValueError(f"cannot export to {out_dir}: it is not writable; choose another path") from None
+    succeeded = False
     try:
         # Example inputs for tracing: sizes that differ from each other and from 0 and 1, so no
         # dimension is mistaken for a constant.
@@ -240,13 +250,13 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         past_shared_kv = torch.randn(2, B, heads, N, head_dim, device=device, dtype=dtype)
         graphs = {
             "context": export_graph(
-                ContextGraph(exported, rope.to(dtype)), (ids, slots, past_kv, past_shared_kv),
+                ContextGraph(exported, rope), (ids, slots, past_kv, past_shared_kv),
                 ["ids", "slots", "past_kv", "past_shared_kv"], ["kv", "shared_kv"],
                 {"ids": {0: "batch", 1: "new"}, "slots": {0: "new"}, "past_kv": {2: "batch", 4: "past"},
                  "past_shared_kv": {1: "batch", 3: "past"}, "kv": {2: "batch", 4: "past_plus_new"},
                  "shared_kv": {1: "batch", 3: "past_plus_new"}}, work, "context", export_id, dynamo),
             "guided": export_graph(
-                GuidedGraph(exported, rope.to(dtype)), (torch.arange(1, K + 1, device=device), past_shared_kv),
+                GuidedGraph(exported, rope), (torch.arange(1, K + 1, device=device), past_shared_kv),
                 ["target_slots", "shared_kv"], ["logits"],
                 {"target_slots": {0: "queries"}, "shared_kv": {1: "batch", 3: "past"},
                  "logits": {0: "batch", 1: "queries"}}, work, "guided", export_id, dynamo),
@@ -263,10 +273,13 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         for name, diff in parity.items():
             print(f"{name + '.onnx':>16}: max |ONNX Runtime - PyTorch fp32| = {diff:.2e}"
                   + (f" (limit {FP32_TOLERANCE:.0e})" if name in held_to_limit else " (fp16 graph)"))
-        too_far = {name: parity[name] for name in held_to_limit if parity[name] > FP32_TOLERANCE}
+        # `not diff <= limit`, so a NaN fails too; an fp16 graph must at least give finite numbers.
+        too_far = {name: diff for name, diff in parity.items()
+                   if not (diff <= FP32_TOLERANCE if name in held_to_limit else np.isfinite(diff))}
         if too_far:
-            raise ValueError(f"ONNX graphs differ from PyTorch by more than {FP32_TOLERANCE}: {too_far}; "
-                             "nothing was written (please report this with your onnxruntime and torch versions)")
+            raise ValueError(f"ONNX graphs differ from PyTorch by more than {FP32_TOLERANCE} (fp16 ones: by "
+                             f"NaN or inf): {too_far}; nothing was written (please report this with your "
+                             "onnxruntime and torch versions)")
 
         metadata = {
             "format": METADATA_FORMAT,
@@ -290,15 +303,17 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         }
         with open(os.path.join(work, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=1)
-        # Install: graphs and weights first, the JSON last. A reader that catches the folder
-        # half-way sees an old JSON whose export id the new graphs do not carry, and refuses.
-        os.makedirs(out_dir, exist_ok=True)
+        # Install: each graph before its weights, all of them before the JSON. A reader that
+        # catches the folder half-way sees a new graph (whose export id the old JSON does not
+        # carry, so it refuses) or an old graph with its own old weights, never old with new.
         for name in graphs:
-            for suffix in (".onnx.data", ".onnx"):
+            for suffix in (".onnx", ".onnx.data"):
                 os.replace(os.path.join(work, name + suffix), os.path.join(out_dir, name + suffix))
         os.replace(os.path.join(work, METADATA_FILE), os.path.join(out_dir, METADATA_FILE))
+        succeeded = True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        # A failed export removes what it made: its work folder, and out_dir if it made that too.
+        shutil.rmtree(out_dir if made_out_dir and not succeeded else work, ignore_errors=True)
 
     sizes = {name: sum(os.path.getsize(os.path.join(out_dir, name + s)) for s in (".onnx", ".onnx.data")) / 1e6
              for name in graphs}

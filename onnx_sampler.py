@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
-from data import check_output_path, run_script, save_image_grid
+from data import check_classes, check_output_path, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
 
 METADATA_FILE = "arpg_onnx.json"
@@ -81,6 +81,9 @@ def sample_tokens(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
     # Inverse-CDF sampling: the first token whose cumulative probability reaches u, u in (0, 1].
     # u in (0, 1] (not [0, 1)) so a zero-probability first token can never be drawn.
     cdf = np.cumsum(softmax(logits), axis=-1)                            # (..., V)
+    if not np.isfinite(cdf[..., -1]).all():  # NaN would fall through the search below as token 0
+        raise ValueError("the logits hold NaN or inf (damaged weights, or an fp16 export that overflows): "
+                         "re-export the folder, in fp32 if it was fp16")
     u = (1.0 - rng.random(cdf.shape[:-1] + (1,))) * cdf[..., -1:]
     return np.minimum((cdf < u).sum(axis=-1), cdf.shape[-1] - 1)          # (...,) int64
 
@@ -138,7 +141,9 @@ def start_sessions(folder, graphs, device, single_threaded=()):
     check_device_name(device)
     wants_cuda = device != "cpu"
     gpu = int(device.partition(":")[2] or 0)
-    providers = ([("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if wants_cuda
+    # The CPU-only onnxruntime package does not list CUDA at all: asked anyway, it warns in two lines.
+    cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = ([("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if wants_cuda and cuda_listed
                  else ["CPUExecutionProvider"])
 
     def session_options(name):
@@ -353,6 +358,7 @@ def main():
     if "vq_decoder" not in sampler.sessions:                             # found out now, not after sampling
         raise ValueError(NO_DECODER)
     classes = args.classes or sampler.metadata["default_classes"]
+    check_classes(classes, sampler.num_classes)
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
     stored = {**SAMPLING_DEFAULTS, **sampler.metadata.get("sampling", {})}  # older exports store fewer
     settings = sampling_settings(args, stored)

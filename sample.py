@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 import evaluate
 from arpg import ARPG, check_device, read_checkpoint
-from data import CLASS_NAMES, atomic_output, check_output_path, make_builtin_dataset, run_script, save_image_grid
+from data import (CLASS_NAMES, atomic_output, check_classes, check_output_path, make_builtin_dataset, run_script,
+                  save_image_grid)
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
 from tokenizer import VQModel, tensor_to_images
 
@@ -126,8 +127,9 @@ def parse_args(argv=None):
     editing.add_argument("--image-class", type=int, default=None,
                          help="class of the input image: picks the built-in image (default 0) and is the "
                               "label for inpaint/outpaint unless --classes is given")
-    editing.add_argument("--image-index", type=int, default=0,
-                         help="which built-in image of that class (0-999; drawn in sequence, so low ones are quickest)")
+    editing.add_argument("--image-index", type=int, default=None,
+                         help="which built-in image of that class, when there is no --image (0-999, default 0; "
+                              "drawn in sequence, so low ones are quickest)")
     editing.add_argument("--mask", default=None,
                          help="mask image of the input's size: white = regenerate, black = keep (inpaint, class-edit)")
     editing.add_argument("--box", type=int, nargs=4, default=None, metavar=("X0", "Y0", "X1", "Y1"),
@@ -494,13 +496,6 @@ def write_text_atomic(path, text):
         f.write(text)
 
 
-def check_classes(classes, num_classes, flag="--classes"):
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(f"{flag} {' '.join(map(str, bad))} out of range: this model has {num_classes} classes "
-                         f"(0..{num_classes - 1})")
-
-
 def check_flags(args):
     """Refuse flag values and combinations that cannot work, before loading anything; then fill in
     the defaults of the flags that apply to one mode only."""
@@ -510,17 +505,19 @@ def check_flags(args):
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     check_device(args.device)
     applies = {"--eval-samples": args.eval is not None, "--classifier": args.eval is not None,
-               "--per-class": args.eval is None and args.fid is None and not args.show_decoding}  # their own counts
+               "--per-class": args.eval is None and args.fid is None and not args.show_decoding,  # their own counts
+               "--classes": args.eval is None}                                # --eval samples every class
     for flag, applies_here in applies.items():
         if getattr(args, flag[2:].replace("-", "_")) is not None and not applies_here:
             raise ValueError(f"{flag} does not apply to this mode (--eval-samples and --classifier go with --eval; "
-                             f"--per-class with grids and edits)")
+                             f"--per-class with grids and edits; --classes with all but --eval)")
     args.per_class = args.per_class or 8
     args.eval_samples = args.eval_samples or 1000
     args.classifier = args.classifier or evaluate.DEFAULT_CLASSIFIER
-    if not 0 <= args.image_index < 1000:  # image i of a class needs the 10 * i images before it drawn first
-        raise ValueError(f"--image-index must be in 0..999, got {args.image_index}")
+    if args.image_index is not None and args.image is not None:
+        raise ValueError("--image-index picks a built-in image to edit; it does not go with --image")
     used_by = {"--image": ("inpaint", "class-edit", "outpaint"), "--image-class": ("inpaint", "class-edit", "outpaint"),
+               "--image-index": ("inpaint", "class-edit", "outpaint"),
                "--mask": ("inpaint", "class-edit"), "--box": ("inpaint", "class-edit"),
                "--extend": ("outpaint",), "--grid": ("expand",)}
     for flag, modes in used_by.items():
@@ -528,6 +525,9 @@ def check_flags(args):
             raise ValueError(f"{flag} only applies to --edit {' / '.join(modes)}")
     if args.mask is not None and args.box is not None:
         raise ValueError("give --mask or --box, not both")
+    args.image_index = 0 if args.image_index is None else args.image_index
+    if not 0 <= args.image_index < 1000:  # image i of a class needs the 10 * i images before it drawn first
+        raise ValueError(f"--image-index must be in 0..999, got {args.image_index}")
 
 
 def check_against_model(args, config):

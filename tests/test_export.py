@@ -1,10 +1,13 @@
 """export.py and onnx_sampler.py: the ONNX graphs equal PyTorch, and the torch-free loop equals ARPG.generate."""
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 import arpg
+import export
 import onnx_sampler
 from arpg import ARPG, ARPG_PRESETS, ARPGConfig
 from data import CLASS_NAMES
@@ -71,7 +75,6 @@ def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
     assert sorted(os.listdir(folder)) == sorted(
         ["arpg_onnx.json"] + [f"{g}.onnx{s}" for g in ("context", "guided", "vq_decoder") for s in ("", ".data")]), \
         f"unexpected files: {os.listdir(folder)}"
-    assert not [p for p in os.listdir(folder.parent) if p.startswith(".onnx-export-")], "work folder left behind"
     modes = {p: oct(os.stat(folder / p).st_mode & 0o777) for p in os.listdir(folder)}
     assert set(modes.values()) == {"0o644"}, f"every exported file should be readable by all: {modes}"
     for name in ("context", "guided", "vq_decoder"):
@@ -187,6 +190,10 @@ def test_fp16_and_larger_grid_exports_decode_like_pytorch(tmp_path, exported):
     tokens = OnnxSampler(str(tmp_path / "fp16"), device="cpu").generate(labels.numpy(), steps=8, top_k=1,
                                                                        order=order.numpy(), cfg_scale=4.0)
     assert (tokens == expected).mean() >= 0.95, f"fp16 agrees on {(tokens == expected).mean():.0%} of the tokens"
+    for name in ("context", "guided"):                                    # RoPE stays fp32, as in PyTorch
+        graph = onnx.load(str(tmp_path / "fp16" / f"{name}.onnx"))
+        ropes = [t.data_type for t in graph.graph.initializer if t.name == "rope"]
+        assert ropes == [onnx.TensorProto.FLOAT], f"{name}.onnx: RoPE table types {ropes}"
 
     export_onnx(model, None, str(tmp_path / "wide"), grid=(6, 12))
     labels, order = torch.tensor([4, 5]), torch.randperm(72, generator=torch.Generator().manual_seed(0))
@@ -210,6 +217,14 @@ def test_numpy_sampler_draws_from_the_same_distribution_as_arpg(temperature, top
     ours_freq, theirs_freq = (np.bincount(t, minlength=len(logits)) / draws for t in (ours, theirs))
     assert np.array_equal(ours_freq > 0, theirs_freq > 0), f"kept tokens differ: {ours_freq} vs {theirs_freq}"
     assert np.abs(ours_freq - theirs_freq).max() < 0.02, f"frequencies differ: {ours_freq} vs {theirs_freq}"
+
+
+def test_numpy_sampler_refuses_nan_logits():
+    """NaN logits (a damaged or overflowing export) are refused, not drawn as token 0."""
+    logits = np.array([[0.5, np.nan, 1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
+    for top_p in (1.0, 0.8):
+        with pytest.raises(ValueError, match="the logits hold NaN or inf"):
+            onnx_sampler.sample_tokens(logits, np.random.default_rng(0), top_p=top_p)
 
 
 # --- deployment without torch, and bad input ---
@@ -364,6 +379,70 @@ def test_a_cuda_provider_that_raises_is_not_taken_for_a_damaged_export(exported,
     sessions, used = onnx_sampler.start_sessions(str(folder), graphs, "auto")
     assert used == ("cpu", 0) and set(sessions) == set(graphs), used
     assert "running ONNX Runtime on the CPU" in capsys.readouterr().err
+
+
+def test_the_cpu_only_onnxruntime_package_runs_on_the_cpu_in_one_line(exported, monkeypatch, capfd):
+    """The CPU-only onnxruntime package lists no CUDA provider: --device auto says so in one line,
+    and ONNX Runtime is not asked for CUDA (asked, it warns in two lines more); cuda is refused."""
+    folder, _, _ = exported
+    graphs = onnx_sampler.read_metadata(str(folder))["graphs"]
+    for module in (ort, ort.capi._pybind_state):                          # what we read, and what ORT reads
+        monkeypatch.setattr(module, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="CUDA execution provider is not available here for cuda"):
+        onnx_sampler.start_sessions(str(folder), graphs, "cuda")
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        _, used = onnx_sampler.start_sessions(str(folder), graphs, "auto")
+    err = capfd.readouterr().err
+    assert used == ("cpu", 0) and not warned and err.strip().splitlines() == [
+        "onnx_sampler: CUDA execution provider not available, running ONNX Runtime on the CPU"], \
+        (err, [str(w.message) for w in warned])
+
+
+def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tmp_path, monkeypatch):
+    """Weights that hold NaN are refused before anything is traced; a NaN parity figure (which
+    `diff > limit` would let through) is refused for an fp32 export, a non-finite one for fp16;
+    none leaves a folder behind."""
+    _, model, vq = exported
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.layers.to_v.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the ARPG weights hold NaN or inf \(layers.to_v.weight\)"):
+        export_onnx(broken, vq, str(tmp_path / "nan_weights"))
+    real_parity = export.measure_parity
+    for fp16, value in ((False, float("nan")), (True, float("inf"))):
+        monkeypatch.setattr(export, "measure_parity", lambda *args: {**real_parity(*args), "guided": value})
+        with pytest.raises(ValueError, match=r"differ from PyTorch .*'guided': (nan|inf)"):
+            export_onnx(model, None, str(tmp_path / "not_finite"), fp16=fp16)
+    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+
+
+def test_export_installs_each_graph_before_its_weights_and_the_json_last(exported, tmp_path, monkeypatch):
+    """A reader of a folder caught half-way must never pair an old graph with new weights: each
+    .onnx is moved in before its .onnx.data, and arpg_onnx.json after all of them."""
+    _, model, _ = exported
+    moved, real_replace = [], os.replace
+    monkeypatch.setattr(export.os, "replace", lambda src, dst: moved.append(os.path.basename(dst)) or real_replace(src, dst))
+    export_onnx(model, None, str(tmp_path / "onnx"))
+    assert moved == [f"{g}.onnx{s}" for g in ("context", "guided") for s in ("", ".data")] + ["arpg_onnx.json"], moved
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm, a file system of its own")
+def test_export_into_a_link_to_another_file_system(exported, tmp_path):
+    """An --out that is a link to a folder on another file system (here /dev/shm) is exported into
+    in place: the work folder lives inside it, so every move stays on one file system."""
+    _, model, _ = exported
+    target = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        if os.stat(target).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same file system as the test's folder here")
+        (tmp_path / "link").symlink_to(target)
+        export_onnx(model, None, str(tmp_path / "link"))
+        assert sorted(os.listdir(target)) == sorted(["arpg_onnx.json", "context.onnx", "context.onnx.data",
+                                                     "guided.onnx", "guided.onnx.data"]), os.listdir(target)
+    finally:
+        shutil.rmtree(target)
 
 
 @pytest.mark.parametrize("damaged_file, damage", [("guided.onnx.data", "removed"), ("guided.onnx", "truncated"),

@@ -223,6 +223,7 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
     positions are sampled (that generate decodes each exactly once is tests/test_arpg.py's)."""
     args = sample.parse_args(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], "--edit", mode, "--per-class", "3",
                               "--steps", "16", *extra])
+    sample.check_flags(args)                                              # as main does: fills in mode defaults
     model, vq, names, _, _ = sample.load_models(args)
     canvas, input_panel, mask_panel, classes = sample.plan_edit(args, model, vq, names)
     assert canvas.grid == grid, f"canvas {canvas.grid}, expected {grid}"
@@ -355,6 +356,10 @@ def write_png(path, height, width):
     (["--fid", "10", "--per-class", "2"], "--per-class does not apply to this mode"),
     (["--show-decoding", "--per-class", "2"], "--per-class does not apply to this mode"),
     (["--show-decoding", "--classes", "10"], "--classes 10 out of range"),
+    (["--eval", "4", "--classes", "1"], "--classes does not apply to this mode"),
+    (["--edit", "inpaint", "--image", "IMAGE_64x64", "--image-index", "3"], "--image-index picks a built-in image"),
+    (["--image-index", "3"], "--image-index only applies to --edit inpaint / class-edit / outpaint"),
+    (["--classes", "12", "3", "12"], "--classes 12 out of range"),
     (["--out", "UNDER_A_FILE"], "cannot make its folder"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
     (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
