@@ -314,6 +314,9 @@ class OnnxSampler:
         if "vq_decoder" not in self.sessions:
             raise ValueError(NO_DECODER)
         codes = np.asarray(tokens, dtype=np.int64).reshape(-1, self.rows, self.cols)  # (B, rows, cols)
+        vocab = self.metadata["arpg_config"]["vocab_size"]
+        if codes.size and not 0 <= codes.min() <= codes.max() < vocab:  # a GPU gather would not check
+            raise ValueError(f"tokens must be codes in [0, {vocab}), got {codes.min()}..{codes.max()}")
         images = self.sessions["vq_decoder"].run(None, {"codes": codes})[0]  # (B, 3, H, W) in [-1, 1]
         # The same mapping as tokenizer.tensor_to_images: +128 then truncation rounds to the nearest level.
         pixels = np.clip(127.5 * images.astype(np.float32) + 128.0, 0, 255).astype(np.uint8)

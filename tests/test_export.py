@@ -276,8 +276,8 @@ def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_def
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     """A missing checkpoint, a grid too small to export, a file as the export folder, a folder as the
     PNG, a missing graph, graphs mixed from two exports, a JSON that lacks a key, an export without
-    a decoder and an explicit but unavailable CUDA provider each end with one 'error:' line and
-    exit code 2."""
+    a decoder, a class the model lacks and an explicit but unavailable CUDA provider each end with
+    one 'error:' line and exit code 2; the sampler's API refuses class ids and codes out of range."""
     folder, model, vq = exported
     with pytest.raises(ValueError, match="at least one row and one column and 12 tokens in all, got 0 x 8"):
         export_onnx(model, vq, str(tmp_path / "no_rows"), grid=(0, 8))
@@ -323,9 +323,15 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     code, output = run("onnx_sampler.py", "--onnx-dir", str(undecodable), "--device", "cpu")
     assert code == 2 and output.strip() == f"error: {onnx_sampler.NO_DECODER}", output
 
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--classes", "12", "3", "12",
+                       "--out", str(tmp_path / "never.png"))
+    assert code == 2 and output.strip() == "error: --classes 12 out of range: this model has 10 classes (0..9)", output
+    assert not (tmp_path / "never.png").exists(), "a refused run wrote its grid"
     sampler = OnnxSampler(str(folder), device="cpu")
     with pytest.raises(ValueError, match="class ids"):
         sampler.generate(np.array([10]))
+    with pytest.raises(ValueError, match=r"tokens must be codes in \[0, 128\), got 0..128"):
+        sampler.decode(np.array([[0] * 63 + [128]]))
     for settings, message in (({"top_p": 0.0}, r"top-p must be in \(0, 1\]"), ({"temperature": -1.0}, "temperature"),
                               ({"top_k": -2}, "top-k"), ({"schedule": "linear"}, "schedule must be one of")):
         with pytest.raises(ValueError, match=message):                    # the same check as ARPG.generate's
