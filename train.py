@@ -929,6 +929,10 @@ def main(argv=None):
     checkpoint, saved_config = read_run_checkpoint(args.out) if args.resume else (None, None)  # before the data
     if checkpoint is not None:
         check_same_run(args, checkpoint["args"])
+        planned = checkpoint["args"]["max_steps"] if args.max_steps is None else args.max_steps
+        if checkpoint["step"] >= planned:  # refused before any work, and nothing rewritten
+            raise ValueError(f"{args.out} is already trained for {checkpoint['step']} steps, and --resume would "
+                             f"stop at {planned}: raise --max-steps above {checkpoint['step']} to train longer")
 
     # 1. The tokenizer: trained on the built-in shapes when there is none (by one process).
     if args.data is None:
@@ -1017,14 +1021,10 @@ def main(argv=None):
 
     # 4. Train, save, and show samples.
     started = time.perf_counter()
-    if start_step >= args.max_steps:
-        log(f"{args.out} is already trained for {start_step} steps; raise --max-steps to train longer")
-        step, loss, interrupted = start_step, checkpoint["loss"], False
-    else:
-        step, loss, interrupted = train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank,
-                                        world_size, device, deadline)
-        if world_size > 1:
-            log(f"weights identical on all {world_size} processes")
+    step, loss, interrupted = train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank,
+                                    world_size, device, deadline)
+    if world_size > 1:
+        log(f"weights identical on all {world_size} processes")
     if world_size > 1:
         dist.destroy_process_group()
     minutes = (time.perf_counter() - started) / 60

@@ -149,10 +149,13 @@ def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_p
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
-    """A folder, or a path under a file, is a ValueError naming the problem; a missing folder is made."""
+    """A folder (also a new one, named with a trailing slash), or a path under a file, is a
+    ValueError naming the problem, and nothing is made; a missing folder is made."""
     (tmp_path / "notes.txt").write_text("a file, not a folder")
-    with pytest.raises(ValueError, match="is a folder; give a file name"):
-        check_output_path(str(tmp_path))
+    for folder in (str(tmp_path), str(tmp_path / "new_folder") + "/"):
+        with pytest.raises(ValueError, match="is a folder; give a file name"):
+            check_output_path(folder)
+    assert not (tmp_path / "new_folder").exists(), "a refused path made a folder"
     with pytest.raises(ValueError, match="is not a regular file"):
         check_output_path("/dev/null")
     with pytest.raises(ValueError, match="cannot make its folder"):

@@ -294,7 +294,8 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_trained_with_a_warning(tmp_p
 def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
     """--resume without the run's --data (it would train on the built-in shapes instead), or with
     another --batch-size, --seed or --tokenizer, is refused in one line naming the flag, before any work, and
-    the checkpoint is left as it was; the same folder written another way is the same run."""
+    the checkpoint is left as it was, as is a resume with no steps left to train; the same folder
+    written another way is the same run."""
     data = write_codes(tmp_path / "codes")
     out = tmp_path / "arpg.pt"
     common = [*FAST, "--save-every", "0", "--out", str(out)]
@@ -306,6 +307,11 @@ def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
                          (["--data", str(data), "--tokenizer", "vq.pt"], "--tokenizer is vq.pt (was None)")):
         with pytest.raises(ValueError, match=re.escape(named)):
             main([*common, *flags, "--max-steps", "4", "--resume"])
+    # A finished run, resumed to its own step count (the one it saved, or an explicit one) or fewer:
+    # nothing to train, refused rather than rewritten.
+    for max_steps in ([], ["--max-steps", "2"], ["--max-steps", "1"]):
+        with pytest.raises(ValueError, match="is already trained for 2 steps, .* raise --max-steps above 2"):
+            main([*common, "--data", str(data), *max_steps, "--resume"])
     assert out.read_bytes() == before, "a refused resume changed the checkpoint"
     main([*common, "--data", str(data / ".." / "codes"), "--max-steps", "4", "--resume"])
     assert load(out)["step"] == 4, "the resumed run should end at step 4"
