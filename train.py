@@ -129,7 +129,8 @@ TOKENIZER_STEPS = 900
 # accuracy, and 600 steps 2 min 26 s, 565 ARPG steps, 75.0%; with seed 1, 900 steps 4 min 07 s,
 # 386 ARPG steps, 72.7%, and the cap 552 steps, 567 ARPG steps, 74.4%; the cap with seed 0: 579
 # steps, 597 ARPG steps, 73.2%; EXPERIMENTS.md.) Where bf16 runs, 900 steps take about 2 minutes
-# and the cap binds only in the machine's slow spells.
+# and the cap binds only in the machine's slow spells. A smaller budget (--total-minutes) shrinks
+# the cap in proportion (`tokenizer_minutes`), or --total-minutes 3 would leave the ARPG no time.
 TOKENIZER_MINUTES = 2.5
 # On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
 # steps cost ~35% less, so the budget holds ~800 steps instead of ~500. 5 blocks learn more from
@@ -165,7 +166,8 @@ def parse_args(argv=None):
                            "64 = 8 x 8 for tiny)")
     what.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS,
                       help=f"steps to train the small tokenizer when it is missing (default: {TOKENIZER_STEPS}; "
-                           f"in a run timed by --total-minutes, at most {TOKENIZER_MINUTES} minutes of them)")
+                           f"in a run timed by --total-minutes, at most {TOKENIZER_MINUTES} minutes of them, less in a "
+                           f"smaller budget)")
     what.add_argument("--layers", type=int, default=None,
                       help="ARPG blocks, Pass 1's and Pass 2's together (default: the preset's, 7 for tiny, but "
                            f"{FP32_CPU_TINY_LAYERS} in a timed fp32 run on a CPU: FP32_CPU_TINY_LAYERS; 24 for L)")
@@ -658,10 +660,19 @@ def steps_within(minutes, run_started, train_model, model, dataset, args, rank, 
     """
     seconds_per_step = throwaway_steps(train_model, model, dataset, args, rank, world_size, device, probe_steps)
     deadline = run_started + 60 * minutes
+    if deadline - time.perf_counter() < seconds_per_step:
+        raise ValueError(f"--total-minutes {minutes:g} leaves no time for the ARPG: the tokenizer, the data and "
+                         f"compiling took {(time.perf_counter() - run_started) / 60:.1f} min; give more minutes, "
+                         f"or --max-steps (a tokenizer trained on the way is kept, and a next run skips it)")
     steps = steps_that_fit(deadline, seconds_per_step, device, world_size > 1)
     log(f"--total-minutes {minutes:g}: {1000 * seconds_per_step:.0f} ms per step and "
         f"{(deadline - time.perf_counter()) / 60:.1f} min left: {steps} steps")
     return steps, deadline
+
+
+def tokenizer_minutes(total_minutes):
+    """The tokenizer's share of a timed run: TOKENIZER_MINUTES of the tiny recipe's 9.5 minutes."""
+    return TOKENIZER_MINUTES * min(1.0, total_minutes / RECIPES["tiny"]["total_minutes"])
 
 
 def steps_that_fit(deadline, seconds_per_step, device, distributed):
@@ -939,8 +950,8 @@ def main(argv=None):
         if not os.path.isfile(args.tokenizer):
             if is_main:
                 images, _ = make_builtin_dataset(min(args.num_images, TRAINING_IMAGES), seed=args.seed)
-                minutes = TOKENIZER_MINUTES if is_timed(args) else None     # the ARPG gets what time is left
-                budget = f" or {minutes} minutes, whichever ends first" if minutes else ""
+                minutes = tokenizer_minutes(args.total_minutes) if is_timed(args) else None  # the ARPG gets the rest
+                budget = f" or {minutes:.2g} minutes, whichever ends first" if minutes else ""
                 log(f"no tokenizer at {args.tokenizer}: training the small one on {len(images)} built-in images "
                     f"({args.tokenizer_steps} steps{budget})")
                 train_tokenizer(images, VQ_PRESETS["small"], args.tokenizer, max_steps=args.tokenizer_steps,

@@ -208,11 +208,23 @@ def test_a_cosine_schedule_keeps_the_probe_s_step_count(tmp_path, monkeypatch, c
     assert load(tmp_path / "arpg.pt")["step"] == int(line.split()[-2]), "the probe's step count was not kept"
 
 
-@pytest.mark.parametrize("step_flags, minutes", [([], TOKENIZER_MINUTES), (["--max-steps", "5"], None)])
+def test_a_budget_with_no_time_left_for_the_arpg_is_refused_in_one_line(tmp_path):
+    """When the time budget is spent before the ARPG's first step (here 0.6 s of --total-minutes
+    against the data and the probe's steps), the run stops with one line saying so and writes no
+    checkpoint, where it used to train one step and overrun."""
+    data = write_codes(tmp_path / "codes")
+    with pytest.raises(ValueError, match="--total-minutes 0.01 leaves no time for the ARPG: .* give more minutes"):
+        main(["--data", str(data), *FAST, "--total-minutes", "0.01", "--out", str(tmp_path / "arpg.pt")])
+    assert not (tmp_path / "arpg.pt").exists(), "a refused run wrote a checkpoint"
+
+
+@pytest.mark.parametrize("step_flags, minutes", [([], TOKENIZER_MINUTES), (["--total-minutes", "3.8"], 1.0),
+                                                (["--max-steps", "5"], None)])
 def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monkeypatch, step_flags, minutes):
     """A run timed by --total-minutes (the default) trains the missing tokenizer for its steps or
-    TOKENIZER_MINUTES, whichever ends first; a run of --max-steps trains it for its steps alone.
-    Either writes its reconstruction grid (vq_recon.png) beside the tokenizer."""
+    TOKENIZER_MINUTES, whichever ends first, less in proportion in a smaller budget (3.8 of 9.5
+    minutes: 1.0); a run of --max-steps trains it for its steps alone. Either writes its
+    reconstruction grid (vq_recon.png) beside the tokenizer."""
     import train
 
     class Stop(Exception):
@@ -228,7 +240,7 @@ def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monk
     with pytest.raises(Stop):
         main(["--tokenizer", str(tmp_path / "vq.pt"), "--num-images", "10", "--device", "cpu", *step_flags,
               "--out", str(tmp_path / "arpg.pt")])
-    assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, minutes)], calls
+    assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, pytest.approx(minutes))], calls
     assert calls[0]["log_dir"] == str(tmp_path), "its reconstruction grid goes beside the tokenizer"
 
 
