@@ -333,7 +333,8 @@ def main():
                         help="class ids, one grid row each (default: sample.py's rows, stored by export.py: "
                              "every class of a model with up to 16, else 8)")
     parser.add_argument("--per-class", type=int, default=8, help="images per class (grid columns)")
-    parser.add_argument("--steps", type=int, default=32, help="decoding steps (the paper uses 32 or 64)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="decoding steps (default 32, or one per token on a grid of fewer; the paper uses 32 or 64)")
     parser.add_argument("--cfg", type=float, default=None,
                         help="classifier-free guidance scale (default: sample.py's for this model, stored by "
                              "export.py; 1 = off)")
@@ -365,13 +366,14 @@ def main():
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
     stored = {**SAMPLING_DEFAULTS, **sampler.metadata.get("sampling", {})}  # older exports store fewer
     settings = sampling_settings(args, stored)
-    tokens = sampler.generate(labels, steps=args.steps, temperature=args.temperature, top_k=args.top_k,
+    steps = min(32, sampler.rows * sampler.cols) if args.steps is None else args.steps
+    tokens = sampler.generate(labels, steps=steps, temperature=args.temperature, top_k=args.top_k,
                               seed=args.seed, **settings)
     images = sampler.decode(tokens)                                       # (R*C, H, W, 3)
     names = sampler.metadata["class_names"] or [str(c) for c in range(sampler.num_classes)]
     save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
                     [names[c] for c in classes], args.out)
-    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {args.steps} steps, "
+    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} images, {steps} steps, "
           f"cfg {settings['cfg_scale']} ({settings['cfg_schedule']}), {settings['schedule']} schedule, "
           f"top-p {settings['top_p']}, ONNX Runtime on {sampler.device}"
           + (f":{sampler.device_id}" if sampler.device == "cuda" else ""))

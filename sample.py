@@ -171,7 +171,13 @@ def load_models(args):
                                  else checkpoint)
     config = model.config
 
-    vq_path = args.vq_ckpt or checkpoint.get("tokenizer") or "out/tokenizer.pt"
+    # The tokenizer the checkpoint names (train.py records it), never a guess: a model trained on
+    # pre-tokenized codes, or an official release, names none, and out/tokenizer.pt (the default
+    # run's) would decode its codes into noise without a word.
+    vq_path = args.vq_ckpt or checkpoint.get("tokenizer")
+    if vq_path is None:
+        raise ValueError(f"{args.ckpt} does not name the tokenizer its codes come from (trained on pre-tokenized "
+                         f"codes, or an official release): pass it with --vq-ckpt")
     if not os.path.exists(vq_path):
         raise FileNotFoundError(f"tokenizer checkpoint not found: {vq_path} (pass --vq-ckpt)")
     vq = VQModel.from_checkpoint(vq_path)

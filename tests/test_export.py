@@ -219,6 +219,18 @@ def test_numpy_sampler_draws_from_the_same_distribution_as_arpg(temperature, top
     assert np.abs(ours_freq - theirs_freq).max() < 0.02, f"frequencies differ: {ours_freq} vs {theirs_freq}"
 
 
+def test_the_sampler_s_default_steps_fit_a_grid_of_fewer_than_32_tokens(exported, tmp_path):
+    """onnx_sampler.py with no --steps on an export of 15 tokens (--grid 3 5) decodes one token per
+    step instead of refusing its own default of 32."""
+    folder, _, _ = exported
+    code, output = run("export.py", "--ckpt", str(folder.parent / "arpg.pt"), "--vq-ckpt",
+                       str(folder.parent / "tokenizer.pt"), "--grid", "3", "5", "--out", str(tmp_path / "small"))
+    assert code == 0, output
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(tmp_path / "small"), "--device", "cpu", "--per-class", "1",
+                       "--out", str(tmp_path / "grid.png"))
+    assert code == 0 and "15 steps" in output and (tmp_path / "grid.png").is_file(), output
+
+
 def test_numpy_sampler_refuses_nan_logits():
     """NaN logits (a damaged or overflowing export) are refused, not drawn as token 0."""
     logits = np.array([[0.5, np.nan, 1.0], [0.1, 0.2, 0.3]], dtype=np.float32)

@@ -1,6 +1,8 @@
 """sample.py on tiny random models: grids, determinism, FID files, zero-shot editing, bad input."""
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -384,6 +386,22 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run(ckpts, tmp_path, *argv, out="never.png")
     assert not (tmp_path / "never.png").exists(), "a refused command wrote its output"
+
+
+def test_a_checkpoint_that_names_no_tokenizer_needs_vq_ckpt(ckpts, tmp_path, monkeypatch):
+    """A checkpoint that names no tokenizer (trained on codes, or an official release) is refused
+    without --vq-ckpt, even where the default run's out/tokenizer.pt exists and would decode its
+    codes into something; a checkpoint that names its tokenizer finds it."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("out")
+    shutil.copy(ckpts["vq"], "out/tokenizer.pt")                          # the default run's, codes of the same count
+    with pytest.raises(ValueError, match="does not name the tokenizer its codes come from .* pass it with --vq-ckpt"):
+        sample.main(["--ckpt", ckpts["arpg"], "--out", "never.png"])
+    assert not os.path.exists("never.png"), "a refused run wrote its grid"
+    named = {**torch.load(ckpts["arpg"], weights_only=True), "tokenizer": ckpts["vq"]}
+    save_atomic(named, "named.pt")
+    sample.main(["--ckpt", "named.pt", "--steps", "4", "--per-class", "1", "--classes", "0", "--out", "grid.png"])
+    assert os.path.isfile("grid.png"), "the named tokenizer was not used"
 
 
 def test_cli_prints_one_error_line_and_exits_2(ckpts, tmp_path):
