@@ -168,8 +168,8 @@ def make_builtin_dataset(n, seed=0, image_size=64):
 
 
 # -----------------------------------------------------------------------------
-# Shared by the scripts: files written atomically, class ids checked, a labelled image grid, and
-# the bad-input exit
+# Shared by the scripts: files written atomically and named after their checkpoint, class ids
+# checked, a labelled image grid, and the bad-input exit
 
 @contextlib.contextmanager
 def atomic_output(path, suffix=""):
@@ -187,6 +187,13 @@ def atomic_output(path, suffix=""):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def beside(path, suffix):
+    """A file named after `path`, in its folder: beside("out/arpg.pt", "_samples.png") is
+    "out/arpg_samples.png". Each checkpoint's pictures carry its name, so runs that share a folder
+    keep their own."""
+    return os.path.splitext(path)[0] + suffix
 
 
 def check_output_path(path, flag="--out"):

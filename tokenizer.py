@@ -50,7 +50,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from arpg import check_device, config_from_dict, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
-from data import check_output_path, run_script, save_image_grid
+from data import beside, check_output_path, run_script, save_image_grid
 from muon import Muon
 
 # -----------------------------------------------------------------------------
@@ -628,7 +628,7 @@ def make_tokenizer_optimizers(vq, lr, muon_lr):
 
 
 def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None, batch_size=16, lr=2e-3,
-                    muon_lr=0.02, seed=0, device="cpu", log_dir=None, precision="fp32"):
+                    muon_lr=0.02, seed=0, device="cpu", preview_path=None, precision="fp32"):
     """
     Train a VQModel from scratch on uint8 images (N, H, W, 3) and return it (in eval mode).
 
@@ -654,8 +654,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     1200, if neither is given); stages and the learning rate (warm-up + cosine) follow that budget.
     At the end the checkpoint {"model", "config", "step"} is written atomically to `out_path`, and
     only then: train.py uses out/tokenizer.pt whenever it exists, so a run stopped halfway must
-    not leave a half-trained one behind. With `log_dir`, a reconstruction grid `vq_recon.png` is
-    written every 200 steps and at the end.
+    not leave a half-trained one behind. With `preview_path`, a reconstruction grid (real images
+    above their reconstructions) is written there every 200 steps and at the end.
     """
     if max_steps is None and minutes is None:
         max_steps = DEFAULT_STEPS
@@ -677,7 +677,7 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
 
     def save_grid():
         vq.eval()
-        _save_reconstruction_grid(vq, preview, os.path.join(log_dir, "vq_recon.png"))
+        _save_reconstruction_grid(vq, preview, preview_path)
         vq.train()
 
     start = time.time()
@@ -719,12 +719,12 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
                                 f"psnr {psnr_from_mse(mse.item()):.1f} usage {usage:.0%} "
                                 f"lr {optimizers[0].param_groups[0]['lr']:.1e} {ms:.0f} ms/step "
                                 f"{1000 * batch_size / ms:.0f} img/s", refresh=False)
-        if log_dir and step % grid_every == 0:
+        if preview_path and step % grid_every == 0:
             save_grid()
         bar.update(1)
     bar.close()
     save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step}, out_path)
-    if log_dir:
+    if preview_path:
         save_grid()
     return vq.eval()
 
@@ -885,11 +885,11 @@ def train_on_folder(args):
     print(f"training the small tokenizer on {len(images)} of the {len(items)} images in {args.train} "
           f"({size}x{size} centre crops), {steps} steps")
     vq = train_tokenizer(images, config, args.out, max_steps=steps, batch_size=batch_size, seed=seed,
-                         device=args.device, log_dir=os.path.dirname(os.path.abspath(args.out)))
+                         device=args.device, preview_path=beside(args.out, "_recon.png"))
     quality = evaluate_tokenizer(vq, images[:500])
     print(f"wrote {args.out}: PSNR {quality['psnr']:.2f} dB on {min(500, len(images))} of the images it trained on, "
           f"{quality['code_usage']:.0%} of its {config.codebook_size} codes used by them; reconstructions in "
-          f"{os.path.join(os.path.dirname(args.out), 'vq_recon.png')}")
+          f"{beside(args.out, '_recon.png')}")
     arpg_out = os.path.join(os.path.dirname(args.out), "my_arpg.pt")     # not train.py's default out/arpg.pt
     print(f"next: python train.py --data {args.train} --tokenizer {args.out} --out {arpg_out}"
           + (f" --image-size {size}" if size != 64 else ""))
@@ -904,7 +904,7 @@ def main(argv=None):
                       help="folder with one subfolder per class; sorted subfolder names give class ids 0, 1, ...")
     mode.add_argument("--train", metavar="IMAGE_DIR",
                       help=f"train the small tokenizer (8x downsampling, 128 codes) on this folder's images (at most "
-                           f"{TRAINING_IMAGES}, picked at random); vq_recon.png goes beside --out")
+                           f"{TRAINING_IMAGES}, picked at random); reconstructions go beside it, in <out>_recon.png")
     parser.add_argument("--out", required=True,
                         help="--tokenize: the folder to write the .npy code files to; --train: the checkpoint file")
     parser.add_argument("--vq-ckpt", default=None,

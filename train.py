@@ -14,7 +14,9 @@ step, and 5 blocks instead of 7 in a timed fp32 run (FP32_CPU_TINY_LAYERS).
 With no arguments it does everything on a CPU with no download, in about 9.5 minutes on 2 cores:
 draws the built-in shapes dataset (data.py), trains the small VQ tokenizer (tokenizer.py) unless
 out/tokenizer.pt exists, tokenizes the images, trains the `tiny` ARPG and writes out/arpg.pt
-and out/samples.png (one row per class; a grid every --sample-every steps in out/samples/).
+and out/arpg_samples.png (one row per class; a grid every --sample-every steps in
+out/arpg_samples/). Pictures are named after their checkpoint (out/tokenizer_recon.png: the
+tokenizer's reconstructions), so a run with another --out keeps its own.
 
     python train.py                                   # CPU: built-in shapes, about 9.5 minutes
     python train.py --total-minutes 5                 # a smaller budget: fewer ARPG steps
@@ -58,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, check_device, config_from_dict, load_strict, read_checkpoint,
                   save_atomic)
-from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_script, save_image_grid
+from data import CLASS_NAMES, beside, check_output_path, make_builtin_dataset, run_script, save_image_grid
 from muon import Muon
 from sample import default_classes
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
@@ -696,7 +698,6 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
     is_main, distributed = rank == 0, world_size > 1
     loader = step_loader(dataset, args, start_step, rank, world_size, device)
     warmup_steps, decay_steps = round(args.warmup * args.max_steps), round(args.decay * args.max_steps)
-    folder = os.path.dirname(os.path.abspath(args.out))
     sampling = vq is not None and is_main
     ema_or_model = ema if ema is not None else model
 
@@ -765,7 +766,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
                 save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names)
             if sampling and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
                 save_sample_grid(ema_or_model, vq, dataset.class_names,
-                                 os.path.join(folder, "samples", f"step_{step:06d}.png"), args, device)
+                                 os.path.join(beside(args.out, "_samples"), f"step_{step:06d}.png"), args, device)
             interval_start += time.perf_counter() - pause_start
     finally:
         stop.restore()
@@ -957,7 +958,7 @@ def main(argv=None):
                 train_tokenizer(images, VQ_PRESETS["small"], args.tokenizer, max_steps=args.tokenizer_steps,
                                 minutes=minutes, seed=args.seed, device=device.type,
                                 precision=tokenizer_precision(args, device),
-                                log_dir=os.path.dirname(os.path.abspath(args.tokenizer)))  # its vq_recon.png
+                                preview_path=beside(args.tokenizer, "_recon.png"))
             if world_size > 1:
                 dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
@@ -1045,7 +1046,7 @@ def main(argv=None):
         return 130 if interrupted else 0
     log(f"done: {step} steps, {minutes:.1f} min of training, final loss {loss:.4f}; saved {args.out}")
     if vq is not None and is_main:
-        path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "samples.png")
+        path = beside(args.out, "_samples.png")
         save_sample_grid(ema if ema is not None else model, vq, dataset.class_names, path, args, device)
         log(f"wrote {path}")
     return 0

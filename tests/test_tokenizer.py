@@ -296,14 +296,15 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
     """A few training steps write an atomic checkpoint (weights-only) and a reconstruction grid."""
     images = random_images(12, 16, 16)
     path = tmp_path / "vq.pt"
-    vq = train_tokenizer(images, TINY, str(path), max_steps=3, batch_size=4, seed=0, log_dir=str(tmp_path / "log"))
+    vq = train_tokenizer(images, TINY, str(path), max_steps=3, batch_size=4, seed=0,
+                         preview_path=str(tmp_path / "recon.png"))
     assert not vq.training, "train_tokenizer should return the model in eval mode"
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["step"] == 3 and checkpoint["config"] == asdict(TINY), f"stored {checkpoint['step']}, config"
     loaded = VQModel.from_checkpoint(str(path)).eval()
     x = images_to_tensor(images[:2])
     assert torch.equal(loaded.encode(x), vq.encode(x)), "checkpoint does not hold the returned model"
-    assert (tmp_path / "log" / "vq_recon.png").is_file(), "no reconstruction grid written"
+    assert (tmp_path / "recon.png").is_file(), "no reconstruction grid written"
     metrics = evaluate_tokenizer(vq, images)
     assert set(metrics) == {"psnr", "code_usage"}, f"metrics {metrics}"
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
@@ -322,8 +323,8 @@ def test_a_tokenizer_run_stopped_halfway_leaves_no_checkpoint(tmp_path, monkeypa
     path = tmp_path / "vq.pt"
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(random_images(8, 8, 8), TINY, str(path), max_steps=300, batch_size=1,
-                        log_dir=str(tmp_path / "log"))
-    assert (tmp_path / "log" / "vq_recon.png").is_file(), "the 200-step grid should have been drawn"
+                        preview_path=str(tmp_path / "recon.png"))
+    assert (tmp_path / "recon.png").is_file(), "the 200-step grid should have been drawn"
     assert not path.exists(), "a half-trained tokenizer was left where train.py would pick it up"
 
 
@@ -481,7 +482,7 @@ def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, expected, i
 
 def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder, tmp_path, monkeypatch, capsys):
     """--train: the small preset, trained on the centre crops of the folder's images (all of them when
-    there are no more than TRAINING_IMAGES), written to --out with vq_recon.png beside it; the last
+    there are no more than TRAINING_IMAGES), written to --out with <out>_recon.png beside it; the last
     line says how to train ARPG on the folder with it, into a checkpoint beside it."""
     images, _ = image_folder
     seen = []
@@ -503,7 +504,7 @@ def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder,
         "not trained on the folder's crops"
     checkpoint = torch.load(out, weights_only=True)
     assert checkpoint["config"] == asdict(VQ_PRESETS["small"]) and checkpoint["step"] == 2, checkpoint["step"]
-    assert (tmp_path / "run" / "vq_recon.png").is_file(), "no reconstruction grid beside the checkpoint"
+    assert (tmp_path / "run" / "vq_recon.png").is_file(), "no reconstruction grid named after the checkpoint"
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == (f"next: python train.py --data {images} --tokenizer {out} --out {tmp_path / 'run' / 'my_arpg.pt'} "
                     "--image-size 16"), last

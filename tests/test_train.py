@@ -93,7 +93,7 @@ def test_loss_falls_on_builtin_data(tmp_path):
     assert checkpoint["sampling"] == {"cfg_scale": 2.5, "cfg_schedule": "constant", "schedule": "cosine",
                                       "top_p": 0.8}, \
         "the tiny recipe's sampling travels with it"
-    assert (tmp_path / "samples.png").is_file(), "no sample grid written"
+    assert (tmp_path / "arpg_samples.png").is_file(), "no sample grid named after the checkpoint"
 
 
 def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
@@ -224,7 +224,7 @@ def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monk
     """A run timed by --total-minutes (the default) trains the missing tokenizer for its steps or
     TOKENIZER_MINUTES, whichever ends first, less in proportion in a smaller budget (3.8 of 9.5
     minutes: 1.0); a run of --max-steps trains it for its steps alone. Either writes its
-    reconstruction grid (vq_recon.png) beside the tokenizer."""
+    reconstruction grid beside the tokenizer, named after it (vq_recon.png for vq.pt)."""
     import train
 
     class Stop(Exception):
@@ -241,7 +241,7 @@ def test_the_builtin_tokenizer_has_a_time_cap_only_in_a_timed_run(tmp_path, monk
         main(["--tokenizer", str(tmp_path / "vq.pt"), "--num-images", "10", "--device", "cpu", *step_flags,
               "--out", str(tmp_path / "arpg.pt")])
     assert [(call["max_steps"], call["minutes"]) for call in calls] == [(TOKENIZER_STEPS, pytest.approx(minutes))], calls
-    assert calls[0]["log_dir"] == str(tmp_path), "its reconstruction grid goes beside the tokenizer"
+    assert calls[0]["preview_path"] == str(tmp_path / "vq_recon.png"), "its reconstruction grid goes beside the tokenizer"
 
 
 @pytest.mark.parametrize("flags, device, layers", [
@@ -637,7 +637,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         main(["--out", str(out), "--device", "cpu", *args, "--max-steps", "2"])
     assert (out.read_bytes() if out.exists() else None) == before, f"{case}: the checkpoint was touched"
-    assert not (tmp_path / "samples.png").exists(), f"{case}: wrote samples"
+    assert not (tmp_path / "arpg_samples.png").exists(), f"{case}: wrote samples"
 
 
 def test_a_checkpoint_that_does_not_say_its_step_count_resumes_only_with_max_steps(tmp_path):
