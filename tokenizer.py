@@ -723,6 +723,10 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
             save_grid()
         bar.update(1)
     bar.close()
+    # A bar stopped at 589/900 by the time budget looks like a crash: say why it stopped.
+    stopped_by = "its step count" if max_steps and step >= max_steps else f"its {minutes:g}-minute budget"
+    print(f"tokenizer: {step} steps in {(time.time() - start) / 60:.1f} min, stopped by {stopped_by}; "
+          f"PSNR {psnr_from_mse(mse.item()):.1f} dB on its last batch", flush=True)
     save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step}, out_path)
     if preview_path:
         save_grid()

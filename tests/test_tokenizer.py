@@ -1,6 +1,7 @@
 """tokenizer.py against the official LlamaGen-style VQ (fixtures in tests/fixtures) and its invariants."""
 
 import json
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -292,8 +293,9 @@ def test_local_codes_depend_only_on_their_own_patch():
     assert vq.encode(images).shape == (1, 4, 4), "codes on the usual grid"
 
 
-def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
-    """A few training steps write an atomic checkpoint (weights-only) and a reconstruction grid."""
+def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path, capsys):
+    """A few training steps write an atomic checkpoint (weights-only) and a reconstruction grid,
+    and a last line says why the training stopped."""
     images = random_images(12, 16, 16)
     path = tmp_path / "vq.pt"
     vq = train_tokenizer(images, TINY, str(path), max_steps=3, batch_size=4, seed=0,
@@ -305,6 +307,8 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path):
     x = images_to_tensor(images[:2])
     assert torch.equal(loaded.encode(x), vq.encode(x)), "checkpoint does not hold the returned model"
     assert (tmp_path / "recon.png").is_file(), "no reconstruction grid written"
+    assert re.fullmatch(r"tokenizer: 3 steps in \d+\.\d min, stopped by its step count; PSNR -?\d+\.\d dB on its last "
+                        r"batch", capsys.readouterr().out.strip().splitlines()[-1]), "no closing line"
     metrics = evaluate_tokenizer(vq, images)
     assert set(metrics) == {"psnr", "code_usage"}, f"metrics {metrics}"
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
@@ -328,13 +332,14 @@ def test_a_tokenizer_run_stopped_halfway_leaves_no_checkpoint(tmp_path, monkeypa
     assert not path.exists(), "a half-trained tokenizer was left where train.py would pick it up"
 
 
-def test_train_tokenizer_stops_at_its_minutes_before_its_steps(tmp_path):
+def test_train_tokenizer_stops_at_its_minutes_before_its_steps(tmp_path, capsys):
     """With both budgets, training ends at whichever comes first: here the minutes, long before
-    a million steps, with the checkpoint saved at the step it reached."""
+    a million steps, with the checkpoint saved at the step it reached, and says so."""
     path = tmp_path / "vq.pt"
     train_tokenizer(random_images(12, 16, 16), TINY, str(path), max_steps=10**6, minutes=0.02, batch_size=4)
     steps = torch.load(path, weights_only=True)["step"]
     assert 1 <= steps < 10**6, f"stopped after {steps} steps"
+    assert f"tokenizer: {steps} steps in 0.0 min, stopped by its 0.02-minute budget" in capsys.readouterr().out
 
 
 def test_quantizer_searches_in_fp32_under_bf16_autocast():
