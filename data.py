@@ -200,7 +200,7 @@ def check_output_path(path, flag="--out"):
     """Refuse an output file that cannot be written, in one line: scripts call this before their
     work, so that a typo in --out does not cost a training run. Makes the folder if missing."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):  # "new_folder/" is no file name either
+    if os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep)):  # "new_folder/" is no file name either
         raise ValueError(f"{flag} {path} is a folder; give a file name in it")
     if os.path.exists(path) and not os.path.isfile(path):  # os.replace would put a file in its place
         raise ValueError(f"{flag} {path} is not a regular file (a device, a pipe); give a file name")
