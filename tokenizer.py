@@ -727,7 +727,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     stopped_by = "its step count" if max_steps and step >= max_steps else f"its {minutes:g}-minute budget"
     print(f"tokenizer: {step} steps in {(time.time() - start) / 60:.1f} min, stopped by {stopped_by}; "
           f"PSNR {psnr_from_mse(mse.item()):.1f} dB on its last batch", flush=True)
-    save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step}, out_path)
+    save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step,
+                 "image_size": images_uint8.shape[1]}, out_path)                  # --tokenize's default crop
     if preview_path:
         save_grid()
     return vq.eval()
@@ -915,8 +916,9 @@ def main(argv=None):
                         help="--tokenize: the tokenizer checkpoint, LlamaGen's vq_ds16_c2i.pt or one from --train "
                              "or train.py")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="side of the centre crop in pixels, a multiple of the downsampling factor (default: 256 "
-                             "for --tokenize, LlamaGen's ImageNet size; 64 for --train, the built-in shapes' size)")
+                        help="side of the centre crop in pixels, a multiple of the downsampling factor (default for "
+                             "--tokenize: the size the tokenizer was trained at, recorded by --train and train.py, "
+                             "else 256, LlamaGen's ImageNet size; 64 for --train, the built-in shapes' size)")
     parser.add_argument("--steps", type=int, default=None, help=f"--train: training steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=None,
                         help="--train: random seed (images picked, initialisation; default 0)")
@@ -938,7 +940,11 @@ def main(argv=None):
         raise ValueError("--steps and --seed go with --train")
     vq = VQModel.from_checkpoint(args.vq_ckpt).to(args.device)
     print(f"tokenizer {args.vq_ckpt}: {asdict(vq.config)}")
-    n = tokenize_folder(vq, args.tokenize, args.out, 256 if args.image_size is None else args.image_size,
+    # By default, crops of the size the tokenizer was trained at (which train_tokenizer records),
+    # else 256, LlamaGen's ImageNet size: a small tokenizer trained at 64 would otherwise get 256 x 256
+    # crops (1024 tokens an image) without a word.
+    trained_at = read_checkpoint(args.vq_ckpt).get("image_size", 256)
+    n = tokenize_folder(vq, args.tokenize, args.out, trained_at if args.image_size is None else args.image_size,
                         64 if args.batch_size is None else args.batch_size, args.num_workers)
     print(f"wrote the codes of {n} images to {args.out}")
 

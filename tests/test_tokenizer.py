@@ -488,7 +488,8 @@ def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, expected, i
 def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder, tmp_path, monkeypatch, capsys):
     """--train: the small preset, trained on the centre crops of the folder's images (all of them when
     there are no more than TRAINING_IMAGES), written to --out with <out>_recon.png beside it; the last
-    line says how to train ARPG on the folder with it, into a checkpoint beside it."""
+    line says how to train ARPG on the folder with it, into a checkpoint beside it; --tokenize with
+    it crops the size it was trained at."""
     images, _ = image_folder
     seen = []
     real_train = tokenizer.train_tokenizer
@@ -513,6 +514,11 @@ def test_train_cli_trains_the_small_tokenizer_on_the_folders_crops(image_folder,
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == (f"next: python train.py --data {images} --tokenizer {out} --out {tmp_path / 'run' / 'my_arpg.pt'} "
                     "--image-size 16"), last
+    # It records the size it was trained at, and --tokenize crops that size by default: 16 x 16 -> 2 x 2 codes.
+    assert checkpoint["image_size"] == 16, checkpoint.get("image_size")
+    main(["--tokenize", str(images), "--out", str(tmp_path / "codes"), "--vq-ckpt", str(out), "--num-workers", "0",
+          "--device", "cpu"])
+    assert np.load(tmp_path / "codes" / "0" / "0.npy").shape == (2, 4), "not tokenized at the size it was trained at"
 
     monkeypatch.setattr(tokenizer, "TRAINING_IMAGES", 2)                  # a folder larger than the cap
     main(["--train", str(images), "--out", str(out), "--steps", "1", "--image-size", "16", "--num-workers", "0",
