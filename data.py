@@ -281,8 +281,11 @@ def run_script(main):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as error:
-        # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
+        # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message,
+        # after the exception's name ("ValueError: cannot read image ...").
         message = (str(error).strip().splitlines() or [""])[-1]
+        if "Original Traceback" in str(error):
+            message = re.sub(r"^\w+: ", "", message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as error:

@@ -847,6 +847,9 @@ def fill_in_defaults(args, world_size):
     for key, least in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < least:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
+    if args.data is None and args.num_images < len(CLASS_NAMES):  # labels cycle through the classes
+        raise ValueError(f"--num-images {args.num_images} leaves classes of the built-in shapes without an image: "
+                         f"give at least {len(CLASS_NAMES)}")
     if args.layers is not None:
         check_layers(args.layers, args.size)
     for key in ("minutes", "lr"):

@@ -164,6 +164,25 @@ def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
     assert (tmp_path / "new").is_dir(), "the missing folder was not made"
 
 
+def test_a_dataloader_worker_s_error_is_one_line_without_its_type():
+    """A ValueError raised in a DataLoader worker (a broken image) reaches run_script wrapped in
+    the worker's traceback; the user sees its message alone, as from the main process."""
+    script = """import torch
+from data import run_script
+class Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+    def __getitem__(self, i):
+        raise ValueError("cannot read image x.png: broken data stream")
+def main():
+    list(torch.utils.data.DataLoader(Broken(), num_workers=1))
+run_script(main)"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == "error: cannot read image x.png: broken data stream", \
+        result.stderr
+
+
 @pytest.mark.parametrize("failure, message", [
     ("torch.empty(10 ** 14)", "error: out of memory (tried to allocate 400000000000000 bytes): ask for less"),
     ("np.empty(10 ** 15)", "error: out of memory (tried to allocate 7.11 PiB): ask for less"),

@@ -612,6 +612,8 @@ BAD_INPUTS = {
                                              "--image-size", "64"], "--image-size applies to .* holds codes"),
     "an image size for the built-in shapes": lambda tmp: (["--image-size", "32"], "the built-in shapes are 64 x 64"),
     "a vocabulary of no codes": lambda tmp: (["--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
+    "fewer built-in images than classes": lambda tmp: (["--num-images", "5"], "--num-images 5 leaves classes of the "
+                                                                          "built-in shapes without an image"),
     "--out is a folder": lambda tmp: (["--out", str(tmp)], "is a folder; give a file name"),
     "an unknown device": lambda tmp: (["--device", "gpu0"], "--device gpu0: not a device name"),
     "no Pass-2 block": lambda tmp: (["--layers", "2"], r"--layers must be at least 3 for tiny \(2 for Pass 1"),
