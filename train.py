@@ -139,7 +139,7 @@ TOKENIZER_MINUTES = 2.5
 # so few steps (AVX2 EPYC, fp32, 1000 samples at 32 steps, the same tokenizer and ARPG minutes
 # for each pair): 69.6% -> 74.8% (seed 0; 486 -> 768 steps) and 77.0% -> 80.6% (seed 1; 544 -> 814
 # steps); with seed 0, 6 blocks gave 72.2% (704 steps), 4 blocks 69.9% (990), and 7 blocks in
-# batches of 32 70.4% (969 steps). Default runs: 5 blocks 78.0% (mean of seeds 0-10), 7 blocks 73.4%
+# batches of 32 70.4% (969 steps). Default runs: 5 blocks 78.0% (mean of seeds 0-11), 7 blocks 73.4%
 # (mean of five), seeds 3-4 points apart either way.
 # Where bf16 runs, the budget holds ~1400 steps of the 7-block model, and 7 blocks gave more than 6
 # (EXPERIMENTS.md). A run with --max-steps keeps the preset on every CPU.
