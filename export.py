@@ -214,7 +214,9 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         raise ValueError(f"the tokenizer has {vq.config.codebook_size} codes but ARPG was trained on "
                          f"{config.vocab_size}; pass the tokenizer ARPG was trained with")
     for what, module in (("ARPG", model), ("tokenizer", vq)):
-        broken = [name for name, weight in (module.state_dict() if module is not None else {}).items()
+        if module is None:
+            continue
+        broken = [name for name, weight in module.state_dict().items()
                   if weight.is_floating_point() and not weight.isfinite().all()]
         if broken:
             raise ValueError(f"the {what} weights hold NaN or inf ({', '.join(broken[:3])}"

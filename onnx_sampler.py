@@ -125,6 +125,7 @@ def load_graph(path, options, providers):
 
 
 def check_device_name(device):
+    """Refuse, in one line, a --device that is not auto, cpu, cuda or cuda:N."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N (GPU N), got {device!r}")
 

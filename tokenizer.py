@@ -652,7 +652,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
 
     Stops after `max_steps`, or after `minutes` of wall time, whichever comes first (DEFAULT_STEPS,
     1200, if neither is given); stages and the learning rate (warm-up + cosine) follow that budget.
-    At the end the checkpoint {"model", "config", "step"} is written atomically to `out_path`, and
+    At the end the checkpoint {"model", "config", "step", "image_size"} is written atomically to
+    `out_path` (the image size is --tokenize's default crop), and
     only then: train.py uses out/tokenizer.pt whenever it exists, so a run stopped halfway must
     not leave a half-trained one behind. With `preview_path`, a reconstruction grid (real images
     above their reconstructions) is written there every 200 steps and at the end.
@@ -728,7 +729,7 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     print(f"tokenizer: {step} steps in {(time.time() - start) / 60:.1f} min, stopped by {stopped_by}; "
           f"PSNR {psnr_from_mse(mse.item()):.1f} dB on its last batch", flush=True)
     save_atomic({"model": vq.state_dict(), "config": asdict(config), "step": step,
-                 "image_size": images_uint8.shape[1]}, out_path)                  # --tokenize's default crop
+                 "image_size": images_uint8.shape[1]}, out_path)
     if preview_path:
         save_grid()
     return vq.eval()
@@ -889,12 +890,13 @@ def train_on_folder(args):
     images = read_crops([items[i] for i in chosen], size, args.num_workers)  # (n, S, S, 3)
     print(f"training the small tokenizer on {len(images)} of the {len(items)} images in {args.train} "
           f"({size}x{size} centre crops), {steps} steps")
+    preview = beside(args.out, "_recon.png")
     vq = train_tokenizer(images, config, args.out, max_steps=steps, batch_size=batch_size, seed=seed,
-                         device=args.device, preview_path=beside(args.out, "_recon.png"))
+                         device=args.device, preview_path=preview)
     quality = evaluate_tokenizer(vq, images[:500])
     print(f"wrote {args.out}: PSNR {quality['psnr']:.2f} dB on {min(500, len(images))} of the images it trained on, "
           f"{quality['code_usage']:.0%} of its {config.codebook_size} codes used by them; reconstructions in "
-          f"{beside(args.out, '_recon.png')}")
+          f"{preview}")
     arpg_out = os.path.join(os.path.dirname(args.out), "my_arpg.pt")     # not train.py's default out/arpg.pt
     print(f"next: python train.py --data {args.train} --tokenizer {args.out} --out {arpg_out}"
           + (f" --image-size {size}" if size != 64 else ""))
@@ -943,9 +945,9 @@ def main(argv=None):
     # By default, crops of the size the tokenizer was trained at (which train_tokenizer records),
     # else 256, LlamaGen's ImageNet size: a small tokenizer trained at 64 would otherwise get 256 x 256
     # crops (1024 tokens an image) without a word.
-    trained_at = read_checkpoint(args.vq_ckpt).get("image_size", 256)
-    n = tokenize_folder(vq, args.tokenize, args.out, trained_at if args.image_size is None else args.image_size,
-                        64 if args.batch_size is None else args.batch_size, args.num_workers)
+    size = read_checkpoint(args.vq_ckpt).get("image_size", 256) if args.image_size is None else args.image_size
+    n = tokenize_folder(vq, args.tokenize, args.out, size, 64 if args.batch_size is None else args.batch_size,
+                        args.num_workers)
     print(f"wrote the codes of {n} images to {args.out}")
 
 

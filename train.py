@@ -1040,7 +1040,6 @@ def main(argv=None):
                                     world_size, device, deadline)
     if world_size > 1:
         log(f"weights identical on all {world_size} processes")
-    if world_size > 1:
         dist.destroy_process_group()
     minutes = (time.perf_counter() - started) / 60
     if step < args.max_steps:
