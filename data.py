@@ -212,6 +212,15 @@ def check_output_path(path, flag="--out"):
         raise ValueError(f"cannot write {flag} {path}: its folder {folder} is not writable; choose another path")
 
 
+def check_image_path(path, flag="--out"):
+    """check_output_path for a picture, whose format its extension names (.png, .jpg, .webp...;
+    a name without one gets a PNG): an extension PIL cannot write as an image (grid.txt) is refused."""
+    check_output_path(path, flag)
+    extension = os.path.splitext(path)[1].lower()
+    if extension and Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise ValueError(f"{flag} {path}: {extension} is no image format PIL can write; end the name with .png or .jpg")
+
+
 def check_classes(classes, num_classes, flag="--classes"):
     """Refuse class ids outside the model's 0..num_classes-1, naming each bad one once."""
     bad = list(dict.fromkeys(c for c in classes if not 0 <= c < num_classes))
@@ -222,7 +231,7 @@ def check_classes(classes, num_classes, flag="--classes"):
 
 def save_image_grid(images, row_labels, path, pad=2, column_labels=None):
     """
-    Save a grid of uint8 images as one picture (PNG, or the format the name's extension asks for):
+    Save a grid of uint8 images as one picture, in the format its extension names (`check_image_path`):
     images (R, C, H, W, 3), row r labelled row_labels[r], column c headed column_labels[c].
 
     Either labels may be None (no label column, no header; a column label may have several
@@ -261,10 +270,10 @@ def save_image_grid(images, row_labels, path, pad=2, column_labels=None):
         for c in range(cols):
             grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (column_w + pad) + (column_w - w) // 2, top))
 
+    check_image_path(path, "grid")
     extension = os.path.splitext(path)[1]
-    image_format = Image.registered_extensions().get(extension.lower(), "PNG")  # .jpg: JPEG
     with atomic_output(path, extension) as tmp:
-        grid.save(tmp, format=image_format)
+        grid.save(tmp, format=Image.registered_extensions().get(extension.lower(), "PNG"))  # .jpg: JPEG
 
 
 def run_script(main):
@@ -311,7 +320,7 @@ def preview():
     args = parser.parse_args()
     if args.per_class < 1:
         raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
-    check_output_path(args.out)
+    check_image_path(args.out)
 
     n_classes = len(CLASS_NAMES)
     images, labels = make_builtin_dataset(n_classes * args.per_class, args.seed, args.image_size)

@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
 
-from data import check_classes, check_output_path, run_script, save_image_grid
+from data import check_classes, check_image_path, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
 
 METADATA_FILE = "arpg_onnx.json"
@@ -357,7 +357,7 @@ def main():
     if args.per_class < 1:
         raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
     check_device_name(args.device)
-    check_output_path(args.out)
+    check_image_path(args.out)
 
     sampler = OnnxSampler(args.onnx_dir, args.device)
     if "vq_decoder" not in sampler.sessions:                             # found out now, not after sampling

@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 import evaluate
 from arpg import ARPG, check_device, read_checkpoint
-from data import (CLASS_NAMES, atomic_output, check_classes, check_output_path, make_builtin_dataset, run_script,
-                  save_image_grid)
+from data import (CLASS_NAMES, atomic_output, check_classes, check_image_path, check_output_path, make_builtin_dataset,
+                  run_script, save_image_grid)
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
 from tokenizer import VQModel, tensor_to_images
 
@@ -589,7 +589,11 @@ def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
     out = output_path(args)
-    check_output_path(out)  # before the sampling, which can take hours (--fid)
+    # Checked before the sampling, which can take hours (--fid)
+    if args.eval is None and args.fid is None:
+        check_image_path(out)                                             # a picture: .png, .jpg...
+    else:
+        check_output_path(out)
     model, vq, names, description, sampling = load_models(args)
     config = model.config
     settings = decoding_settings(args, sampling)

@@ -118,7 +118,8 @@ def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):
 
 
 def test_save_image_grid_rejects_bad_input(tmp_path):
-    """A clear ValueError for a wrong layout or a wrong number of row or column labels."""
+    """A clear ValueError for a wrong layout, a wrong number of row or column labels, or a name
+    whose extension is no image format."""
     images, _ = make_builtin_dataset(4, seed=0, image_size=16)
     with pytest.raises(ValueError, match="rows, cols"):
         save_image_grid(images, None, str(tmp_path / "x.png"))  # (N, H, W, 3): missing a grid axis
@@ -126,6 +127,9 @@ def test_save_image_grid_rejects_bad_input(tmp_path):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), ["only one"], str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match="column labels"):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / "x.png"), column_labels=["a"])
+    with pytest.raises(ValueError, match=r"grid\.txt: \.txt is no image format PIL can write"):
+        save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / "grid.txt"))
+    assert not (tmp_path / "grid.txt").exists()
 
 
 def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_path):

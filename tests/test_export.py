@@ -286,10 +286,10 @@ def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_def
 
 
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
-    """A missing checkpoint, a grid too small to export, a file as the export folder, a folder as the
-    PNG, a missing graph, graphs mixed from two exports, a JSON that lacks a key, an export without
-    a decoder, a class the model lacks and an explicit but unavailable CUDA provider each end with
-    one 'error:' line and exit code 2; the sampler's API refuses class ids and codes out of range."""
+    """A missing checkpoint, a grid too small to export, a file as the export folder, a folder or a
+    .txt name as the PNG, a missing graph, graphs mixed from two exports, a JSON that lacks a key, an
+    export without a decoder, a class the model lacks and an explicit but unavailable CUDA provider
+    each end with one 'error:' line and exit code 2; the sampler's API refuses class ids and codes out of range."""
     folder, model, vq = exported
     with pytest.raises(ValueError, match="at least one row and one column and 12 tokens in all, got 0 x 8"):
         export_onnx(model, vq, str(tmp_path / "no_rows"), grid=(0, 8))
@@ -301,6 +301,9 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
         export_onnx(model, vq, str(tmp_path / "notes.txt"))
     code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--out", str(tmp_path))
     assert code == 2 and output.strip() == f"error: --out {tmp_path} is a folder; give a file name in it", output
+    code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--out", str(tmp_path / "a.txt"))
+    assert code == 2 and output.strip() == f"error: --out {tmp_path / 'a.txt'}: .txt is no image format PIL can " \
+                                           f"write; end the name with .png or .jpg", output
     code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x"))
     assert code == 2 and output.strip().splitlines()[-1].startswith("error: ARPG checkpoint not found"), output
     assert not (tmp_path / "x").exists(), "a failed export left a folder behind"

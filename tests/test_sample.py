@@ -363,6 +363,8 @@ def write_png(path, height, width):
     (["--image-index", "3"], "--image-index only applies to --edit inpaint / class-edit / outpaint"),
     (["--classes", "12", "3", "12"], "--classes 12 out of range"),
     (["--out", "UNDER_A_FILE"], "cannot make its folder"),
+    (["--out", "GRID_TXT"], ".txt is no image format PIL can write"),
+    (["--edit", "inpaint", "--out", "GRID_TXT"], ".txt is no image format PIL can write"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
     (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
     (["--edit", "outpaint", "--box", "0", "0", "8", "8"], "--box only applies to --edit inpaint / class-edit"),
@@ -380,12 +382,13 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
              "IMAGE_64x64": write_png(tmp_path / "square.png", 64, 64),
              "MISSING": str(tmp_path / "missing.pt"), "VQ": ckpts["vq"], "ARPG": ckpts["arpg"],
              "VQ_OTHER": ckpts["vq_other"], "NOT_AN_IMAGE": str(tmp_path / "notes.png"), "FOLDER": str(tmp_path),
-             "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png")}
+             "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png"), "GRID_TXT": str(tmp_path / "grid.txt")}
     (tmp_path / "notes.png").write_text("not a picture")
     argv = [files.get(arg, arg) for arg in case]
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run(ckpts, tmp_path, *argv, out="never.png")
-    assert not (tmp_path / "never.png").exists(), "a refused command wrote its output"
+    assert not (tmp_path / "never.png").exists() and not (tmp_path / "grid.txt").exists(), \
+        "a refused command wrote its output"
 
 
 def test_a_checkpoint_that_names_no_tokenizer_needs_vq_ckpt(ckpts, tmp_path, monkeypatch):
