@@ -22,9 +22,11 @@ Quick use:
 Train with `python train.py`, sample with `python sample.py`.
 """
 
+import argparse
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -827,11 +829,18 @@ def read_checkpoint(path_or_state):
     if not os.path.isfile(path_or_state):
         raise FileNotFoundError(f"checkpoint not found: {path_or_state}")
     try:
-        return torch.load(path_or_state, map_location="cpu", weights_only=True)
+        # The official training script saves its argparse arguments beside the weights (SPEC 8). A
+        # Namespace is a bag of attributes: unpickling one sets them and runs no code, so it is allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path_or_state, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; say what to do instead
-        raise ValueError(f"cannot read {path_or_state} as a weights-only checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0]}): is it a PyTorch checkpoint? One that holds more than "
-                         f"tensors and plain Python values must be re-saved as a dict of those") from None
+        # PyTorch's message for a pickled object is a page that tells how to run its code anyway
+        pickled_object = re.search(r"GLOBAL (\S+)", str(error))        # e.g. "GLOBAL __main__.Config"
+        if pickled_object:
+            raise ValueError(f"cannot read {path_or_state}: it holds a pickled {pickled_object[1]}, and checkpoints "
+                             f"are read weights-only, never running pickled code; re-save it as a dict of tensors "
+                             f"and plain Python values") from None
+        raise ValueError(f"cannot read {path_or_state} ({type(error).__name__}): is it a PyTorch checkpoint?") from None
 
 
 def config_from_dict(config_class, saved, what="checkpoint"):

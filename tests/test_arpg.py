@@ -423,12 +423,33 @@ def test_a_config_from_another_version_is_named_not_a_type_error():
         ARPG.from_checkpoint({"model": model.state_dict(), "config": config})
 
 
-def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
-    """A file that needs arbitrary unpickling (like the official training script's argparse args) is refused."""
-    path = tmp_path / "pickled.pt"
-    torch.save({"model": small_model().state_dict(), "args": argparse.Namespace(lr=1)}, path)
-    with pytest.raises(ValueError, match="weights-only"):
-        ARPG.from_checkpoint(str(path))
+class RunsCodeWhenUnpickled:
+    """Unpickling calls os.system(command): what a malicious checkpoint does."""
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_loads_its_argparse_arguments_but_no_other_pickled_object(tmp_path):
+    """The official training script's checkpoints ("model" beside a pickled argparse "args") load;
+    a pickled object of any other class is refused in one line, and its code never runs."""
+    model = small_model()
+    path = tmp_path / "official_training.pt"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4, gpt_model="ARPG-L")}, path)
+    loaded = ARPG.from_checkpoint(str(path), config=model.config)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+    witness = tmp_path / "the_code_ran"
+    torch.save({"model": model.state_dict(), "hook": RunsCodeWhenUnpickled(f"touch {witness}")}, path)
+    with pytest.raises(ValueError, match="it holds a pickled posix.system, and checkpoints are read weights-only, "
+                                         "never running pickled code; re-save it as a dict of tensors"):
+        ARPG.from_checkpoint(str(path), config=model.config)
+    assert not witness.exists(), "loading a checkpoint ran its pickled code"
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is it a PyTorch checkpoint"):
+        ARPG.from_checkpoint(str(tmp_path / "notes.pt"))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         ARPG.from_checkpoint(str(tmp_path / "missing.pt"))
 
