@@ -2,7 +2,22 @@
 ARPG: autoregressive image generation with randomized parallel decoding, in one file.
 
 Li, Yang, Li, Wang, "Autoregressive Image Generation with Randomized Parallel Decoding"
-(ICLR 2026, arXiv 2503.10568). This file is the model, written to be read top to bottom:
+(ICLR 2026, arXiv 2503.10568).
+
+The idea. An image is a grid of L tokens (codes of a VQ tokenizer, tokenizer.py), generated in a
+random order. The model separates *what* is known from *where* to predict next. Pass 1 (the
+"context decoder": causal self-attention) reads the class token and the tokens revealed so far
+and turns them into keys and values. Pass 2 (the "guided decoder") asks one query per position
+to predict: every query starts as the same learned [MASK] vector and carries only its target
+position (through RoPE), and it reads Pass 1's keys and values by cross-attention. Queries never
+attend to each other, so any number of positions can be predicted in one step against one KV
+cache: decoding takes 32-64 steps instead of L (worked example: `ARPG.forward`).
+
+Names. The two passes keep the official checkpoint's names, since those are its keys: Pass 1 is
+`layers.self_dec` (ContextBlock, SelfAttention, `context_depth` blocks), Pass 2 `layers.cross_dec`
+(GuidedBlock, CrossAttention, `guided_depth` blocks); `ARPG.context` and `ARPG.guided` run them.
+
+This file is the model, written to be read top to bottom:
 
     shape legend -> 2-D RoPE (with the class-token quirk) -> attention -> Pass-1 and Pass-2
     blocks -> the model: training forward (random-order teacher forcing, paper Sec. 3.1),
@@ -110,11 +125,10 @@ class ARPGConfig:
 # Parameter counts: ARPG-L 319,845,376; ARPG-XL 718,997,760; ARPG-XXL 1,302,449,664 (16384 codes,
 # 1000 classes, as released); tiny 1,744,512 (128 codes, 10 classes, 8 x 8 grid; trains on a laptop CPU).
 # tiny's 7 blocks are split 2 + 5, not half and half: a Pass-2 block is where a target's query
-# reads the canvas, and reading it well mattered more than encoding the known tokens once more
-# (6 blocks, 1000 steps, two seeds: 75.1% / 74.1% class accuracy for 2 + 4 against 71.8% / 71.8%
-# for 3 + 3; a Pass-2 block also has no key/value projections, so it is cheaper). Its depth
-# follows the CPU budget: 7 blocks where it holds ~1400 bf16 steps, 5 where steps cost twice as
-# much in fp32 (train.FP32_CPU_TINY_LAYERS). Each choice, with its measurements: EXPERIMENTS.md.
+# reads the canvas, and at this size reading it well mattered more than encoding the known tokens
+# once more (a Pass-2 block is also cheaper: it has no key/value projections). train.py trains 5
+# blocks (2 + 3) instead where the CPU lacks bf16 (train.FP32_CPU_TINY_LAYERS). Each choice, with
+# its measurements: EXPERIMENTS.md.
 ARPG_PRESETS = {
     "tiny": ARPGConfig(dim=128, n_layer=7, pass1_layers=2, n_head=4, vocab_size=128, num_classes=10, block_size=64,
                        class_rope="identity", query_position=True),  # departures: RoPE section, ARPG.guided, the split
@@ -131,24 +145,20 @@ ARPG_PRESETS = {
 # dim D is split in two: channel pairs in the first half rotate by the token's row, pairs in the
 # second half by its column. A table row holds (cos, sin) for every pair: shape (D/2, 2).
 #
-# The table has one extra slot in front, slot 0, for the class token. In the official code that
-# slot is all ZEROS (cos = sin = 0), not the identity rotation. Rotating by it multiplies a vector
-# by zero, so the class token's query and key vanish: every attention logit against it is 0 and it
-# acts only through its value. That is a quirk of LlamaGen's table, and the released ARPG weights
+# The table has one extra slot in front, slot 0, for the class token, so grid position p
+# (row-major, p = row * cols + col) is slot p + 1: hence every `rope[... + 1]` below. In the
+# official code slot 0 is all ZEROS (cos = sin = 0), not the identity rotation. Rotating by it
+# multiplies a vector by zero, so the class token's query and key vanish: every attention logit
+# against it is 0 and it acts only through its value. That is a quirk of LlamaGen's table, and the released ARPG weights
 # were trained with it, so the L / XL / XXL presets keep it (class_rope="zero").
 #
 # The `tiny` preset uses the identity rotation instead (class_rope="identity"), a deliberate
-# departure. With the zero slot the logit of every query against the class key is 0, whatever
-# the query: no query can attend to the class more than its other keys let it, and the class
-# token's share of attention only shrinks as tokens are revealed. Nor can a query tell where it
-# is on the canvas: RoPE alone gives only offsets between tokens, and the class key, the one key
-# without a position, is zero. With the identity slot the class key is an ordinary, unrotated
-# key, so the logit between a query at position p and the class key depends on p. The model can
-# then attend to the class as strongly as it likes and learn absolute position from it. On the
-# earlier built-in classes, after a 600-step run (the default at the time), the class accuracy of
-# 32-step samples went from 13.6% to 23.0% (EXPERIMENTS.md, "What was worth keeping").
-# ImageNet-scale models learn around the quirk; a tiny one on a CPU budget cannot afford to. Grid
-# position p (row-major, p = row * cols + col) is slot p + 1.
+# departure. With the zero slot no query can attend to the class more than its other keys let
+# it, and no query can tell where it is on the canvas: RoPE alone gives only offsets between
+# tokens, and the class key, the one key without a position, is zero. With the identity slot the
+# class key is an ordinary, unrotated key, so the model can attend to the class as strongly as it
+# likes and learn absolute position from it (class accuracy 13.6% -> 23.0% in an early short run:
+# EXPERIMENTS.md). ImageNet-scale models learn around the quirk; a tiny one on a CPU budget cannot.
 
 def build_rope_table(rows: int, cols: int, head_dim: int, base: float = 10000.0,
                      class_rope: str = "zero") -> torch.Tensor:
@@ -189,13 +199,6 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def dropout(p: float) -> nn.Module:
-    """nn.Dropout(p), or nothing at all for p = 0: in training mode even a Dropout(0.0) draws a
-    random mask and multiplies by it, which cost train.py's `tiny` recipe (no dropout) ~10% of its
-    CPU training step (eager, batch 64: 420 -> 380 ms)."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -212,7 +215,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, hidden, bias=False)
         self.w3 = nn.Linear(config.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, config.dim, bias=False)
-        self.dropout = dropout(config.ffn_dropout_p)
+        self.dropout = nn.Dropout(config.ffn_dropout_p)
 
     def forward(self, x):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
@@ -266,7 +269,7 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
-        self.proj_dropout = dropout(config.resid_dropout_p)
+        self.proj_dropout = nn.Dropout(config.resid_dropout_p)
 
     def forward(self, x, rope, mask=None, cache=None):
         # x (B, T, C); rope (B or 1, T, D/2, 2): each token is rotated by its own grid position
@@ -294,7 +297,7 @@ class CrossAttention(nn.Module):
         self.dropout_p = config.attn_dropout_p
         self.to_q = nn.Linear(config.dim, config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
-        self.proj_dropout = dropout(config.resid_dropout_p)
+        self.proj_dropout = nn.Dropout(config.resid_dropout_p)
 
     def forward(self, x, target_rope, k, v, mask=None):
         # x (B, K, C); target_rope (B or 1, K, D/2, 2); k, v (B, H, N, D)
@@ -387,7 +390,7 @@ class ARPG(nn.Module):
         self.mask_id = V
         self.null_class_id = V + config.num_classes + 1
         self.embeddings = nn.Embedding(V + config.num_classes + 3, config.dim)
-        self.embed_dropout = dropout(config.token_dropout_p)
+        self.embed_dropout = nn.Dropout(config.token_dropout_p)
         self.layers = TwoPassDecoder(config)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, V, bias=False)
@@ -459,8 +462,7 @@ class ARPG(nn.Module):
         attends to; the query's own vector never holds it. The `tiny` preset departs from that
         (config.query_position): it adds a learned linear map of the query's RoPE row (the cos and
         sin of its row and column at every frequency) to the [MASK] embedding, so the feed-forward
-        layers can use "where am I" directly. After a 600-step run (the default at the time) on the
-        built-in shapes, class accuracy of 32-step samples went from 21.6% to 29.0% (500 samples;
+        layers can use "where am I" directly (class accuracy 21.6% -> 29.0% in an early short run:
         EXPERIMENTS.md).
         """
         k, v = shared_kv                                                  # (B, H, N, D) each
@@ -506,11 +508,12 @@ class ARPG(nn.Module):
 
         targets = tokens.gather(1, order)                                 # (B, L) tokens in generation order
         inputs = torch.cat([class_ids[:, None], targets[:, :-1]], dim=1)  # (B, L) class token, then all but the last
-        input_rope = self.rope[torch.cat([torch.zeros_like(order[:, :1]), order[:, :-1] + 1], dim=1)]  # (B, L, D/2, 2)
+        input_slots = torch.cat([torch.zeros_like(order[:, :1]), order[:, :-1] + 1], dim=1)  # (B, L): class slot 0,
+        input_rope = self.rope[input_slots]                               # then the inputs' positions: (B, L, D/2, 2)
         target_rope = self.rope[order + 1]                                # (B, L, D/2, 2)
         causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()  # (L, L): i sees 0..i
 
-        shared_kv = self.context(inputs, input_rope, mask=causal)[-1]
+        shared_kv = self.context(inputs, input_rope, mask=causal)[-1]    # the last entry: the K/V Pass 2 reads
         logits = self.guided(target_rope, shared_kv, mask=causal)         # (B, L, V)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
@@ -542,7 +545,8 @@ class ARPG(nn.Module):
         tokens come back unchanged.
 
         fast=True runs the same loop on preallocated caches (`StaticCachePasses`, below): the same
-        tokens, faster; compile=True also compiles its steps (worth it on GPUs for long runs).
+        tokens, faster; compile=True (with fast=True) also compiles its steps (worth it on GPUs
+        for long runs).
         """
         rows, cols = grid or (self.config.grid_size,) * 2
         L = rows * cols
@@ -550,6 +554,8 @@ class ARPG(nn.Module):
         self._check_labels(labels, None)
         B = labels.shape[0]
         check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale)
+        if compile and not fast:
+            raise ValueError("compile=True compiles the fast path's steps: pass fast=True too")
         rope = self.rope_table(rows, cols)                                # (1 + L, D/2, 2)
 
         # 1. Which positions are given, which to decode, and in what order.
@@ -658,8 +664,9 @@ class ARPG(nn.Module):
             return None
         if known_tokens is None or known_mask is None:
             raise ValueError("known_tokens and known_mask go together: give both or neither")
-        if tuple(known_mask.shape) != (batch, length):
-            raise ValueError(f"known_mask must have shape ({batch}, {length}), got {tuple(known_mask.shape)}")
+        for name, given in (("known_tokens", known_tokens), ("known_mask", known_mask)):
+            if tuple(given.shape) != (batch, length):
+                raise ValueError(f"{name} must have shape ({batch}, {length}), got {tuple(given.shape)}")
         known_mask = known_mask.bool().to(self.embeddings.weight.device)
         # One mask for the whole batch keeps every row's Pass-1 cache the same length.
         if not (known_mask == known_mask[:1]).all():
@@ -788,7 +795,7 @@ def compile_for_any_size(step):
     again when they part: a first batch of as many rows as the model is wide (64 images with
     guidance for `tiny`) held the batch to the width, and sizes equal at one step and not at the
     next got graphs of their own, up to dynamo's limit of 8 per function, past which it runs
-    eagerly. Without it, a process traces each step's few graphs once (sizes 0 and 1 are
+    eagerly. With duck shaping off, a process traces each step's few graphs once (sizes 0 and 1 are
     still traced apart from the rest), whatever the batches and step counts that follow."""
     compiled = torch.compile(step, dynamic=True)
 

@@ -377,7 +377,12 @@ def test_same_generator_seed_gives_same_tokens():
     (lambda m: m.generate(torch.tensor([1]), order=torch.zeros(16, dtype=torch.long)), "order must be a permutation"),
     (lambda m: m.generate(torch.tensor([1]), schedule="linear"), "schedule must be"),
     (lambda m: m.generate(torch.tensor([1]), known_tokens=torch.zeros(1, 9, dtype=torch.long),
-                          known_mask=torch.ones(1, 9, dtype=torch.bool)), "known_mask must have shape"),
+                          known_mask=torch.ones(1, 9, dtype=torch.bool)), "known_tokens must have shape"),
+    (lambda m: m.generate(torch.tensor([1, 2, 3]), known_tokens=torch.zeros(2, 16, dtype=torch.long),
+                          known_mask=torch.ones(3, 16, dtype=torch.bool)), r"known_tokens must have shape \(3, 16\)"),
+    (lambda m: m.generate(torch.tensor([1]), known_tokens=torch.zeros(1, 16, dtype=torch.long),
+                          known_mask=torch.ones(16, dtype=torch.bool)), "known_mask must have shape"),
+    (lambda m: m.generate(torch.tensor([1]), steps=4, compile=True), "pass fast=True too"),
     (lambda m: m(torch.zeros(2, 15, dtype=torch.long), torch.tensor([0, 1])), "tokens must have shape"),
     (lambda m: m(torch.full((2, 16), 64), torch.tensor([0, 1])), "tokens must be codes in"),
     (lambda m: m(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0])), "labels must have shape"),
@@ -385,7 +390,8 @@ def test_same_generator_seed_gives_same_tokens():
      "order must be a permutation"),
 ])
 def test_bad_input_raises_a_clear_error(call, message):
-    """Out-of-range classes, steps, non-permutation orders and wrong shapes raise ValueError saying so."""
+    """Out-of-range classes, steps, non-permutation orders, wrong shapes and compile without the fast
+    path raise ValueError saying so."""
     with pytest.raises(ValueError, match=message):
         call(small_model())
 
