@@ -104,6 +104,10 @@ def parse_args(argv=None):
     decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
                           help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), 0.9-1.3x "
                                "on a 2-core CPU (bench.py); readable: the reference loop. Both give the same tokens")
+    decoding.add_argument("--compile", action="store_true",
+                          help="compile the fast sampler's steps (torch.compile): a few minutes of compiling for "
+                               "fewer kernel launches per step, for long runs (--fid, --eval) on a GPU; no faster "
+                               "on a 2-core CPU")
 
     modes = parser.add_argument_group("modes (default: an image grid)").add_mutually_exclusive_group()
     modes.add_argument("--fid", type=int, default=None, metavar="N",
@@ -510,6 +514,8 @@ def check_flags(args):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     check_device(args.device)
+    if args.compile and args.sampler != "fast":
+        raise ValueError("--compile compiles the fast sampler's steps; it does not go with --sampler readable")
     applies = {"--eval-samples": args.eval is not None, "--classifier": args.eval is not None,
                "--per-class": args.eval is None and args.fid is None and not args.show_decoding,  # their own counts
                "--classes": args.eval is None}                                # --eval samples every class
@@ -561,7 +567,7 @@ def decoding_settings(args, defaults=SAMPLING_DEFAULTS):
     --cfg, --cfg-schedule, --schedule and --top-p fall back to `defaults` (the checkpoint's, from
     load_models)."""
     return dict(sampling_settings(args, defaults), temperature=args.temperature, top_k=args.top_k,
-                fast=args.sampler == "fast")
+                fast=args.sampler == "fast", compile=args.compile)
 
 
 def output_path(args):

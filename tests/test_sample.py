@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import arpg
 import evaluate
 import sample
 import schedules
@@ -362,6 +363,7 @@ def write_png(path, height, width):
     (["--edit", "inpaint", "--image", "IMAGE_64x64", "--image-index", "3"], "--image-index picks a built-in image"),
     (["--image-index", "3"], "--image-index only applies to --edit inpaint / class-edit / outpaint"),
     (["--classes", "12", "3", "12"], "--classes 12 out of range"),
+    (["--compile", "--sampler", "readable"], "--compile compiles the fast sampler's steps; it does not go with"),
     (["--out", "UNDER_A_FILE"], "cannot make its folder"),
     (["--out", "GRID_TXT"], ".txt is no image format PIL can write"),
     (["--edit", "inpaint", "--out", "GRID_TXT"], ".txt is no image format PIL can write"),
@@ -389,6 +391,17 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
         run(ckpts, tmp_path, *argv, out="never.png")
     assert not (tmp_path / "never.png").exists() and not (tmp_path / "grid.txt").exists(), \
         "a refused command wrote its output"
+
+
+def test_compile_reaches_the_fast_sampler(ckpts, tmp_path, monkeypatch):
+    """--compile hands the fast path's two step functions to the compiler (here a stand-in that
+    records them, since compiling takes minutes on a CPU; tests/test_arpg.py compiles for real)."""
+    compiled = []
+    monkeypatch.setattr(arpg, "compile_for_any_size", lambda step: compiled.append(step.__name__) or step)
+    run(ckpts, tmp_path, "--steps", "4", "--per-class", "1", "--classes", "0")
+    assert compiled == [], "compiled without --compile"
+    run(ckpts, tmp_path, "--steps", "4", "--per-class", "1", "--classes", "0", "--compile")
+    assert compiled == ["_context_step", "_guided"], compiled
 
 
 def test_a_checkpoint_that_names_no_tokenizer_needs_vq_ckpt(ckpts, tmp_path, monkeypatch):
