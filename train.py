@@ -8,8 +8,8 @@ the loss itself is `ARPG.forward` in arpg.py) and the recipe of Sec. 4.1 / SPEC 
 warm-up then cosine decay to 1e-5, gradient clipping at 1.0, bf16 autocast, label dropout 0.1
 (so classifier-free guidance works at sampling time), EMA weights. The `tiny` CPU recipe departs
 from it where a few minutes of training need it (RECIPES below): Muon for the weight matrices,
-a higher learning rate held at its peak before a linear decay, no dropout, no EMA, a compiled
-step, and 5 blocks instead of 7 in a timed fp32 run (FP32_CPU_TINY_LAYERS).
+a higher learning rate held at its peak before a linear decay, no dropout (label dropout stays,
+for guidance), no EMA, a compiled step, and 5 blocks instead of 7 in a timed fp32 run (FP32_CPU_TINY_LAYERS).
 
 With no arguments it does everything on a CPU with no download, in about 9.5 minutes on 2 cores:
 draws the built-in shapes dataset (data.py), trains the small VQ tokenizer (tokenizer.py) unless
@@ -71,18 +71,16 @@ from tokenizer import (IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolde
 # Recipes: the defaults that depend on the model size. Each flag named by a key here takes its
 # value from here when it is not given (`fill_in_defaults`). L / XL / XXL follow the paper
 # (SPEC 5); `tiny` is tuned for the default CPU run, which has a time budget rather than a step
-# count (--total-minutes 9.5): the tiny model is still learning when it stops (6 blocks, seed 0, the
-# tokenizer in fp32: 88.6% class accuracy after the 1566 steps of a default run, 92.4% after 2000
-# with --max-steps; README), so the run takes as many steps as the machine fits into 9.5 minutes,
-# tokenizer included, and stays within the 10 minutes promised on a slow one (cold-cache runs on
-# two 2-core AMD EPYCs ended between 9:16 and 9:40; with 9 minutes one took 1465 instead of 1583
-# steps, seed 0). --max-steps fixes the count instead, for results that do not depend on the
-# machine's speed.
+# count (--total-minutes 9.5): the tiny model is still learning when it stops (about a point of
+# class accuracy per 100 more steps; EXPERIMENTS.md), so the run takes as many steps as the machine
+# fits into 9.5 minutes, tokenizer included, and stays within the 10 minutes promised on a slow one
+# (cold-cache default runs on 2-core AMD EPYCs end between 9:16 and 9:40). --max-steps fixes the
+# count instead, for results that do not depend on the machine's speed.
 
 RECIPES = {
     # tiny departs from the paper where a few minutes of CPU training call for it (each change with
     # its measured effect, and the settings tried around it: EXPERIMENTS.md):
-    # - No dropout and no EMA. A short run has little room to overfit (with 20,000 images the loss
+    # - No dropout (label dropout stays: guidance needs it) and no EMA. A short run has little room to overfit (with 20,000 images the loss
     #   on training and on held-out images stayed together, 0.773 against 0.786 after 2154 steps),
     #   and an EMA would mostly average the early, worse weights.
     # - The learning rate holds its peak until the last 30% of the steps, then falls linearly,
@@ -119,30 +117,23 @@ PAPER_EPOCHS = 400          # SPEC 5: the paper's training length; max_steps = e
 ADAM_BETAS = (0.9, 0.95)    # SPEC 5
 BUILTIN_TOKENIZER = "out/tokenizer.pt"  # the small tokenizer the default run trains
 # ... on the first tokenizer.TRAINING_IMAGES (5000) built-in images
-# ... for 900 steps rather than tokenizer.py's 1200, which leaves the ARPG ~40 s (~180 steps) more
-# of the default run: held-out PSNR 27.92 -> 26.89 dB (seed 0) and 28.07 -> 27.09 dB (seed 1), but
-# ARPGs given the steps that buys (1690 against 1500, 6 blocks) 89.5% -> 89.5% and 88.3% -> 90.5%
-# class accuracy at 32 steps (two sampling seeds each).
+# ... for 900 steps rather than tokenizer.py's 1200: ~40 s (~180 steps) more for the ARPG, which
+# gained more than the tokenizer lost (held-out PSNR ~1 dB lower; class accuracy 89.5% -> 89.5% and
+# 88.3% -> 90.5%, seeds 0 and 1, with an earlier 6-block recipe; EXPERIMENTS.md).
 TOKENIZER_STEPS = 900
-# ... or for 2.5 minutes, whichever ends first, when the run has a time budget: on a CPU without
-# bf16 matrix instructions every step of both models costs about twice as much, and the budget's
-# minutes do more for the ARPG than the tokenizer's last steps. (2-core AMD EPYC with AVX2 only,
-# fp32: with seed 0, 900 tokenizer steps took 3 min 36 s and left 478 ARPG steps, 69.1% class
-# accuracy, and 600 steps 2 min 26 s, 565 ARPG steps, 75.0%; with seed 1, 900 steps 4 min 07 s,
-# 386 ARPG steps, 72.7%, and the cap 552 steps, 567 ARPG steps, 74.4%; the cap with seed 0: 579
-# steps, 597 ARPG steps, 73.2%; EXPERIMENTS.md.) Where bf16 runs, 900 steps take about 2 minutes
-# and the cap binds only in the machine's slow spells. A smaller budget (--total-minutes) shrinks
+# ... or for 2.5 minutes, whichever ends first, when the run has a time budget. Where bf16 runs, 900
+# steps take about 2 minutes and the cap binds only in slow spells; on a CPU without bf16 matrix
+# instructions each step costs twice as much, and the budget's minutes do more for the ARPG than
+# the tokenizer's last steps (AVX2 EPYC, fp32: 478 -> 597 ARPG steps, 69.1% -> 73.2% for seed 0;
+# 386 -> 567 steps, 72.7% -> 74.4% for seed 1; EXPERIMENTS.md). A smaller --total-minutes shrinks
 # the cap in proportion (`tokenizer_minutes`), or --total-minutes 3 would leave the ARPG no time.
 TOKENIZER_MINUTES = 2.5
 # On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
-# steps cost ~35% less, so the budget holds ~800 steps instead of ~500. 5 blocks learn more from
-# so few steps (AVX2 EPYC, fp32, 1000 samples at 32 steps, the same tokenizer and ARPG minutes
-# for each pair): 69.6% -> 74.8% (seed 0; 486 -> 768 steps) and 77.0% -> 80.6% (seed 1; 544 -> 814
-# steps); with seed 0, 6 blocks gave 72.2% (704 steps), 4 blocks 69.9% (990), and 7 blocks in
-# batches of 32 70.4% (969 steps). Default runs: 5 blocks 78.0% (mean of seeds 0-11), 7 blocks 73.4%
-# (mean of five), seeds 3-4 points apart either way.
-# Where bf16 runs, the budget holds ~1400 steps of the 7-block model, and 7 blocks gave more than 6
-# (EXPERIMENTS.md). A run with --max-steps keeps the preset on every CPU.
+# steps cost ~35% less, so the budget holds ~800 steps instead of ~500, and 5 blocks learn more
+# from so few (default runs on an AVX2 EPYC: 78.0% class accuracy, the mean of twelve seeds,
+# against 73.4% for five 7-block runs; 4 and 6 blocks did worse: EXPERIMENTS.md). Where bf16 runs,
+# the budget holds ~1400 steps of the 7-block model, which beat 6 blocks there. A run with
+# --max-steps keeps the preset on every CPU.
 FP32_CPU_TINY_LAYERS = 5
 
 
@@ -525,15 +516,16 @@ def check_matches_data(config, dataset):
 # Sample grids: one row per class, decoded by the tokenizer
 
 def save_sample_grid(model, vq, class_names, path, args, device):
+    """One row per class (R rows), args.sample_columns samples (P) in each, written to path."""
     classes = default_classes(class_names)  # sample.py's rows: every class up to 16, else 8 of them
-    labels = torch.tensor(classes, device=device).repeat_interleave(args.sample_columns)  # (R*C,)
+    labels = torch.tensor(classes, device=device).repeat_interleave(args.sample_columns)  # (R*P,)
     generator = torch.Generator(device).manual_seed(args.seed)  # the same noise every time: grids are comparable
-    tokens = model.generate(labels, steps=args.sample_steps, cfg_scale=args.sample_cfg,  # (R*C, L)
+    tokens = model.generate(labels, steps=args.sample_steps, cfg_scale=args.sample_cfg,  # (R*P, L)
                             cfg_schedule=args.sample_cfg_schedule, schedule=args.sample_schedule,
                             top_p=args.sample_top_p, generator=generator)
     grid = model.config.grid_size
-    images = tensor_to_images(vq.decode(tokens.view(-1, grid, grid)))  # (R*C, H, W, 3)
-    images = images.reshape(len(classes), args.sample_columns, *images.shape[1:])  # (R, C, H, W, 3)
+    images = tensor_to_images(vq.decode(tokens.view(-1, grid, grid)))  # (R*P, H, W, 3)
+    images = images.reshape(len(classes), args.sample_columns, *images.shape[1:])  # (R, P, H, W, 3)
     save_image_grid(images, [class_names[c] for c in classes], path)
 
 
