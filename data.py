@@ -20,8 +20,8 @@ Use it:
     from data import CLASS_NAMES, make_builtin_dataset, save_image_grid
     images, labels = make_builtin_dataset(5000, seed=0)  # uint8 (5000, 64, 64, 3), int64 (5000,)
 
-The end of the file holds what every script shares: atomic file writes, output-path checks, the
-labelled image grid and the one-line exit on bad input. They live here, free of torch, so that
+The end of the file holds what every script shares: atomic file writes, output-path checks,
+reading image files, the labelled image grid and the one-line exit on bad input. They live here, free of torch, so that
 onnx_sampler.py runs without PyTorch.
 """
 import argparse
@@ -169,7 +169,7 @@ def make_builtin_dataset(n, seed=0, image_size=64):
 
 # -----------------------------------------------------------------------------
 # Shared by the scripts: files written atomically and named after their checkpoint, class ids
-# checked, a labelled image grid, and the bad-input exit
+# checked, image files read, a labelled image grid, and the bad-input exit
 
 @contextlib.contextmanager
 def atomic_output(path, suffix=""):
@@ -227,6 +227,19 @@ def check_classes(classes, num_classes, flag="--classes"):
     if bad:
         raise ValueError(f"{flag} {' '.join(map(str, bad))} out of range: this model has {num_classes} classes "
                          f"(0..{num_classes - 1})")
+
+
+def read_image(path, mode="RGB", what="image"):
+    """An image file as a PIL image in `mode` ("RGB", or "L" for a mask), read whole. Files of 16
+    bits per channel are brought down to 8 first: PIL's convert would clip their values at 255,
+    turning nearly every pixel of a 16-bit greyscale PNG white. An alpha channel is dropped."""
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I"):                               # 16-bit greyscale ("I;16", "I")
+                image = Image.fromarray((np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
+            return image.convert(mode)
+    except (OSError, Image.DecompressionBombError) as error:  # not an image, a damaged one, one too large to open
+        raise ValueError(f"cannot read {what} {path}: {error}") from None
 
 
 def save_image_grid(images, row_labels, path, pad=2, column_labels=None):

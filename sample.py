@@ -32,13 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import evaluate
 from arpg import ARPG, check_device, read_checkpoint
 from data import (CLASS_NAMES, atomic_output, check_classes, check_image_path, check_output_path, make_builtin_dataset,
-                  run_script, save_image_grid)
+                  read_image, run_script, save_image_grid)
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
 from tokenizer import VQModel, tensor_to_images
 
@@ -289,11 +288,7 @@ def load_image(path, mode="RGB", what="image"):
     """An image file -> uint8 (H, W, 3), or (H, W) with mode "L"."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
-    except OSError as error:  # not an image, or a damaged one
-        raise ValueError(f"cannot read {what} {path} ({error}): give a PNG or JPEG file") from None
+    return np.asarray(read_image(path, mode, what))
 
 
 def check_image_size(image, factor):

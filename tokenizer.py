@@ -50,7 +50,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from arpg import check_device, config_from_dict, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
-from data import beside, check_output_path, run_script, save_image_grid
+from data import beside, check_output_path, read_image, run_script, save_image_grid
 from muon import Muon
 
 # -----------------------------------------------------------------------------
@@ -812,13 +812,8 @@ class ImageFolderCrops(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from PIL import Image
         path, class_id, index = self.items[i]
-        try:
-            with Image.open(path) as image:
-                crop = centre_crop(image.convert("RGB"), self.image_size)
-        except OSError as error:
-            raise ValueError(f"cannot read image {path}: {error}") from None
+        crop = centre_crop(read_image(path), self.image_size)
         return images_to_tensor(np.asarray(crop)[None])[0], class_id, index
 
 

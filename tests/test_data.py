@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFont
 
-from data import CLASS_NAMES, atomic_output, check_output_path, make_builtin_dataset, save_image_grid
+from data import CLASS_NAMES, atomic_output, check_output_path, make_builtin_dataset, read_image, save_image_grid
 
 
 def test_same_seed_gives_identical_dataset():
@@ -115,6 +116,31 @@ def test_save_image_grid_writes_the_format_its_name_asks_for(tmp_path):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / name))
         with Image.open(tmp_path / name) as image:
             assert image.format == image_format, f"{name}: {image.format}"
+
+
+def test_read_image_brings_16_bit_files_down_to_8_bits(tmp_path, monkeypatch):
+    """A 16-bit greyscale PNG reads as its top 8 bits (PIL's convert alone clips it to white), in
+    RGB and as a mask; RGBA loses its alpha; a file too large to open safely, or no image at all,
+    is one ValueError naming the file. tokenizer.ImageFolderCrops reads its files with it."""
+    ramp16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # 0 .. 65520
+    Image.fromarray(ramp16).save(tmp_path / "grey16.png")
+    expected = (ramp16 >> 8).astype(np.uint8)                            # (64, 64)
+    assert np.array_equal(np.asarray(read_image(tmp_path / "grey16.png", "L")), expected)
+    assert np.array_equal(np.asarray(read_image(tmp_path / "grey16.png")), np.repeat(expected[..., None], 3, -1))
+    from tokenizer import ImageFolderCrops, images_to_tensor
+    crop, _, _ = ImageFolderCrops([(tmp_path / "grey16.png", 0, 0)], 64)[0]
+    assert torch.equal(crop, images_to_tensor(np.repeat(expected[None, ..., None], 3, -1))[0]), "crop is not the 8-bit image"
+
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert np.array_equal(np.asarray(read_image(tmp_path / "rgba.png")), rgba[..., :3])
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)               # PIL refuses over twice this
+    with pytest.raises(ValueError, match="cannot read image .*grey16.png: Image size .* exceeds limit"):
+        read_image(tmp_path / "grey16.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ValueError, match="cannot read mask .*notes.png: cannot identify image file"):
+        read_image(tmp_path / "notes.png", "L", "mask")
 
 
 def test_save_image_grid_rejects_bad_input(tmp_path):
