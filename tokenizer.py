@@ -791,14 +791,18 @@ def list_image_folder(image_dir):
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir}")
     classes = class_folder_names(image_dir)
-    items = []
+    items, empty = [], []
     for class_id, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(image_dir, name))  # hidden files (macOS ._x.jpg) skipped
                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         items += [(os.path.join(image_dir, name, f), class_id, index) for index, f in enumerate(files)]
+        if not files:
+            empty.append(name)
     if not items:
         raise ValueError(f"no images in {image_dir}: expected one subfolder per class holding "
                          f"{'/'.join(IMAGE_EXTENSIONS)} files")
+    if empty:  # a class that never appears; and its code folder would be missing, renumbering the ones after it
+        raise ValueError(f"class folder(s) {', '.join(empty)} in {image_dir} hold no images: fill or remove them")
     return items
 
 

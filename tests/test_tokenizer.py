@@ -463,6 +463,7 @@ def tokenize_cli(*argv):
 
 @pytest.mark.parametrize("problem, expected", [
     ("missing folder", "image folder not found"), ("no images", "no images in"),
+    ("an empty class", "class folder(s) b_birds in"),
     ("size not divisible", "--image-size must be a positive multiple of the tokenizer's downsampling factor 4, got 18"),
     ("size zero", "--image-size must be a positive multiple of the tokenizer's downsampling factor 4, got 0"),
     ("empty batches", "the batch size must be at least 1"), ("unknown device", "--device gpu0: not a device name")])
@@ -470,7 +471,11 @@ def test_tokenize_cli_bad_input_is_one_line_and_exit_code_2(problem, expected, i
     """Bad input ends the CLI with exit code 2 and a one-line error on stderr saying what was wrong."""
     images, ckpt = image_folder
     (tmp_path / "empty" / "class").mkdir(parents=True)
+    if problem == "an empty class":  # between two others: ids must not shift (train.py numbers code folders)
+        (images / "b_birds").mkdir()
+        (images / "b_birds" / "readme.txt").write_text("no pictures yet")
     source, size = {"missing folder": (tmp_path / "absent", "16"), "no images": (tmp_path / "empty", "16"),
+                    "an empty class": (images, "16"),
                     "size not divisible": (images, "18"), "size zero": (images, "0"),
                     "empty batches": (images, "16"), "unknown device": (images, "16")}[problem]
     batch = "0" if problem == "empty batches" else "64"
