@@ -663,6 +663,8 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     if (max_steps is not None and max_steps < 1) or (minutes is not None and minutes <= 0):
         raise ValueError(f"max_steps must be at least 1 and minutes positive, got {max_steps} and {minutes}")
     images_uint8 = np.asarray(images_uint8)
+    if len(images_uint8) == 0:
+        raise ValueError("no images to train the tokenizer on")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vq = VQModel(config).to(device).train()
@@ -687,7 +689,7 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
     while True:
         elapsed = time.time() - start
         progress = max(step / max_steps if max_steps else 0.0, elapsed / (60 * minutes) if minutes else 0.0)
-        if progress >= 1.0:
+        if progress >= 1.0 and step > 0:  # one step at least: a budget spent before it still ends in a checkpoint
             break
         for optimizer in optimizers:
             for group in optimizer.param_groups:
