@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arpg import in_eval_mode, load_strict, read_checkpoint, save_atomic, unwrap_state_dict
-from data import CLASS_NAMES, make_builtin_dataset, run_script
+from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_script
 
 DEFAULT_CLASSIFIER = "out/classifier.pt"
 
@@ -137,6 +137,8 @@ def load_classifier(path=DEFAULT_CLASSIFIER, image_size=64, n_train=3000, train_
             load_strict(classifier, unwrap_state_dict(checkpoint), f"classifier {path} (delete it to retrain)")
             return classifier.eval(), checkpoint["heldout_accuracy"]
         log(f"{path} was trained on {checkpoint.get('image_size')} px images, not {image_size}: retraining")
+    else:
+        check_output_path(path, "--classifier")                          # before the training, not after it
     log(f"training the evaluation classifier on {n_train} real built-in images (once; cached in {path})")
     start = time.time()
     images, labels = make_builtin_dataset(n_train, seed=CLASSIFIER_TRAIN_SEED, image_size=image_size)

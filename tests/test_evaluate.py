@@ -97,6 +97,13 @@ def test_another_checkpoint_given_as_the_classifier_is_refused_and_left_alone(tm
     assert path.read_bytes() == before, "the checkpoint was changed"
 
 
+def test_a_classifier_path_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
+    """A folder as --classifier is refused, naming the flag, before minutes of training."""
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *args, **kwargs: pytest.fail("trained first"))
+    with pytest.raises(ValueError, match=f"--classifier {tmp_path} is a folder; give a file name in it"):
+        evaluate.load_classifier(str(tmp_path), n_train=10, train_steps=1, log=lambda line: None)
+
+
 # --- the command line ---
 
 def test_cli_scores_a_sample_file_and_refuses_one_without_labels(cached_classifier, tmp_path):
