@@ -24,6 +24,8 @@ def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
     on 256 tokens); we keep at least one token per step for the steps still to come, which
     changes nothing for the settings the paper uses (tests compare with the official counts).
     """
+    if not 1 <= steps <= length:  # callers check this with their own wording first; this is the rule's own guard
+        raise ValueError(f"steps must be between 1 and the {length} tokens to reveal, got {steps}")
     counts, done = [], 0
     for step in range(steps):
         if step == steps - 1:

@@ -107,10 +107,14 @@ def test_reveal_counts_match_official(schedule, steps):
 
 
 def test_reveal_counts_one_token_per_step_at_most_steps():
-    """Every step reveals at least one token and all are revealed, even with as many steps as tokens."""
+    """Every step reveals at least one token and all are revealed, even with as many steps as tokens;
+    more steps than tokens, or none, is refused."""
     for length, steps in [(256, 256), (64, 64), (64, 63), (10, 3), (1, 1)]:
         counts = reveal_counts(length, steps, "cosine")
         assert sum(counts) == length and min(counts) >= 1 and len(counts) == steps, (length, steps, counts)
+    for length, steps in [(4, 6), (5, 0)]:  # more steps than tokens, or none: no such schedule
+        with pytest.raises(ValueError, match=f"steps must be between 1 and the {length} tokens to reveal, got {steps}"):
+            reveal_counts(length, steps, "cosine")
 
 
 @pytest.mark.parametrize("size", ["L", "XL", "XXL"])
