@@ -199,6 +199,8 @@ def beside(path, suffix):
 def check_output_path(path, flag="--out"):
     """Refuse an output file that cannot be written, in one line: scripts call this before their
     work, so that a typo in --out does not cost a training run. Makes the folder if missing."""
+    if not os.fspath(path).strip():
+        raise ValueError(f"{flag} is empty; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep)):  # "new_folder/" is no file name either
         raise ValueError(f"{flag} {path} is a folder; give a file name in it")

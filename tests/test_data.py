@@ -179,7 +179,7 @@ def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_p
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
-    """A folder (also a new one, named with a trailing slash), or a path under a file, is a
+    """A folder (also a new one, named with a trailing slash), a path under a file, or an empty name is a
     ValueError naming the problem, and nothing is made; a missing folder is made."""
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     for folder in (str(tmp_path), str(tmp_path / "new_folder") + "/"):
@@ -188,6 +188,9 @@ def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "new_folder").exists(), "a refused path made a folder"
     with pytest.raises(ValueError, match="is not a regular file"):
         check_output_path("/dev/null")
+    for empty in ("", " "):  # would train for minutes, then fail to rename the result
+        with pytest.raises(ValueError, match="--out is empty; give a file name"):
+            check_output_path(empty)
     with pytest.raises(ValueError, match="cannot make its folder"):
         check_output_path(str(tmp_path / "notes.txt" / "grid.png"))
     check_output_path(str(tmp_path / "new" / "grid.png"))  # a missing folder is made
