@@ -547,7 +547,7 @@ class VQModel(nn.Module):
         """
         checkpoint = read_checkpoint(path_or_state)
         state = unwrap_state_dict(checkpoint)
-        where = path_or_state if isinstance(path_or_state, str) else "the given state"
+        where = "the given state" if isinstance(path_or_state, dict) else os.fspath(path_or_state)
         if "embeddings.weight" in state:                                  # ARPG's token table
             raise ValueError(f"{where} is an ARPG checkpoint, not a tokenizer: pass the VQ tokenizer's checkpoint")
         if config is None:
