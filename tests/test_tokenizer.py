@@ -142,7 +142,9 @@ def test_encode_decode_shapes_and_ranges(height, width):
     images = vq.decode(codes)
     assert images.shape == (2, 3, height, width), f"decoded shape {tuple(images.shape)}"
     assert images.min() >= -1 and images.max() <= 1, f"decoded range {images.min()}..{images.max()}"
-    assert torch.equal(vq.codes_to_latents(codes), vq.quantize.lookup(codes)), "codes_to_latents is not the lookup"
+    unit_codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)  # (V, d): TINY's codebook is l2-normalised
+    assert torch.equal(vq.codes_to_latents(codes), unit_codebook[codes].permute(0, 3, 1, 2)), \
+        "codes_to_latents is not the unit-length codebook row of each code, channels first"
 
 
 def test_encode_images_in_batches_equals_one_encode():
