@@ -223,6 +223,22 @@ def check_image_path(path, flag="--out"):
         raise ValueError(f"{flag} {path}: {extension} is no image format PIL can write; end the name with .png or .jpg")
 
 
+# LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
+# valley, balloon, arctic fox. The default rows for a 1000-class (ImageNet) model.
+IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def default_classes(names):
+    """A grid's rows when no --classes are given (sample.py's, train.py's and export.py's): every
+    class of a model with up to 16, the ImageNet showcase for 1000 (a thousand rows is no
+    picture), else 8 spread over the range."""
+    if len(names) <= 16:
+        return list(range(len(names)))
+    if len(names) == 1000:
+        return IMAGENET_SHOWCASE
+    return [round(i * (len(names) - 1) / 7) for i in range(8)]  # 8 spread over the range
+
+
 def check_classes(classes, num_classes, flag="--classes"):
     """Refuse class ids outside the model's 0..num_classes-1, naming each bad one once."""
     bad = list(dict.fromkeys(c for c in classes if not 0 <= c < num_classes))

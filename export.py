@@ -52,9 +52,9 @@ import torch
 import torch.nn as nn
 
 from arpg import ARPG
-from data import run_script
+from data import default_classes, run_script
 from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
-from sample import SAMPLING_DEFAULTS, add_checkpoint_arguments, default_classes, load_models
+from sample import SAMPLING_DEFAULTS, add_checkpoint_arguments, load_models
 from tokenizer import VQModel
 
 OPSET = 18              # supported by every onnxruntime since 1.14

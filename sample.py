@@ -36,14 +36,11 @@ from tqdm import tqdm
 
 import evaluate
 from arpg import ARPG, check_device, read_checkpoint
-from data import (CLASS_NAMES, atomic_output, check_classes, check_image_path, check_output_path, make_builtin_dataset,
-                  read_image, run_script, save_image_grid)
+from data import (CLASS_NAMES, atomic_output, check_classes, check_image_path, check_output_path, default_classes,
+                  make_builtin_dataset, read_image, run_script, save_image_grid)
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
 from tokenizer import VQModel, tensor_to_images
 
-# LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
-# valley, balloon, arctic fox. The default rows for a 1000-class (ImageNet) model.
-IMAGENET_SHOWCASE = [207, 360, 387, 974, 88, 979, 417, 279]
 EDIT_MODES = ["inpaint", "class-edit", "outpaint", "expand"]
 EMPTY_GREY = 128  # what the input panel shows where nothing was given
 
@@ -544,17 +541,6 @@ def check_against_model(args, config):
             raise ValueError(f"steps must be between 1 and {config.block_size} (the tokens of an image), got {steps}")
     if args.classes is not None:
         check_classes(args.classes, config.num_classes)
-
-
-def default_classes(names):
-    """A grid's rows when no --classes are given (also train.py's and export.py's): every class of a
-    model with up to 16, the ImageNet showcase for 1000 (a thousand rows is no picture), else 8
-    spread over the range."""
-    if len(names) <= 16:
-        return list(range(len(names)))
-    if len(names) == 1000:
-        return IMAGENET_SHOWCASE
-    return [round(i * (len(names) - 1) / 7) for i in range(8)]  # 8 spread over the range
 
 
 def decoding_settings(args, defaults=SAMPLING_DEFAULTS):

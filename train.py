@@ -60,9 +60,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, check_device, config_from_dict, load_strict, read_checkpoint,
                   save_atomic)
-from data import CLASS_NAMES, beside, check_output_path, make_builtin_dataset, run_script, save_image_grid
+from data import (CLASS_NAMES, beside, check_output_path, default_classes, make_builtin_dataset, run_script,
+                  save_image_grid)
 from muon import Muon
-from sample import default_classes
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES
 from tokenizer import (IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolderCrops, VQModel, class_folder_names,
                        list_image_folder, tensor_to_images, train_tokenizer)

@@ -21,7 +21,7 @@ import evaluate
 import sample
 import schedules
 from arpg import ARPG, ARPG_PRESETS, save_atomic
-from data import CLASS_NAMES
+from data import CLASS_NAMES, IMAGENET_SHOWCASE
 from tokenizer import VQConfig, VQModel, tensor_to_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,7 +285,7 @@ def test_official_layout_is_recognised_with_imagenet_class_ids(ckpts, tmp_path):
     grid = read_png(run(dict(ckpts, arpg=ckpts["official"]), tmp_path, "--classes", "207", "999",
                         "--per-class", "1", "--steps", "4", "--cfg", "5.0"))
     assert grid.shape[0] == 2 * (128 + 2) + 2, f"height {grid.shape[0]}: expected two rows of 128 px"
-    assert sample.default_classes([str(c) for c in range(1000)]) == sample.IMAGENET_SHOWCASE, "ImageNet defaults"
+    assert sample.default_classes([str(c) for c in range(1000)]) == IMAGENET_SHOWCASE, "ImageNet defaults"
 
 
 def test_guidance_and_top_p_default_to_the_checkpoints_and_the_flags_win(ckpts, tmp_path):
