@@ -540,6 +540,17 @@ def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypat
         torch._dynamo.reset()
 
 
+def test_the_compiled_training_forward_is_one_graph():
+    """Under torch.compile the input checks look at shapes only, so the training step is traced
+    whole (their min / max / sort split it into 7 graphs); run eagerly they still refuse bad values."""
+    model = small_model().train()
+    tokens, labels = torch.randint(0, 64, (3, 16)), torch.tensor([0, 1, 2])
+    explained = torch._dynamo.explain(model)(tokens, labels)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    with pytest.raises(ValueError, match="tokens must be codes in"):
+        model(tokens + 64, labels)
+
+
 def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode():
     """generate() ignores dropout even on a model in training mode, and leaves the mode as it was."""
     model = small_model(token_dropout_p=0.5, resid_dropout_p=0.5, ffn_dropout_p=0.5)
