@@ -63,7 +63,7 @@ from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, check_device, config_from_dict
 from data import (CLASS_NAMES, beside, check_output_path, default_classes, make_builtin_dataset, run_script,
                   save_image_grid)
 from muon import Muon
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, check_decoding
 from tokenizer import (IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolderCrops, VQModel, class_folder_names,
                        list_image_folder, tensor_to_images, train_tokenizer)
 
@@ -858,8 +858,10 @@ def fill_in_defaults(args, world_size):
     if not (0 <= args.warmup < 1 and 0 <= args.decay < 1 and args.warmup + args.decay <= 1):
         raise ValueError(f"--warmup {args.warmup} and --decay {args.decay} must be fractions of the run in [0, 1) "
                          f"that add up to at most 1")
-    if not 0 < args.sample_top_p <= 1:
-        raise ValueError(f"--sample-top-p must be in (0, 1], got {args.sample_top_p}")
+    try:  # the grids' sampling settings, refused now rather than at the first grid
+        check_decoding(args.sample_schedule, args.sample_cfg_schedule, 1.0, 0, args.sample_top_p, args.sample_cfg)
+    except ValueError as error:
+        raise ValueError(f"--sample-cfg / --sample-top-p: {error}") from None
     if args.resume and not os.path.isfile(args.out):
         raise FileNotFoundError(f"nothing to resume: {args.out} not found (drop --resume to start afresh)")
     check_output_path(args.out)                                           # before the work, not after it
