@@ -848,7 +848,7 @@ def read_checkpoint(path_or_state):
         # The official training script saves its argparse arguments beside the weights (SPEC 8). A
         # Namespace is a bag of attributes: unpickling one sets them and runs no code, so it is allowed.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path_or_state, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path_or_state, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; say what to do instead
         # PyTorch's message for a pickled object is a page that tells how to run its code anyway
         pickled_object = re.search(r"GLOBAL (\S+)", str(error))        # e.g. "GLOBAL __main__.Config"
@@ -857,6 +857,9 @@ def read_checkpoint(path_or_state):
                              f"are read weights-only, never running pickled code; re-save it as a dict of tensors "
                              f"and plain Python values") from None
         raise ValueError(f"cannot read {path_or_state} ({type(error).__name__}): is it a PyTorch checkpoint?") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path_or_state} holds a {type(checkpoint).__name__}, not a checkpoint's dict of weights")
+    return checkpoint
 
 
 def config_from_dict(config_class, saved, what="checkpoint"):

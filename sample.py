@@ -581,6 +581,9 @@ def main(argv=None):
         check_image_path(out)                                             # a picture: .png, .jpg...
     else:
         check_output_path(out)
+        if args.fid is not None and not out.endswith(".npz"):
+            raise ValueError(f"--out {out}: --fid writes an .npz archive (what the ADM evaluator reads); end the "
+                             f"name with .npz")
     model, vq, names, description, sampling = load_models(args)
     config = model.config
     settings = decoding_settings(args, sampling)
@@ -605,7 +608,9 @@ def main(argv=None):
         labels = torch.tensor(classes)[torch.arange(args.fid) % len(classes)]  # (N,) each class N/C times
         batches = generate_batches(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
         write_fid_npz(out, counting(batches, args.fid), args.fid, (side, side, 3), labels.numpy())
-        print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes balanced")
+        per_class = f"{args.fid // len(classes)}" + (f"-{args.fid // len(classes) + 1}" if args.fid % len(classes) else "")
+        print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes, {per_class} "
+              f"images each")
 
     elif args.edit is not None:
         canvas, input_panel, mask_panel, classes = plan_edit(args, model, vq, names)

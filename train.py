@@ -279,6 +279,8 @@ def read_codes(path):
 
 def scan_class_folders(root):
     """{root}/{class}/{file} -> (class names in label order, files per class, "codes" or "images")."""
+    if os.path.isfile(root):
+        raise ValueError(f"--data {root} is a file; give the folder that holds one subfolder per class")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
     names = class_folder_names(root)

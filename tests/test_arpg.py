@@ -457,6 +457,9 @@ def test_a_checkpoint_loads_its_argparse_arguments_but_no_other_pickled_object(t
                                          "never running pickled code; re-save it as a dict of tensors"):
         ARPG.from_checkpoint(str(path), config=model.config)
     assert not witness.exists(), "loading a checkpoint ran its pickled code"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match="holds a list, not a checkpoint's dict of weights"):
+        ARPG.from_checkpoint(str(path))
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="is it a PyTorch checkpoint"):
         ARPG.from_checkpoint(str(tmp_path / "notes.pt"))

@@ -366,6 +366,7 @@ def write_png(path, height, width):
     (["--compile", "--sampler", "readable"], "--compile compiles the fast sampler's steps; it does not go with"),
     (["--out", "UNDER_A_FILE"], "cannot make its folder"),
     (["--out", "GRID_TXT"], ".txt is no image format PIL can write"),
+    (["--fid", "10", "--out", "FID_PNG"], "--fid writes an .npz archive (what the ADM evaluator reads)"),
     (["--edit", "inpaint", "--out", "GRID_TXT"], ".txt is no image format PIL can write"),
     (["--edit", "inpaint", "--image", "IMAGE_60x64"], "not a multiple of the tokenizer's downsampling factor 8"),
     (["--edit", "inpaint", "--box", "0", "0", "80", "10"], "--box 0 0 80 10 must satisfy"),
@@ -384,12 +385,13 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
              "IMAGE_64x64": write_png(tmp_path / "square.png", 64, 64),
              "MISSING": str(tmp_path / "missing.pt"), "VQ": ckpts["vq"], "ARPG": ckpts["arpg"],
              "VQ_OTHER": ckpts["vq_other"], "NOT_AN_IMAGE": str(tmp_path / "notes.png"), "FOLDER": str(tmp_path),
-             "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png"), "GRID_TXT": str(tmp_path / "grid.txt")}
+             "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png"), "GRID_TXT": str(tmp_path / "grid.txt"),
+             "FID_PNG": str(tmp_path / "fid.png")}
     (tmp_path / "notes.png").write_text("not a picture")
     argv = [files.get(arg, arg) for arg in case]
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run(ckpts, tmp_path, *argv, out="never.png")
-    assert not (tmp_path / "never.png").exists() and not (tmp_path / "grid.txt").exists(), \
+    assert not any((tmp_path / name).exists() for name in ("never.png", "grid.txt", "fid.png")), \
         "a refused command wrote its output"
 
 

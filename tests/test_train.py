@@ -615,6 +615,8 @@ BAD_INPUTS = {
     "fewer built-in images than classes": lambda tmp: (["--num-images", "5"], "--num-images 5 leaves classes of the "
                                                                           "built-in shapes without an image"),
     "--out is a folder": lambda tmp: (["--out", str(tmp)], "is a folder; give a file name"),
+    "--data is a file": lambda tmp: (["--data", str(write_codes(tmp / "codes") / "0" / "0.npy")],
+                                     "is a file; give the folder that holds one subfolder per class"),
     "an unknown device": lambda tmp: (["--device", "gpu0"], "--device gpu0: not a device name"),
     "no Pass-2 block": lambda tmp: (["--layers", "2"], r"--layers must be at least 3 for tiny \(2 for Pass 1"),
     "an odd depth for a half-and-half split": lambda tmp: (["--size", "L", "--layers", "5"],
