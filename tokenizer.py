@@ -34,6 +34,7 @@ own small images, train it on them first, then ARPG on the same folder:
     python train.py --data my_images --tokenizer out/my_tokenizer.pt --out out/my_arpg.pt
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -780,6 +781,9 @@ def centre_crop(image, size):
     return image.crop((left, top, left + size, top + size))
 
 
+CLASS_NAMES_FILE = "class_names.json"  # beside the code folders: the image folders' names, in class-id order
+
+
 def class_folder_names(root):
     """The sorted names of root's subfolders, one per class; hidden ones (.ipynb_checkpoints) are
     not classes. (train.py lists code folders with it too.)"""
@@ -826,7 +830,8 @@ class ImageFolderCrops(torch.utils.data.Dataset):
 @torch.no_grad()
 def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_workers=0):
     """Encode every image of `image_dir/<class>/` into `out_dir/<class_id>/<index>.npy`, int64
-    (2, h*w): row 0 the centre crop, row 1 its horizontal flip. Returns the number of images.
+    (2, h*w): row 0 the centre crop, row 1 its horizontal flip; the class folders' names go into
+    `out_dir/class_names.json` (train.py labels its grids with them). Returns the number of images.
 
     `out_dir` appears only once every image is encoded: the codes are written into a hidden
     sibling folder, renamed to `out_dir` at the end and removed on any failure. A half-written
@@ -846,6 +851,8 @@ def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_w
     try:
         for class_id in sorted({class_id for _, class_id, _ in items}):
             os.makedirs(os.path.join(work_dir, str(class_id)))
+        with open(os.path.join(work_dir, CLASS_NAMES_FILE), "w") as names:
+            json.dump(class_folder_names(image_dir), names)              # list_image_folder's class ids
         loader = torch.utils.data.DataLoader(ImageFolderCrops(items, image_size), batch_size=batch_size,
                                              num_workers=num_workers)
         vq.eval()

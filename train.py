@@ -44,6 +44,7 @@ kernels, such as the backward pass of fused attention, which this code does not 
 
 import argparse
 import copy
+import json
 import math
 import os
 import signal
@@ -64,8 +65,8 @@ from data import (CLASS_NAMES, beside, check_output_path, default_classes, make_
                   save_image_grid)
 from muon import Muon
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, check_decoding
-from tokenizer import (IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolderCrops, VQModel, class_folder_names,
-                       list_image_folder, tensor_to_images, train_tokenizer)
+from tokenizer import (CLASS_NAMES_FILE, IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolderCrops, VQModel,
+                       class_folder_names, list_image_folder, tensor_to_images, train_tokenizer)
 
 # -----------------------------------------------------------------------------
 # Recipes: the defaults that depend on the model size. Each flag named by a key here takes its
@@ -299,11 +300,26 @@ def scan_class_folders(root):
         # sort them as numbers, so folder "10" is class 10, not class 2.
         if all(name.isdigit() for name in names):
             names.sort(key=int)
-        return names, [[os.path.join(root, name, f) for f in listing[name] if f.endswith(".npy")] for name in names], "codes"
+        files = [[os.path.join(root, name, f) for f in listing[name] if f.endswith(".npy")] for name in names]
+        return read_class_names(root, names), files, "codes"
     if has_images:
         return names, None, "images"  # tokenizer.py lists and reads image folders
     raise ValueError(f"no training data in {root}: expected one subfolder per class holding .npy code "
                      f"files or images ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+def read_class_names(root, folders):
+    """The classes' names that tokenizer.py --tokenize keeps beside its code folders (named by
+    class id), else the folders' own names."""
+    path = os.path.join(root, CLASS_NAMES_FILE)
+    if not os.path.isfile(path):
+        return folders
+    with open(path) as file:
+        names = json.load(file)
+    if not (isinstance(names, list) and len(names) == len(folders) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path} should list the names of the {len(folders)} class folders beside it; fix or "
+                         f"remove it")
+    return names
 
 
 def build_dataset(args, vq, preset, device):

@@ -440,6 +440,7 @@ def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
           "--batch-size", "2", "--num-workers", "0", "--device", "cpu"])
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.npy"))
     assert written == ["0/0.npy", "0/1.npy", "1/0.npy"], f"wrote {written}"
+    assert json.loads((out / "class_names.json").read_text()) == ["a_cats", "b_dogs"], "class names not kept"
     codes = np.load(out / "0" / "0.npy")
     assert codes.dtype == np.int64 and codes.shape == (2, 16), f"codes {codes.dtype} {codes.shape}"
 

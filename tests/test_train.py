@@ -20,7 +20,7 @@ from PIL import Image
 import train
 from arpg import ARPG, ARPG_PRESETS
 from data import make_builtin_dataset
-from tokenizer import VQ_PRESETS, VQModel, images_to_tensor
+from tokenizer import VQ_PRESETS, VQModel, images_to_tensor, tokenize_folder
 from train import (FP32_CPU_TINY_LAYERS, TOKENIZER_MINUTES, TOKENIZER_STEPS, StepSampler, build_dataset,
                    fill_in_defaults, learning_rate, main, make_optimizers, model_layers, parse_args, update_ema)
 
@@ -397,7 +397,8 @@ def test_code_folders_load_in_both_layouts(tmp_path, llamagen_layout):
 
 def test_image_folders_are_tokenized_with_their_mirror_images(tmp_path):
     """An image folder {class}/{image}.png becomes codes (2, L) per image, the tokenizer's codes of
-    the image and of its mirror image, labelled by sorted folder name."""
+    the image and of its mirror image, labelled by sorted folder name; tokenizer.py --tokenize
+    gives the same codes and labels, and keeps the names in class_names.json."""
     torch.manual_seed(0)
     vq = VQModel(VQ_PRESETS["small"]).eval()
     images, _ = make_builtin_dataset(4, seed=5)  # uint8 (4, 64, 64, 3)
@@ -410,6 +411,15 @@ def test_image_folders_are_tokenized_with_their_mirror_images(tmp_path):
     mirrored = vq.encode(images_to_tensor(images[2:3, :, ::-1].copy())).flatten(1)[0]
     assert torch.equal(dataset[(0, 0)][0], expected), "augmentation 0 is the image's codes"
     assert torch.equal(dataset[(0, 1)][0], mirrored), "augmentation 1 is the mirror image's codes"
+
+    # Pre-tokenized (tokenizer.py --tokenize), the same folder gives the same codes, labels and names.
+    tokenize_folder(vq, str(tmp_path), str(tmp_path.parent / "codes"), image_size=64)
+    codes = build_dataset(parse_args(["--data", str(tmp_path.parent / "codes")]), None, ARPG_PRESETS["tiny"], "cpu")
+    assert codes.class_names == ["a_dog", "b_cat"] and list(codes.labels) == [0, 0, 1, 1], codes.class_names
+    assert all(torch.equal(codes[(i, d)][0], dataset[(i, d)][0]) for i in range(4) for d in range(2))
+    (tmp_path.parent / "codes" / "class_names.json").write_text('["a_dog"]')
+    with pytest.raises(ValueError, match="class_names.json should list the names of the 2 class folders beside it"):
+        build_dataset(parse_args(["--data", str(tmp_path.parent / "codes")]), None, ARPG_PRESETS["tiny"], "cpu")
 
 
 def test_data_order_is_a_pure_function_of_the_step():
