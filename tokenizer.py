@@ -543,8 +543,8 @@ class VQModel(nn.Module):
         The state dict may sit under "model" (LlamaGen's vq_ds16_c2i.pt and our own files),
         "state_dict", "module", or be the dict itself; files are read with weights_only=True.
         The config is, in order: the argument, the checkpoint's "config" entry (our files), or
-        VQ-16 (LlamaGen's file has none). Loading is strict: any missing, unexpected or
-        misshapen key is a ValueError naming it.
+        read from the weight shapes (`infer_vq_config`: LlamaGen's files have none). Loading is
+        strict: any missing, unexpected or misshapen key is a ValueError naming it.
         """
         checkpoint = read_checkpoint(path_or_state)
         state = unwrap_state_dict(checkpoint)
@@ -553,7 +553,7 @@ class VQModel(nn.Module):
             raise ValueError(f"{where} is an ARPG checkpoint, not a tokenizer: pass the VQ tokenizer's checkpoint")
         if config is None:
             stored = checkpoint.get("config")
-            config = config_from_dict(VQConfig, stored, where) if isinstance(stored, dict) else VQ_PRESETS["VQ-16"]
+            config = config_from_dict(VQConfig, stored, where) if isinstance(stored, dict) else infer_vq_config(state)
         model = cls(config)
         try:
             load_strict(model, state, what=f"VQ checkpoint {where}")
@@ -561,6 +561,29 @@ class VQModel(nn.Module):
             raise ValueError(f"{error} (config used: {asdict(config)}; pass config=VQConfig(...) "
                              f"if the checkpoint has another architecture)") from None
         return model
+
+
+def infer_vq_config(state) -> VQConfig:
+    """The architecture of a LlamaGen-style tokenizer from its weight shapes (VQ-16 for
+    vq_ds16_c2i.pt, and LlamaGen's other sizes alike): the widths from the convolutions, the
+    depths from the block numbers, the codebook from its table. What the weights cannot show is
+    LlamaGen's: the l2-normalised search, 32 GroupNorm groups, whole-image codes."""
+    def count(prefix):                                                    # distinct block numbers after prefix
+        return len({key[len(prefix):].split(".")[0] for key in state if key.startswith(prefix)})
+    if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
+        return VQ_PRESETS["VQ-16"]  # no tokenizer's weights: loading names what is missing
+    ch = state["encoder.conv_in.weight"].shape[0]
+    levels = count("encoder.conv_blocks.")
+    codebook_size, code_dim = state["quantize.embedding.weight"].shape
+    ch_mult = tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    if any(ch * m % VQConfig.norm_groups for m in ch_mult):
+        raise ValueError(f"tokenizer weights of widths {[ch * m for m in ch_mult]}, not all divisible by "
+                         f"LlamaGen's {VQConfig.norm_groups} GroupNorm groups, and no config saved with them: "
+                         f"pass config=VQConfig(...)")
+    return VQConfig(codebook_size=codebook_size, codebook_embed_dim=code_dim, ch=ch, ch_mult=ch_mult,
+                    z_channels=state["quant_conv.weight"].shape[1],
+                    encoder_num_res_blocks=count("encoder.conv_blocks.0.res."),
+                    decoder_num_res_blocks=count("decoder.conv_blocks.0.res."))
 
 
 # -----------------------------------------------------------------------------

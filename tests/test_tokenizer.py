@@ -14,8 +14,8 @@ from PIL import Image
 
 import tokenizer
 from data import make_builtin_dataset, run_script
-from tokenizer import (VQ_PRESETS, Conv2d, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, main,
-                       make_tokenizer_optimizers, tensor_to_images, train_tokenizer)
+from tokenizer import (VQ_PRESETS, Conv2d, VQConfig, VQModel, evaluate_tokenizer, images_to_tensor, infer_vq_config,
+                       main, make_tokenizer_optimizers, tensor_to_images, train_tokenizer)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = np.load(FIXTURES / "vq_tiny_reference.npz")
@@ -81,6 +81,18 @@ def test_vq16_state_dict_matches_released_checkpoint():
     assert vq.downsample == 16, f"VQ-16 downsamples by {vq.downsample}"
 
 
+def test_a_checkpoint_without_config_gets_the_architecture_its_weights_show():
+    """LlamaGen's files hold no config: VQ-16 is recognised from the released key shapes alone, and
+    the official tiny fixture (another width, depth and codebook) loads without being told its
+    config and picks the official codes."""
+    expected = json.loads((FIXTURES / "checkpoint_keys.json").read_text())["VQ-16"]
+    released = {key: torch.empty(shape, device="meta") for key, shape in expected.items()}
+    assert infer_vq_config(released) == VQ_PRESETS["VQ-16"]
+    vq = VQModel.from_checkpoint(str(FIXTURES / "vq_tiny_official.pt")).eval()
+    assert vq.config == REF_CONFIG, f"inferred {vq.config}"
+    assert torch.equal(vq.encode(torch.from_numpy(REF["images"])), torch.from_numpy(REF["codes"]))
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints
 
@@ -103,7 +115,9 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="quantize.embedding.weight"):
         VQModel.from_checkpoint({"model": state}, TINY)
     with pytest.raises(ValueError, match="does not match"):
-        VQModel.from_checkpoint({"model": tiny_model().state_dict()})  # no config -> VQ-16, wrong shapes
+        VQModel.from_checkpoint({"model": tiny_model().state_dict()}, VQ_PRESETS["VQ-16"])  # wrong shapes
+    with pytest.raises(ValueError, match=r"widths \[8, 16, 16\], not all divisible by LlamaGen's 32 GroupNorm groups"):
+        VQModel.from_checkpoint({"model": tiny_model().state_dict()})  # no config, and not LlamaGen's norms
     with pytest.raises(FileNotFoundError, match="not found"):
         VQModel.from_checkpoint(str(tmp_path / "absent.pt"))
     arpg_state = {"embeddings.weight": torch.zeros(4, 8), "head.weight": torch.zeros(2, 8)}  # ARPG's keys
