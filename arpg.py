@@ -921,7 +921,9 @@ def infer_config(state) -> ARPGConfig:
                        for name in ("self_dec", "cross_dec"))  # blocks per pass
     heads = {preset.dim: preset.n_head for preset in ARPG_PRESETS.values()}
     if dim not in heads:
-        raise ValueError(f"cannot infer the head count of a model of width {dim}; pass config=ARPGConfig(...)")
+        raise ValueError(f"cannot infer the head count of a model of width {dim} (the presets' widths are "
+                         f"{', '.join(str(w) for w in heads)}): load it in Python with "
+                         f"ARPG.from_checkpoint(path, config=ARPGConfig(...))")
     return replace(ARPG_PRESETS["L"], dim=dim, n_layer=context + guided, n_head=heads[dim], vocab_size=vocab_size,
                    pass1_layers=None if context == guided else context, num_classes=n_rows - vocab_size - 3)
 
