@@ -38,8 +38,10 @@ Checkpoints (--out, written to a temporary file, then renamed): model, EMA, opti
 (a plain dict), step and seed; loadable with torch.load(weights_only=True). The data order and
 every random number of a step are a pure function of (seed, step), so that is all the state a
 resume needs: Ctrl-C saves and exits, and --resume ends with the same weights, bit for bit, as
-a run that was never stopped (on a CPU, tested; on a GPU only up to its non-deterministic
-kernels, such as the backward pass of fused attention, which this code does not switch off).
+a run of the same step count that was never stopped (on a CPU, tested; on a GPU only up to its
+non-deterministic kernels, such as the backward pass of fused attention, which this code does
+not switch off). A timed run's count depends on the machine's pace; resumed, it keeps the count
+it was saved with and re-plans no more.
 """
 
 import argparse
@@ -88,7 +90,8 @@ RECIPES = {
     #   instead of the cosine: fewer steps at a small learning rate (an early 600-step run: class
     #   accuracy 29.0% -> 36.2% and 29.8% -> 30.0%, seeds 0 and 1).
     # - Muon (muon.py) at 0.015 for the matrices of the two passes, AdamW at 6e-3 for the rest (the
-    #   embeddings, the head, the norms, the query-position map). Muon took 600 steps' final loss
+    #   embeddings, the head, the norms, the query-position map; so only these see the weight
+    #   decay, Muon having none). Muon took 600 steps' final loss
     #   from 1.203 to 1.085 and from 1.188 to 1.104 (seeds 0, 1); 0.015 rather than 0.02: 77.4% ->
     #   80.1% and 75.8% -> 77.0%; AdamW's 6e-3 rather than 3e-3: 74.1% -> 76.4% and 75.1% -> 79.4%.
     # - The step compiled (`compile_or_not`: on 2 cores 1.2x faster in fp32, ~1.1x in bf16, after
@@ -180,8 +183,8 @@ def parse_args(argv=None):
                         help="peak learning rate of Muon for the matrices of the two passes (0: AdamW for every "
                              "weight, the paper's; tiny: 0.015); it follows the same schedule as --lr")
     recipe.add_argument("--min-lr", type=float, default=None,
-                        help="learning rate at the end of the decay (tiny: 1e-5; paper: 1e-5 per 1024 images of "
-                             "global batch, scaled like --lr)")
+                        help="learning rate the decay ends at, one step after the last (tiny: 1e-5; paper: 1e-5 "
+                             "per 1024 images of global batch, scaled like --lr)")
     recipe.add_argument("--warmup", type=float, default=None, help="linear warm-up, as a fraction of --max-steps")
     recipe.add_argument("--decay", type=float, default=None,
                         help="hold the peak, then fall linearly to --min-lr over this final fraction of --max-steps "
@@ -465,7 +468,8 @@ def make_optimizers(model, lr, weight_decay, device, muon_lr=0.0, precision="fp3
     muon = [p for p in model.layers.parameters() if p.dim() == 2] if muon_lr > 0 else []
     in_muon = {id(p) for p in muon}
     rest = [p for p in model.parameters() if id(p) not in in_muon]
-    # Weight decay on matrices and embeddings (>= 2 dims) only, never on norm weights.
+    # AdamW's weight decay on matrices and embeddings (>= 2 dims) only, never on norm weights. The
+    # matrices that Muon trains (the tiny recipe) get none: muon.py applies no weight decay.
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "peak_lr": lr},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": lr}]
     optimizers = [torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=device.type == "cuda")]
@@ -498,12 +502,13 @@ def update_ema(ema, model, decay, step):
 # -----------------------------------------------------------------------------
 # Checkpoints (plain types only, so torch.load(weights_only=True) reads them)
 
-def save_checkpoint(path, model, ema, optimizers, step, loss, args, class_names):
+def save_checkpoint(path, model, ema, optimizers, step, loss, args, class_names, warmup_steps):
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": [optimizer.state_dict() for optimizer in optimizers],
         "config": asdict(model.config),
         "step": step,                 # with args["seed"], this is the whole data and RNG state
+        "warmup_steps": warmup_steps,  # of the first plan: args["max_steps"] may be a re-planned count
         "loss": loss,                 # mean training loss of the last logged steps
         "args": vars(args),
         "class_names": list(class_names),
@@ -672,11 +677,11 @@ def steps_within(minutes, run_started, train_model, model, dataset, args, rank, 
     """
     seconds_per_step = throwaway_steps(train_model, model, dataset, args, rank, world_size, device, probe_steps)
     deadline = run_started + 60 * minutes
-    if deadline - time.perf_counter() < seconds_per_step:
+    steps = steps_that_fit(deadline, seconds_per_step, device, world_size > 1)  # the same on every process
+    if steps == 0:
         raise ValueError(f"--total-minutes {minutes:g} leaves no time for the ARPG: the tokenizer, the data and "
                          f"compiling took {(time.perf_counter() - run_started) / 60:.1f} min; give more minutes, "
                          f"or --max-steps (a tokenizer trained on the way is kept, and a next run skips it)")
-    steps = steps_that_fit(deadline, seconds_per_step, device, world_size > 1)
     log(f"--total-minutes {minutes:g}: {1000 * seconds_per_step:.0f} ms per step and "
         f"{(deadline - time.perf_counter()) / 60:.1f} min left: {steps} steps")
     return steps, deadline
@@ -689,25 +694,28 @@ def tokenizer_minutes(total_minutes):
 
 def steps_that_fit(deadline, seconds_per_step, device, distributed):
     """How many more steps of `seconds_per_step` end by `deadline` (time.perf_counter's clock),
-    with 5% of the time kept back; the smallest count over the processes, so all train the same."""
-    steps = torch.tensor(max(1, int(0.95 * (deadline - time.perf_counter()) / seconds_per_step)), device=device)
+    with 5% of the time kept back, 0 if none; the smallest count over the processes, so all
+    train the same."""
+    steps = torch.tensor(max(0, int(0.95 * (deadline - time.perf_counter()) / seconds_per_step)), device=device)
     if distributed:
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
     return steps.item()
 
 
 def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank, world_size, device,
-          deadline=None):
+          deadline=None, warmup_steps=None):
     """Optimizer steps from start_step to args.max_steps, or until stopped; the checkpoint is saved at
     the end. train_model runs the steps: `model` itself, or its DDP or compiled wrapper. With a
     deadline (--total-minutes), args.max_steps is re-planned at each log line while the learning
     rate holds its peak, so the decay still spans the last args.decay of the steps (with the
     cosine decay, --decay 0, never: the cosine falls from the end of the warm-up on, and a new
-    step count would bend it mid-way). Returns
+    step count would bend it mid-way). warmup_steps: a resumed run's, as its checkpoint saved them
+    (a re-planned count would give another); else args.warmup of args.max_steps. Returns
     (the last step, the last logged loss, whether Ctrl-C / SIGTERM stopped it)."""
     is_main, distributed = rank == 0, world_size > 1
     loader = step_loader(dataset, args, start_step, rank, world_size, device)
-    warmup_steps, decay_steps = round(args.warmup * args.max_steps), round(args.decay * args.max_steps)
+    warmup_steps = round(args.warmup * args.max_steps) if warmup_steps is None else warmup_steps
+    decay_steps = round(args.decay * args.max_steps)
     sampling = vq is not None and is_main
     ema_or_model = ema if ema is not None else model
 
@@ -753,37 +761,39 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
                 elapsed = time.perf_counter() - interval_start
                 n_steps = loss_count / args.grad_accum / world_size
                 ms_per_step = 1000 * elapsed / n_steps
-                eta = (args.max_steps - step) * ms_per_step / 1000
+                eta_minutes, eta_seconds = divmod(round((args.max_steps - step) * ms_per_step / 1000), 60)
                 if is_main:
                     print(f"step {step}/{args.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
                           f"{ms_per_step:.0f} ms/step | {args.batch_size * n_steps / elapsed:.1f} img/s | "
-                          f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+                          f"ETA {eta_minutes}m{eta_seconds:02d}s", flush=True)
                 loss_sum.zero_()
                 loss_count, interval_start = 0, time.perf_counter()
                 holding_peak = decay_steps and warmup_steps <= step < args.max_steps - decay_steps
                 if deadline is not None and holding_peak:
                     pace = (time.perf_counter() - started) / (step - start_step)  # seconds a step, pauses included
-                    replanned = step + steps_that_fit(deadline, pace, device, distributed)
+                    replanned = step + max(1, steps_that_fit(deadline, pace, device, distributed))
                     if abs(replanned - args.max_steps) > 0.01 * args.max_steps:  # not for every flicker of the pace
                         if is_main:
                             print(f"re-planned at {1000 * pace:.0f} ms per step: {replanned} steps fit the time "
                                   f"left (not {args.max_steps})", flush=True)
-                        args.max_steps, decay_steps = replanned, round(args.decay * replanned)
+                        # A decay that would have begun already begins now, from the peak, not half-way down.
+                        args.max_steps, decay_steps = replanned, min(round(args.decay * replanned), replanned - step)
             if stopping:
                 break
             pause_start = time.perf_counter()  # saving and sampling do not count in ms/step
             if is_main and args.save_every and step % args.save_every == 0 and step < args.max_steps:
-                save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names)
+                save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names,
+                                warmup_steps)
             if sampling and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
                 save_sample_grid(ema_or_model, vq, dataset.class_names,
                                  os.path.join(beside(args.out, "_samples"), f"step_{step:06d}.png"), args, device)
             interval_start += time.perf_counter() - pause_start
+        if distributed:
+            check_ranks_agree(model, device)
+        if is_main:  # still under StopRequest: a Ctrl-C now lets this save finish
+            save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names, warmup_steps)
     finally:
         stop.restore()
-    if distributed:
-        check_ranks_agree(model, device)
-    if is_main:
-        save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names)
     return step, last_loss, stop.requested
 
 
@@ -850,10 +860,13 @@ def fill_in_defaults(args, world_size):
     args.precision = args.precision or default_precision(args.device)
     if args.workers is None:  # processes that read files in the background; the built-in data is in memory
         args.workers = 0 if args.data is None else min(4, max(1, (os.cpu_count() or 1) // world_size))
+    for key, value in vars(args).items():  # nan fails every comparison below, so it would pass them all
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
     at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "num_images": 1, "tokenizer_steps": 1,
                 "vocab_size": 1, "image_size": 1, "sample_steps": 1, "sample_columns": 1, "log_every": 1,
                 "save_every": 0, "sample_every": 0, "workers": 0, "total_minutes": 0, "muon_lr": 0,
-                "min_lr": 0, "weight_decay": 0, "grad_clip": 0}
+                "min_lr": 0, "weight_decay": 0, "grad_clip": 0, "seed": 0}
     for key, least in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < least:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
@@ -974,8 +987,8 @@ def main(argv=None):
                                 minutes=minutes, seed=args.seed, device=device.type,
                                 precision=tokenizer_precision(args, device),
                                 preview_path=beside(args.tokenizer, "_recon.png"))
-            if world_size > 1:
-                dist.barrier()
+        if world_size > 1:  # every process, whatever it saw: the others wait for rank 0's file
+            dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
     if vq is not None and args.vocab_size is not None and args.vocab_size != vq.config.codebook_size:
         raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer {args.tokenizer} "
@@ -988,6 +1001,8 @@ def main(argv=None):
         f"codes < {dataset.vocab_size} ({time.perf_counter() - started:.1f}s)")
     if vq is None:
         log("no --tokenizer: no sample grids while training (sample.py --vq-ckpt draws them from the checkpoint)")
+    elif args.sample_steps > dataset.length:  # refused now, not at the first grid
+        raise ValueError(f"--sample-steps {args.sample_steps} is more than the {dataset.length} tokens of an image")
 
     # 3. The model: the preset with the data's vocabulary, classes and grid, or the checkpoint's.
     if args.resume:
@@ -1023,6 +1038,8 @@ def main(argv=None):
         start_step = checkpoint["step"]
         if ema is not None:
             load_strict(ema, checkpoint.get("ema", checkpoint["model"]), f"EMA in {args.out}")
+        resumed_schedule = checkpoint["args"].get("max_steps"), checkpoint.get("warmup_steps")  # older: neither
+        del checkpoint  # its weights and optimizer state are loaded: free the host memory for the run
     elif ema is not None:
         ema.load_state_dict(model.state_dict())
     train_model = DistributedDataParallel(model) if world_size > 1 else model
@@ -1031,7 +1048,7 @@ def main(argv=None):
     deadline = None                                                       # set by --total-minutes
     if args.max_steps is None:                                            # the length of the schedule
         if args.resume:
-            args.max_steps = checkpoint["args"]["max_steps"]              # the one it started with
+            args.max_steps = resumed_schedule[0]                          # the one it was saved with
         elif is_timed(args):
             args.max_steps, deadline = steps_within(args.total_minutes, run_started, train_model, model, dataset,
                                                     args, rank, world_size, device, log)
@@ -1049,7 +1066,7 @@ def main(argv=None):
     # 4. Train, save, and show samples.
     started = time.perf_counter()
     step, loss, interrupted = train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank,
-                                    world_size, device, deadline)
+                                    world_size, device, deadline, resumed_schedule[1] if args.resume else None)
     if world_size > 1:
         log(f"weights identical on all {world_size} processes")
         dist.destroy_process_group()

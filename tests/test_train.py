@@ -125,6 +125,37 @@ def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
         assert_same_tensors(a[key], b[key], key)
 
 
+def test_a_resumed_run_keeps_the_warm_up_of_its_first_plan(tmp_path, capsys):
+    """A timed run re-plans its step count while the learning rate holds its peak and saves the new
+    count (simulated here by editing it); resumed, its warm-up keeps the 4 steps it had, rather than
+    becoming half of the new count and sending a run at its peak back into warm-up."""
+    data, out = write_codes(tmp_path / "codes"), tmp_path / "arpg.pt"
+    common = ["--data", str(data), *FAST, "--warmup", "0.5", "--decay", "0.25", "--lr", "1e-3", "--out", str(out)]
+    main([*common, "--max-steps", "8"])
+    checkpoint = load(out)
+    assert checkpoint["warmup_steps"] == 4, checkpoint["warmup_steps"]
+    checkpoint["args"]["max_steps"] = 32                                  # as a re-plan at step 8 would save
+    torch.save(checkpoint, out)
+    capsys.readouterr()
+    main([*common, "--resume"])
+    step_9 = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 9/32 |"))
+    assert "| lr 1.00e-03 |" in step_9, f"step 9 is not at the peak: {step_9}"
+
+
+def test_ctrl_c_during_the_final_save_lets_it_finish(tmp_path, monkeypatch):
+    """The stop handlers stay in place until the last checkpoint is written: a Ctrl-C in the middle
+    of it no longer throws the save, and every step since the last one, away."""
+    real_save = train.save_atomic
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(train, "save_atomic", interrupted_save)
+    main(["--data", str(write_codes(tmp_path / "codes")), *FAST, "--max-steps", "3", "--save-every", "0",
+          "--out", str(tmp_path / "arpg.pt")])
+    assert load(tmp_path / "arpg.pt")["step"] == 3, "the final checkpoint was not written"
+
+
 def signal_every_process(pid, sig):
     """Send sig to a process and then to its children (its DataLoader workers, in their own sessions)."""
     os.kill(pid, sig)
@@ -572,6 +603,16 @@ def an_image_size_the_tokenizer_cannot_tile(tmp_path):
             "--image-size must be a positive multiple of the tokenizer's downsampling factor 8, got 12")
 
 
+def more_sample_steps_than_tokens(tmp_path):
+    """Codes of the small tokenizer's 128-code vocabulary (16 tokens an image) and that tokenizer,
+    whose grids cannot take 17 steps: refused before training, not at the first grid."""
+    torch.save({"model": VQModel(VQ_PRESETS["small"]).state_dict(), "config": asdict(VQ_PRESETS["small"])},
+               tmp_path / "tokenizer.pt")
+    return (["--data", str(write_codes(tmp_path / "codes", high=VQ_PRESETS["small"].codebook_size)), "--tokenizer",
+             str(tmp_path / "tokenizer.pt"), "--sample-steps", str(LENGTH + 1)],
+            f"--sample-steps {LENGTH + 1} is more than the {LENGTH} tokens of an image")
+
+
 def images_without_tokenizer(tmp_path):
     os.makedirs(tmp_path / "images" / "cat")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "images" / "cat" / "0.png")
@@ -633,7 +674,11 @@ BAD_INPUTS = {
                                                            "--layers 5: L splits its blocks half and half"),
     "warm-up and decay longer than the run": lambda tmp: (["--warmup", "0.5", "--decay", "0.6"], "add up to at most 1"),
     "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p: top-p must be in \(0, 1\]"),
-    "guidance of the grids not a number": lambda tmp: (["--sample-cfg", "nan"], "guidance must be finite numbers"),
+    "guidance of the grids not a number": lambda tmp: (["--sample-cfg", "nan"], "--sample-cfg must be a finite number"),
+    "more sample steps than tokens": more_sample_steps_than_tokens,
+    "a floor that is not a number": lambda tmp: (["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
+    "an endless time budget": lambda tmp: (["--total-minutes", "inf"], "--total-minutes must be a finite number"),
+    "a negative seed": lambda tmp: (["--seed", "-1"], "--seed must be at least 0, got -1"),
     "a learning rate of 0": lambda tmp: (["--lr", "0"], "--lr must be positive, got 0.0"),
     "an empty batch": lambda tmp: (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     "a negative time budget": lambda tmp: (["--total-minutes", "-1"], "--total-minutes must be at least 0"),
