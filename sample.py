@@ -1,6 +1,5 @@
 """
-Sample from a trained ARPG: class grids, FID sample files, zero-shot editing, a picture of the
-decoding, and a quality check.
+Sample from a trained ARPG: class grids, FID files, zero-shot edits, the decoding, a quality check.
 
 Paper: randomized parallel decoding (Sec. 3.1, Alg. 1; SPEC 6) reveals the image tokens in a
 random order, many per step; zero-shot editing (Sec. 3.2; SPEC 7) prefills Pass 1 with the
