@@ -331,9 +331,12 @@ def main():
     parser = argparse.ArgumentParser(description="Export ARPG (Pass 1, Pass 2) and the VQ decoder to ONNX.")
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", default="out/onnx", help="folder for the graphs and arpg_onnx.json")
-    parser.add_argument("--fp16", action="store_true", help="fp16 weights and caches (for GPUs; logits stay fp32)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="fp16 weights and caches (for GPUs; logits stay fp32; their difference from PyTorch is "
+                             "reported, not held to the fp32 graphs' 1e-4)")
     parser.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
-                        help="token grid the graphs cover (default: the training grid; larger for outpainting)")
+                        help="token grid the graphs cover (default: the training grid; a larger one generates larger images, "
+                             "as sample.py --edit expand does)")
     parser.add_argument("--dynamo", action="store_true",
                         help="use the torch.export-based exporter (slower; the TorchScript one is deprecated)")
     # Models are loaded exactly as sample.py loads them, on the CPU in fp32 (--fp16 converts a copy).
