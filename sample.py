@@ -563,7 +563,7 @@ def output_path(args):
     return args.out or "out/sample_grid.png"
 
 
-def counting(batches, total):
+def with_progress(batches, total):
     """Pass the image batches of generate_batches through, counting images on a progress bar."""
     with tqdm(total=total, unit="img", desc="sampling") as progress:
         for _, images in batches:
@@ -606,7 +606,7 @@ def main(argv=None):
         classes = args.classes or list(range(config.num_classes))
         labels = torch.tensor(classes)[torch.arange(args.fid) % len(classes)]  # (N,) each class N/C times
         batches = generate_batches(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
-        write_fid_npz(out, counting(batches, args.fid), args.fid, (side, side, 3), labels.numpy())
+        write_fid_npz(out, with_progress(batches, args.fid), args.fid, (side, side, 3), labels.numpy())
         per_class = f"{args.fid // len(classes)}" + (f"-{args.fid // len(classes) + 1}" if args.fid % len(classes) else "")
         print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes, {per_class} "
               f"images each")

@@ -570,7 +570,7 @@ class StopRequest:
         # reports a worker's death from a SIGCHLD handler, in whatever line runs then (the saving,
         # say). Once a stop is asked for, that handler goes: a batch that never comes is caught
         # where it is fetched instead (`train`), and a stop between steps needs no more batches.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
     def restore(self):
         for s, handler in self.previous.items():

@@ -59,7 +59,7 @@ def load(path):
 
 
 def assert_same_tensors(a, b, what):
-    """Every tensor in two nested checkpoint structures is bitwise equal."""
+    """Two nested checkpoint structures are the same: every tensor bitwise, every other value equal."""
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), f"{what} differs"
     elif isinstance(a, dict):
@@ -67,8 +67,11 @@ def assert_same_tensors(a, b, what):
         for key in a:
             assert_same_tensors(a[key], b[key], f"{what}.{key}")
     elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{what}: {len(a)} items against {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_tensors(x, y, f"{what}[{i}]")
+    else:                                                                 # lr, betas, step counts...
+        assert a == b, f"{what}: {a} against {b}"
 
 
 # --- training works ---
