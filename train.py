@@ -134,7 +134,7 @@ TOKENIZER_STEPS = 900
 TOKENIZER_MINUTES = 2.5
 # On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
 # steps cost ~35% less, so the budget holds ~800 steps instead of ~500, and 5 blocks learn more
-# from so few (default runs on an AVX2 EPYC: 78.0% class accuracy, the mean of twelve seeds,
+# from so few (default runs on an AVX2 EPYC: 77.8% class accuracy, the mean of thirteen seeds,
 # against 73.4% for five 7-block runs; 4 and 6 blocks did worse: EXPERIMENTS.md). Where bf16 runs,
 # the budget holds ~1400 steps of the 7-block model, which beat 6 blocks there. A run with
 # --max-steps keeps the preset on every CPU.
