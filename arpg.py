@@ -398,8 +398,8 @@ class ARPG(nn.Module):
         # Only with config.query_position (the tiny preset; not in the paper): see `guided`.
         self.query_position = nn.Linear(head_dim, config.dim, bias=False) if config.query_position else None
         # Not a parameter and not saved: the official checkpoints do not contain it either.
-        self.register_buffer("rope", build_rope_table(config.grid_size, config.grid_size, head_dim, config.rope_base,
-                                                      config.class_rope), persistent=False)  # (1 + L, D/2, 2)
+        self.register_buffer("rope", self.new_rope_table(config.grid_size, config.grid_size),
+                             persistent=False)                            # (1 + L, D/2, 2)
         self.apply(self._init_weights)
         nn.init.zeros_(self.head.weight)  # start from uniform predictions, as the official recipe
 
@@ -411,10 +411,14 @@ class ARPG(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) would round the RoPE table too (its cos and sin off by up to
         # 2e-3), where the official code keeps its table in fp32: the table follows the model's
-        # device, never its dtype.
+        # device, never its dtype. A table on the meta device (a model built there, then given
+        # storage by `to_empty`) has no values to move, so it is built again.
         rope = self.rope
         super()._apply(fn, recurse)
-        self.rope = rope.to(self.head.weight.device)
+        device = self.head.weight.device
+        if rope.is_meta and device.type != "meta":
+            rope = self.new_rope_table(self.config.grid_size, self.config.grid_size)
+        self.rope = rope.to(device)
         return self
 
     def class_ids(self, labels):
@@ -426,8 +430,12 @@ class ARPG(nn.Module):
         (outpainting and resolution expansion decode larger grids)."""
         if (rows, cols) == (self.config.grid_size,) * 2:
             return self.rope
-        head_dim = self.config.dim // self.config.n_head
-        return build_rope_table(rows, cols, head_dim, self.config.rope_base, self.config.class_rope).to(self.rope.device)
+        return self.new_rope_table(rows, cols).to(self.rope.device)
+
+    def new_rope_table(self, rows, cols):
+        """build_rope_table for this model's heads, base and class slot."""
+        return build_rope_table(rows, cols, self.config.dim // self.config.n_head, self.config.rope_base,
+                                self.config.class_rope)
 
     # --- the two passes, as separate calls (the ONNX export cuts the model exactly here) ---
 

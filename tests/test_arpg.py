@@ -563,6 +563,19 @@ def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode
     assert model.training, "generate() did not restore training mode"
 
 
+def test_a_model_built_on_the_meta_device_takes_storage_with_to_empty():
+    """Built on the meta device (no memory), then given storage by to_empty and loaded, as large
+    models are: its RoPE table is built again and the model computes what a normal one does."""
+    reference = small_model()
+    with torch.device("meta"):
+        model = ARPG(reference.config)
+    model.to_empty(device="cpu").load_state_dict(reference.state_dict())
+    model.eval()                                                          # as the reference: no label dropout
+    assert torch.equal(model.rope, reference.rope), "the RoPE table was not rebuilt"
+    tokens, labels, order = torch.randint(0, 64, (2, 16)), torch.tensor([0, 1]), torch.arange(16).expand(2, 16)
+    assert torch.equal(model(tokens, labels, order)[0], reference(tokens, labels, order)[0])
+
+
 def test_no_tensor_is_made_on_the_cpu_behind_the_model_s_back(meta_arpg):
     """A tensor made without device= lands on the CPU, and on a GPU that is an error no CPU test
     sees. On the meta device (the meta_arpg fixture, tests/conftest.py) a training step and both
