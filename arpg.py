@@ -752,17 +752,24 @@ class StaticCachePasses:
         shape = (2, batch, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
         self.buffers = [self.embeddings.new_empty(shape) for _ in range(len(layers.self_dec) + 1)]  # + shared KV
         self.filled = 0                                                   # cache positions written so far
-        self.context_step = compile_for_any_size(self._context_step) if compile else self._context_step
-        self.guided = compile_for_any_size(self._guided) if compile else self._guided
+        # The steps are kept as plain functions, called with self: a bound method stored on self
+        # is a reference cycle, and every call's caches would outlive it until Python's cycle
+        # collector ran (on a GPU, gigabytes per call at the ARPG-L size).
+        steps = (StaticCachePasses._context_step, StaticCachePasses._guided)
+        self.steps = tuple(compile_for_any_size(step) for step in steps) if compile else steps
 
     def context(self, ids, rope, mask=None, caches=None):
         """ARPG.context's signature and result. The caches live in self.buffers; the `caches`
         argument only says whether this is a new batch's first call (None) or a later one."""
         if caches is None:                                                # a new batch of images starts
             self.filled = 0
-        self.context_step(ids, rope, self.filled, mask)
+        self.steps[0](self, ids, rope, self.filled, mask)
         self.filled += ids.shape[1]
         return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
+
+    def guided(self, target_rope, shared_kv):
+        """ARPG.guided's signature and result (`_guided`)."""
+        return self.steps[1](self, target_rope, shared_kv)
 
     def _norm(self, x, weight):
         return F.rms_norm(x, weight.shape, weight, self.eps)

@@ -1,9 +1,11 @@
 """arpg.py against the official implementation (fixtures in tests/fixtures) and its invariants."""
 
 import argparse
+import gc
 import json
 import math
 import os
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -510,6 +512,26 @@ def test_fast_path_logits_match_the_readable_path_on_a_larger_grid():
     assert len(runs[0]) == len(runs[1]) == 6, [len(run) for run in runs]
     for step, (readable, fast) in enumerate(zip(*runs)):
         torch.testing.assert_close(fast, readable, atol=1e-5, rtol=0, msg=f"step {step}")
+
+
+def test_the_fast_path_frees_its_caches_when_generate_returns(monkeypatch):
+    """No reference cycle keeps a fast call's caches and fused weights alive after it: with the
+    cycle collector off, each call's StaticCachePasses is gone as soon as generate returns."""
+    instances = []
+    real_init = arpg.StaticCachePasses.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        instances.append(weakref.ref(self))
+    monkeypatch.setattr(arpg.StaticCachePasses, "__init__", init)
+    model = small_model()
+    gc.disable()
+    try:
+        for _ in range(3):
+            model.generate(torch.tensor([1, 2]), steps=4, fast=True)
+        assert len(instances) == 3 and all(ref() is None for ref in instances), "a fast call's caches outlived it"
+    finally:
+        gc.enable()
 
 
 def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypatch):
