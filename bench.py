@@ -20,6 +20,7 @@ import argparse
 import functools
 import math
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -76,6 +77,7 @@ except ValueError as error:
 device = torch.device(args.device)
 on_gpu = device.type == "cuda"
 if on_gpu:
+    device = torch.device("cuda", device.index or 0)  # set_device refuses a bare "cuda" (as train.py does)
     torch.cuda.set_device(device)   # so that synchronize and the memory counters watch this GPU
 dtype = torch.bfloat16 if on_gpu else torch.float32   # the paper's bf16 on GPU; fp32 on CPU
 batches = args.batch or ([64] if on_gpu else [16, 64])
@@ -130,7 +132,7 @@ def timed(fns, repeats):
             times[name].append(time.perf_counter() - start)
             if on_gpu:
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 1e9)
-    return {name: (sorted(t)[len(t) // 2], peaks[name]) for name, t in times.items()}
+    return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
 # -----------------------------------------------------------------------------
