@@ -306,8 +306,10 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         with open(os.path.join(work, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=1)
         # Install: each graph before its weights, all of them before the JSON. A reader that
-        # catches the folder half-way sees a new graph (whose export id the old JSON does not
-        # carry, so it refuses) or an old graph with its own old weights, never old with new.
+        # opens the folder half-way finds a new graph (whose export id the old JSON does not
+        # carry, so it refuses) or an old graph beside its own old weights. (The weights file
+        # carries no export id: a reader that had parsed an old graph and opened its weights only
+        # after they were replaced would pair the two, as would a hand copy mixing two exports.)
         for name in graphs:
             for suffix in (".onnx", ".onnx.data"):
                 os.replace(os.path.join(work, name + suffix), os.path.join(out_dir, name + suffix))

@@ -440,7 +440,7 @@ def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tm
 
 
 def test_export_installs_each_graph_before_its_weights_and_the_json_last(exported, tmp_path, monkeypatch):
-    """A reader of a folder caught half-way must never pair an old graph with new weights: each
+    """A reader that opens a folder caught half-way finds no old graph beside new weights: each
     .onnx is moved in before its .onnx.data, and arpg_onnx.json after all of them."""
     _, model, _ = exported
     moved, real_replace = [], os.replace
