@@ -337,8 +337,8 @@ def main():
                         help="fp16 weights and caches (for GPUs; logits stay fp32; their difference from PyTorch is "
                              "reported, not held to the fp32 graphs' 1e-4)")
     parser.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
-                        help="token grid the graphs cover (default: the training grid; a larger one generates larger images, "
-                             "as sample.py --edit expand does)")
+                        help="token grid the graphs cover (default: the training grid; a larger one generates "
+                             "larger images, as sample.py --edit expand does)")
     parser.add_argument("--dynamo", action="store_true",
                         help="use the torch.export-based exporter (slower; the TorchScript one is deprecated)")
     # Models are loaded exactly as sample.py loads them, on the CPU in fp32 (--fp16 converts a copy).
