@@ -195,6 +195,20 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
 # -----------------------------------------------------------------------------
 # The whole export
 
+def check_export_folder(out_dir):
+    """Refuse, in one line, an export folder that cannot be made: an empty name, a file, or a path
+    under a file (main checks it before loading the checkpoints, which takes a while for L-XXL)."""
+    if not out_dir.strip():
+        raise ValueError("--out is empty; give the export a folder name")
+    if os.path.isfile(out_dir):
+        raise ValueError(f"{out_dir} is a file; the export needs a folder name")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):                                  # the nearest part that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot export to {out_dir}: {existing} is a file, not a folder")
+
+
 def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dynamo=False, sampling=SAMPLING_DEFAULTS):
     """Export `model` (and `vq`'s decoder unless None) to out_dir; returns the metadata written.
 
@@ -232,8 +246,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     # Work in a temporary folder inside out_dir (the same file system, even where out_dir is a
     # link or a mount point, so os.replace is atomic): a failed export leaves nothing behind, not
     # even an out_dir it made.
-    if os.path.isfile(out_dir):
-        raise ValueError(f"{out_dir} is a file; the export needs a folder name")
+    check_export_folder(out_dir)
     made_out_dir = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -344,6 +357,7 @@ def main():
     # Models are loaded exactly as sample.py loads them, on the CPU in fp32 (--fp16 converts a copy).
     parser.set_defaults(device="cpu", dtype="float32")
     args = parser.parse_args()
+    check_export_folder(args.out)
 
     model, vq, class_names, description, sampling = load_models(args)
     print(f"exporting {description}")

@@ -286,7 +286,8 @@ def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_def
 
 
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
-    """A missing checkpoint, a grid too small to export, a file as the export folder, a folder or a
+    """A missing checkpoint, a grid too small to export, a file (or a path under one, or no name) as
+    the export folder, a folder or a
     .txt name as the PNG, a missing graph, graphs mixed from two exports, a JSON that lacks a key, an
     export without a decoder, a class the model lacks and an explicit but unavailable CUDA provider
     each end with one 'error:' line and exit code 2; the sampler's API refuses class ids and codes out of range."""
@@ -299,6 +300,10 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     (tmp_path / "notes.txt").write_text("a file")
     with pytest.raises(ValueError, match="is a file; the export needs a folder name"):
         export_onnx(model, vq, str(tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match="notes.txt is a file, not a folder"):
+        export_onnx(model, vq, str(tmp_path / "notes.txt" / "onnx"))
+    code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", "")  # checked before loading
+    assert code == 2 and output.strip() == "error: --out is empty; give the export a folder name", output
     code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--out", str(tmp_path))
     assert code == 2 and output.strip() == f"error: --out {tmp_path} is a folder; give a file name in it", output
     code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--out", str(tmp_path / "a.txt"))
