@@ -287,10 +287,10 @@ def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_def
 
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     """A missing checkpoint, a grid too small to export, a file (or a path under one, or no name) as
-    the export folder, a folder or a
-    .txt name as the PNG, a missing graph, graphs mixed from two exports, a JSON that lacks a key, an
-    export without a decoder, a class the model lacks and an explicit but unavailable CUDA provider
-    each end with one 'error:' line and exit code 2; the sampler's API refuses class ids and codes out of range."""
+    the export folder, a folder or a .txt name as the PNG, a missing graph, graphs mixed from two
+    exports, a JSON that lacks a key, an export without a decoder, a class the model lacks and an
+    explicit but unavailable CUDA provider each end with one 'error:' line and exit code 2; the
+    sampler's API refuses class ids and codes out of range."""
     folder, model, vq = exported
     with pytest.raises(ValueError, match="at least one row and one column and 12 tokens in all, got 0 x 8"):
         export_onnx(model, vq, str(tmp_path / "no_rows"), grid=(0, 8))
