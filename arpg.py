@@ -149,8 +149,9 @@ ARPG_PRESETS = {
 # (row-major, p = row * cols + col) is slot p + 1: hence every `rope[... + 1]` below. In the
 # official code slot 0 is all ZEROS (cos = sin = 0), not the identity rotation. Rotating by it
 # multiplies a vector by zero, so the class token's query and key vanish: every attention logit
-# against it is 0 and it acts only through its value. That is a quirk of LlamaGen's table, and the released ARPG weights
-# were trained with it, so the L / XL / XXL presets keep it (class_rope="zero").
+# against it is 0 and it acts only through its value. That is a quirk of LlamaGen's table, and
+# the released ARPG weights were trained with it, so the L / XL / XXL presets keep it
+# (class_rope="zero").
 #
 # The `tiny` preset uses the identity rotation instead (class_rope="identity"), a deliberate
 # departure. With the zero slot no query can attend to the class more than its other keys let

@@ -42,7 +42,8 @@ parser.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64], help="
 parser.add_argument("--tokens", type=int, default=None,
                     help="image tokens per sample (a square number; default: the preset's, 64 for tiny, 256 for L)")
 parser.add_argument("--cfg", type=float, default=4.0,
-                    help="guidance scale (default 4: rows doubled as in the paper's protocol; 1: no guidance, half the rows)")
+                    help="guidance scale (default 4: rows doubled as in the paper's protocol; 1: no guidance, "
+                         "half the rows)")
 parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (after one warm-up call)")
 parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime sampler")
 parser.add_argument("--no-train", action="store_true", help="skip the training-throughput row")

@@ -21,8 +21,8 @@ Use it:
     images, labels = make_builtin_dataset(5000, seed=0)  # uint8 (5000, 64, 64, 3), int64 (5000,)
 
 The end of the file holds what every script shares: atomic file writes, output-path checks,
-reading image files, the labelled image grid and the one-line exit on bad input. They live here, free of torch, so that
-onnx_sampler.py runs without PyTorch.
+reading image files, the labelled image grid and the one-line exit on bad input. They live
+here, free of torch, so that onnx_sampler.py runs without PyTorch.
 """
 import argparse
 import contextlib
@@ -220,7 +220,8 @@ def check_image_path(path, flag="--out"):
     check_output_path(path, flag)
     extension = os.path.splitext(path)[1].lower()
     if extension and Image.registered_extensions().get(extension) not in Image.SAVE:
-        raise ValueError(f"{flag} {path}: {extension} is no image format PIL can write; end the name with .png or .jpg")
+        raise ValueError(f"{flag} {path}: {extension} is no image format PIL can write; end the name with .png "
+                         f"or .jpg")
 
 
 # LlamaGen's and ARPG's demo classes: golden retriever, otter, lesser panda, geyser, macaw,
@@ -277,6 +278,7 @@ def save_image_grid(images, row_labels, path, pad=2, column_labels=None):
         raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
     if column_labels is not None and len(column_labels) != cols:
         raise ValueError(f"{len(column_labels)} column labels for {cols} columns")
+    check_image_path(path, "grid")                                        # before the drawing
 
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -301,7 +303,6 @@ def save_image_grid(images, row_labels, path, pad=2, column_labels=None):
         for c in range(cols):
             grid.paste(Image.fromarray(images[r, c]), (label_w + pad + c * (column_w + pad) + (column_w - w) // 2, top))
 
-    check_image_path(path, "grid")
     extension = os.path.splitext(path)[1]
     with atomic_output(path, extension) as tmp:
         grid.save(tmp, format=Image.registered_extensions().get(extension.lower(), "PNG"))  # .jpg: JPEG

@@ -607,9 +607,9 @@ def main(argv=None):
         labels = torch.tensor(classes)[torch.arange(args.fid) % len(classes)]  # (N,) each class N/C times
         batches = generate_batches(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
         write_fid_npz(out, with_progress(batches, args.fid), args.fid, (side, side, 3), labels.numpy())
-        per_class = f"{args.fid // len(classes)}" + (f"-{args.fid // len(classes) + 1}" if args.fid % len(classes) else "")
-        print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes, {per_class} "
-              f"images each")
+        each, left_over = divmod(args.fid, len(classes))                  # the first left_over classes get one more
+        print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes, {each}"
+              f"{f'-{each + 1}' if left_over else ''} images each")
 
     elif args.edit is not None:
         canvas, input_panel, mask_panel, classes = plan_edit(args, model, vq, names)

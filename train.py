@@ -9,7 +9,8 @@ warm-up then cosine decay to 1e-5, gradient clipping at 1.0, bf16 autocast, labe
 (so classifier-free guidance works at sampling time), EMA weights. The `tiny` CPU recipe departs
 from it where a few minutes of training need it (RECIPES below): Muon for the weight matrices,
 a higher learning rate held at its peak before a linear decay, no dropout (label dropout stays,
-for guidance), no EMA, a compiled step, and 5 blocks instead of 7 in a timed fp32 run (FP32_CPU_TINY_LAYERS).
+for guidance), no EMA, a compiled step, and 5 blocks instead of 7 in a timed fp32 run
+(FP32_CPU_TINY_LAYERS).
 
 With no arguments it does everything on a CPU with no download, in about 9.5 minutes on 2 cores:
 draws the built-in shapes dataset (data.py), trains the small VQ tokenizer (tokenizer.py) unless
@@ -83,17 +84,18 @@ from tokenizer import (CLASS_NAMES_FILE, IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_P
 RECIPES = {
     # tiny departs from the paper where a few minutes of CPU training call for it (each change with
     # its measured effect, and the settings tried around it: EXPERIMENTS.md):
-    # - No dropout (label dropout stays: guidance needs it) and no EMA. A short run has little room to overfit (with 20,000 images the loss
-    #   on training and on held-out images stayed together, 0.773 against 0.786 after 2154 steps),
-    #   and an EMA would mostly average the early, worse weights.
+    # - No dropout (label dropout stays: guidance needs it) and no EMA. A short run has little room
+    #   to overfit (with 20,000 images the loss on training and on held-out images stayed together,
+    #   0.773 against 0.786 after 2154 steps), and an EMA would mostly average the early, worse
+    #   weights.
     # - The learning rate holds its peak until the last 30% of the steps, then falls linearly,
     #   instead of the cosine: fewer steps at a small learning rate (an early 600-step run: class
     #   accuracy 29.0% -> 36.2% and 29.8% -> 30.0%, seeds 0 and 1).
     # - Muon (muon.py) at 0.015 for the matrices of the two passes, AdamW at 6e-3 for the rest (the
     #   embeddings, the head, the norms, the query-position map; so only these see the weight
-    #   decay, Muon having none). Muon took 600 steps' final loss
-    #   from 1.203 to 1.085 and from 1.188 to 1.104 (seeds 0, 1); 0.015 rather than 0.02: 77.4% ->
-    #   80.1% and 75.8% -> 77.0%; AdamW's 6e-3 rather than 3e-3: 74.1% -> 76.4% and 75.1% -> 79.4%.
+    #   decay, Muon having none). Muon took 600 steps' final loss from 1.203 to 1.085 and from
+    #   1.188 to 1.104 (seeds 0, 1); 0.015 rather than 0.02: 77.4% -> 80.1% and 75.8% -> 77.0%;
+    #   AdamW's 6e-3 rather than 3e-3: 74.1% -> 76.4% and 75.1% -> 79.4%.
     # - The step compiled (`compile_or_not`: on 2 cores 1.2x faster in fp32, ~1.1x in bf16, after
     #   30-80 s of compiling the first time) and, on a CPU with bf16 matrix instructions, run in
     #   bf16 (`default_precision`: 1.6-1.9x faster than fp32).
@@ -791,7 +793,8 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
         if distributed:
             check_ranks_agree(model, device)
         if is_main:  # still under StopRequest: a Ctrl-C now lets this save finish
-            save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names, warmup_steps)
+            save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names,
+                            warmup_steps)
     finally:
         stop.restore()
     return step, last_loss, stop.requested
@@ -1025,7 +1028,7 @@ def main(argv=None):
     model = ARPG(config).to(device)
     ema = ARPG(config).to(device).requires_grad_(False) if args.ema > 0 else None
     optimizers = make_optimizers(model, args.lr, args.weight_decay, device, args.muon_lr, args.precision)
-    start_step = 0
+    start_step, resumed_warmup_steps = 0, None
     if args.resume:
         load_strict(model, checkpoint["model"], f"model in {args.out}")
         saved = checkpoint["optimizer"]
@@ -1038,7 +1041,8 @@ def main(argv=None):
         start_step = checkpoint["step"]
         if ema is not None:
             load_strict(ema, checkpoint.get("ema", checkpoint["model"]), f"EMA in {args.out}")
-        resumed_schedule = checkpoint["args"].get("max_steps"), checkpoint.get("warmup_steps")  # older: neither
+        saved_max_steps = checkpoint["args"].get("max_steps")             # older files lack one or both
+        resumed_warmup_steps = checkpoint.get("warmup_steps")
         del checkpoint  # its weights and optimizer state are loaded: free the host memory for the run
     elif ema is not None:
         ema.load_state_dict(model.state_dict())
@@ -1048,7 +1052,7 @@ def main(argv=None):
     deadline = None                                                       # set by --total-minutes
     if args.max_steps is None:                                            # the length of the schedule
         if args.resume:
-            args.max_steps = resumed_schedule[0]                          # the one it was saved with
+            args.max_steps = saved_max_steps                              # the one it was saved with
         elif is_timed(args):
             args.max_steps, deadline = steps_within(args.total_minutes, run_started, train_model, model, dataset,
                                                     args, rank, world_size, device, log)
@@ -1066,7 +1070,7 @@ def main(argv=None):
     # 4. Train, save, and show samples.
     started = time.perf_counter()
     step, loss, interrupted = train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank,
-                                    world_size, device, deadline, resumed_schedule[1] if args.resume else None)
+                                    world_size, device, deadline, resumed_warmup_steps)
     if world_size > 1:
         log(f"weights identical on all {world_size} processes")
         dist.destroy_process_group()
