@@ -163,7 +163,7 @@ def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_p
     succeeds replaces it with a file everyone can read (mkstemp's own are owner-only)."""
     path = tmp_path / "table.md"
     path.write_text("old")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="interrupted"):
         with atomic_output(str(path), ".md") as tmp:
             with open(tmp, "w") as f:
                 f.write("half")

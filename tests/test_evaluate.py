@@ -107,17 +107,25 @@ def test_a_classifier_path_that_cannot_be_written_is_refused_before_training(tmp
 # --- the command line ---
 
 def test_cli_scores_a_sample_file_and_refuses_one_without_labels(cached_classifier, tmp_path):
-    """`evaluate.py --npz` adds a row for the file next to as many real images as it holds; a file
-    without labels is one error line."""
-    path, _, _ = cached_classifier
-    images, labels = make_builtin_dataset(30, seed=9)
-    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
-    np.savez(good, arr_0=images, labels=labels)
-    np.savez(bad, arr_0=images)
+    """`evaluate.py --npz` adds a row for the file next to as many real images as it holds, scored
+    against the file's own labels: labelled with the classifier's predictions the images score
+    100.0%, labelled one class off 0.0%, with the Frechet distance of those images; a file without
+    labels is one error line."""
+    path, classifier, _ = cached_classifier
+    images, _ = make_builtin_dataset(30, seed=9)
+    predictions, _ = evaluate.classify(classifier, images)
+    reference, _ = evaluate.real_image_rows(classifier, 30)
+    frechet = evaluate.score_images(classifier, images, predictions, reference)["frechet"]
     command = [sys.executable, "evaluate.py", "--classifier", path, "--npz"]  # --n: the file's 30 images
-    result = subprocess.run(command + [str(good)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr}"
-    assert "| real images | 30 |" in result.stdout and "| good.npz | 30 |" in result.stdout, result.stdout
+    for name, labels, accuracy in (("agreed.npz", predictions, "100.0%"), ("off.npz", (predictions + 1) % 10, "0.0%")):
+        np.savez(tmp_path / name, arr_0=images, labels=labels)
+        result = subprocess.run(command + [str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr}"
+        assert "| real images | 30 |" in result.stdout, result.stdout
+        assert f"| {name} | 30 | {accuracy} | {frechet:.2f} |" in result.stdout, result.stdout
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, arr_0=images)
     result = subprocess.run(command + [str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "needs arr_0 (images) and labels" in lines[0], result.stderr
