@@ -43,14 +43,16 @@ def generate_settings(steps):
         schedule=settings["sample_schedule"])
 
 
-def record_guided_calls(model):
-    """Wrap model.guided to record (target positions, batch rows, logits) of every call."""
+def record_guided_calls(model, rope=None):
+    """Wrap model.guided to record (target positions, batch rows, logits) of every call; `rope` is
+    the RoPE table of the grid sampled (default: the training grid's, model.rope)."""
     calls, guided = [], model.guided
+    rope = model.rope if rope is None else rope
 
     def recording(target_rope, shared_kv, mask=None):
         logits = guided(target_rope, shared_kv, mask)
         # Each grid position has its own RoPE row: find it to recover the target positions.
-        slot = (model.rope[1:, None] == target_rope[0][None]).flatten(2).all(-1).float().argmax(0)  # (K,)
+        slot = (rope[1:, None] == target_rope[0][None]).flatten(2).all(-1).float().argmax(0)  # (K,)
         calls.append((slot, shared_kv[0].shape[0], logits))
         return logits
 
@@ -354,12 +356,17 @@ def test_a_bf16_model_keeps_an_fp32_rope_table_and_decodes_other_grids():
 
 
 def test_larger_rectangular_grid_decodes_every_token():
-    """Outpainting canvas: a 4 x 8 grid on a model trained on 4 x 4 yields 32 valid codes per row."""
+    """Outpainting canvas: on a model trained on 4 x 4, a 4 x 8 grid with its centre known decodes
+    each of the 16 unknown positions exactly once (recognised by their rows of the 4 x 8 RoPE table;
+    an undecoded position would keep the canvas's 0, itself a valid code) and keeps the centre."""
     model = small_model()
     known_tokens, known_mask = torch.zeros(1, 32, dtype=torch.long), torch.zeros(1, 32, dtype=torch.bool)
     known_mask.view(4, 8)[:, 2:6] = True
     known_tokens.view(4, 8)[:, 2:6] = 7
+    calls = record_guided_calls(model, model.rope_table(4, 8))
     tokens = model.generate(torch.tensor([1]), steps=4, grid=(4, 8), known_tokens=known_tokens, known_mask=known_mask)
+    decoded = sorted(torch.cat([slot for slot, _, _ in calls]).tolist())
+    assert decoded == (~known_mask[0]).nonzero().flatten().tolist(), f"decoded positions {decoded}"
     assert tokens.shape == (1, 32), tokens.shape
     assert (tokens.view(4, 8)[:, 2:6] == 7).all(), "known centre changed"
     assert tokens.min() >= 0 and tokens.max() < 64, "codes outside the vocabulary"
@@ -555,11 +562,12 @@ def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypat
     try:
         for batch, steps in [(32, 7), (16, 5), (3, 7), (48, 4)]:  # 7 steps: some reveal 1 token, some more
             labels = torch.arange(batch) % 10
-            tokens = [model.generate(labels, steps=steps, cfg_scale=3.0, fast=True, compile=compile,
-                                     generator=torch.Generator().manual_seed(batch)) for compile in (False, True)]
-            assert torch.equal(*tokens), f"batch {batch}: the compiled steps sampled other tokens"
+            tokens = [model.generate(labels, steps=steps, cfg_scale=3.0, fast=fast, compile=fast,
+                                     generator=torch.Generator().manual_seed(batch)) for fast in (False, True)]
+            assert torch.equal(*tokens), f"batch {batch}: the compiled steps sampled other tokens than the readable path"
             if batch == 32:
                 first_call = len(traced)
+                assert first_call >= 2, f"{first_call} graphs traced: both step functions should reach the compiler"
         assert len(traced) == first_call, f"{first_call} graphs traced in the first call, {len(traced)} after the rest"
     finally:
         torch._dynamo.reset()

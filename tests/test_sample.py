@@ -86,18 +86,33 @@ def spy_on_generate(monkeypatch):
 
 def test_grid_has_one_labelled_row_per_class(ckpts, tmp_path, monkeypatch):
     """A grid has one row per requested class and --per-class columns of 64x64 samples, with a label
-    column, and row r is sampled for the r-th class (labels 0, 0, 3, 3, 7, 7 fill it row by row)."""
+    column, and row r shows the samples of the r-th class (labels 0, 0, 3, 3, 7, 7 fill it row by
+    row): each tile is, pixel for pixel, the sample generated for its row's class."""
     calls = spy_on_generate(monkeypatch)
+    sampled = []
+    real_generate_images = sample.generate_images
+
+    def generate_images(model, vq, labels, *args):
+        tokens, images = real_generate_images(model, vq, labels, *args)
+        sampled.append((labels.tolist(), images))
+        return tokens, images
+    monkeypatch.setattr(sample, "generate_images", generate_images)
     grid = read_png(run(ckpts, tmp_path, "--classes", "0", "3", "7", "--per-class", "2", "--steps", "4"))
     assert [labels for labels, _ in calls] == [[0, 0, 3, 3, 7, 7]], f"generate was asked for {calls}"
+    [(labels, images)] = sampled
     pad = 2
     assert grid.shape[0] == 3 * (64 + pad) + pad, f"height {grid.shape[0]}: expected 3 rows of 64 px"
     label_width = grid.shape[1] - (2 * (64 + pad) + pad)
     assert label_width > 20, f"label column only {label_width} px wide: are the rows labelled?"
-    for row in range(3):
+    for row, class_id in enumerate([0, 3, 7]):
         top = pad + row * (64 + pad)
         label = grid[top:top + 64, :label_width]
         assert (label < 128).any(), f"row {row} has no label text"
+        for col in range(2):
+            left = label_width + pad + col * (64 + pad)
+            i = row * 2 + col
+            assert labels[i] == class_id and np.array_equal(grid[top:top + 64, left:left + 64], images[i]), \
+                f"tile ({row}, {col}) is not the sample of class {class_id}"
 
 
 def test_same_seed_gives_the_same_images_and_another_seed_others(ckpts, tmp_path):
@@ -171,8 +186,19 @@ def test_show_decoding_reveals_the_final_tokens_in_generation_order(ckpts, tmp_p
 
 # --- FID files ---
 
-def test_fid_npz_has_the_adm_layout_and_balanced_classes(ckpts, tmp_path):
-    """--fid N writes arr_0 uint8 (N, H, W, 3) (what the ADM evaluator reads) and balanced labels, in batches."""
+def test_fid_npz_has_the_adm_layout_and_balanced_classes(ckpts, tmp_path, monkeypatch):
+    """--fid N writes arr_0 uint8 (N, H, W, 3) (what the ADM evaluator reads) and balanced labels, in
+    batches: image i is the sample generated for labels[i]."""
+    sampled = []
+    real_generate_batches = sample.generate_batches
+
+    def generate_batches(model, vq, labels, *args):
+        start = 0
+        for tokens, images in real_generate_batches(model, vq, labels, *args):
+            sampled.append((labels[start:start + len(images)].numpy(), images))
+            start += len(images)
+            yield tokens, images
+    monkeypatch.setattr(sample, "generate_batches", generate_batches)
     path = run(ckpts, tmp_path, "--fid", "25", "--batch-size", "10", "--steps", "4", out="samples.npz")
     with zipfile.ZipFile(path) as archive:
         assert sorted(archive.namelist()) == ["arr_0.npy", "labels.npy"], f"entries {archive.namelist()}"
@@ -181,7 +207,11 @@ def test_fid_npz_has_the_adm_layout_and_balanced_classes(ckpts, tmp_path):
     assert images.dtype == np.uint8 and images.shape == (25, 64, 64, 3), f"arr_0 {images.dtype} {images.shape}"
     counts = np.bincount(labels, minlength=10)
     assert counts.min() >= 2 and counts.max() <= 3, f"classes not balanced: {counts}"
-    assert all(images[i].std() > 0 for i in (0, 12, 24)), "some images of the file were never written"
+    assert [len(batch) for _, batch in sampled] == [10, 10, 5], "not sampled in batches of 10"
+    assert np.array_equal(labels, np.concatenate([batch_labels for batch_labels, _ in sampled])), \
+        "the labels are not those the images were sampled for"
+    assert np.array_equal(images, np.concatenate([batch for _, batch in sampled])), \
+        "arr_0 is not the sampled images, in order"
 
 
 def test_a_killed_fid_run_leaves_no_partial_file(ckpts, tmp_path):
@@ -222,8 +252,11 @@ def test_a_token_is_kept_only_if_all_its_pixels_are_kept():
     ("expand", ["--grid", "12", "10"], (12, 10), None, 0),
 ])
 def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid, offset, n_known):
-    """Every edit puts the input's tokens on the canvas and returns them unchanged; the other
-    positions are sampled (that generate decodes each exactly once is tests/test_arpg.py's)."""
+    """Every edit puts the input's tokens on the canvas and returns them unchanged, and samples
+    every other position: with this random model a sampled position matches the canvas's
+    placeholder (the input's old code, or generate's 0) in all of its rows only by a 1-in-64**N
+    chance, so a position left unsampled would show. (That generate decodes each position exactly
+    once is tests/test_arpg.py's.)"""
     args = sample.parse_args(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], "--edit", mode, "--per-class", "3",
                               "--steps", "16", *extra])
     sample.check_flags(args)                                              # as main does: fills in mode defaults
@@ -241,12 +274,14 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
         assert classes == [5, 6], f"class-edit labels {classes}"
     if n_known == 0:
         assert canvas.known_mask is None, "expand from the class alone has no known tokens"
+        assert (tokens != 0).any(0).all(), "some positions kept generate's starting 0 in every sample"
         return
     known = canvas.known_mask                                             # (L,)
     given = canvas.known_tokens.expand(len(labels), -1)                   # (N, L)
     assert int(known.sum()) == n_known, f"{int(known.sum())} known tokens, expected {n_known}"
     assert torch.equal(tokens[:, known], given[:, known]), "known tokens changed"
-    assert (tokens[:, ~known] != given[:, ~known]).any(), "the unknown positions were not filled"
+    sampled = (tokens[:, ~known] != given[:, ~known]).any(0)              # per unknown position
+    assert sampled.all(), f"{int((~sampled).sum())} unknown positions kept the canvas's token in every sample"
     image, _ = sample.edit_input(args, model, vq, names)
     codes = vq.encode_images(image[None])[0]                             # (8, 8) the input's tokens
     top, left = offset

@@ -390,6 +390,29 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert load(tmp_path / "arpg.pt")["step"] == 4, "rank 0 saved the final step"
 
 
+@pytest.mark.parametrize("other_rank_differs", [False, True])
+def test_check_ranks_agree_compares_every_rank_s_weights(monkeypatch, other_rank_differs):
+    """The check behind "weights identical on all N processes": each rank's per-tensor sums are
+    gathered, and a second rank whose weights differ in one parameter is caught (dist stubbed as
+    two ranks, the second's fingerprint computed from its own copy of the model)."""
+    model = ARPG(replace(ARPG_PRESETS["tiny"], n_layer=2, pass1_layers=1))
+    other = copy.deepcopy(model)
+    if other_rank_differs:
+        with torch.no_grad():
+            other.head.weight[0, 0] += 1e-3
+
+    def all_gather(gathered, fingerprint):
+        gathered[0].copy_(fingerprint)
+        gathered[1].copy_(torch.stack([p.detach().double().sum() for p in other.parameters()]))
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(train.dist, "all_gather", all_gather)
+    if other_rank_differs:
+        with pytest.raises(RuntimeError, match="went out of sync"):
+            train.check_ranks_agree(model, torch.device("cpu"))
+    else:
+        train.check_ranks_agree(model, torch.device("cpu"))
+
+
 def test_sigterm_to_torchrun_saves_the_run(tmp_path):
     """torchrun passes a SIGTERM on to each rank's process group, DataLoader workers included: the
     ranks stop at the same step, agree on the weights, and rank 0 saves. (torchrun itself then
@@ -511,7 +534,8 @@ def test_the_paper_recipe_scales_its_peak_and_floor_with_the_global_batch(batch,
 
 def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
     """muon_lr > 0: Muon holds exactly the 2-dim weights inside model.layers; AdamW the embeddings,
-    head, query positions and norms. muon_lr = 0 (the paper's recipe): AdamW holds every weight."""
+    head, query positions and norms. muon_lr = 0 (the paper's recipe): AdamW holds every weight,
+    with weight decay 0.05 on the matrices and embeddings and none on the norms' gains (SPEC 5)."""
     model = ARPG(ARPG_PRESETS["tiny"])
     adamw, muon = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.02)
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
@@ -522,6 +546,13 @@ def test_muon_takes_the_matrices_of_the_two_passes_and_adamw_everything_else():
     (alone,) = make_optimizers(model, 3e-3, 0.05, torch.device("cpu"), muon_lr=0.0)
     assert sum(len(group["params"]) for group in alone.param_groups) == len(list(model.parameters())), \
         "AdamW alone holds every weight"
+    names = {id(p): name for name, p in model.named_parameters()}
+    decay = {names[id(p)]: group["weight_decay"] for group in alone.param_groups for p in group["params"]}
+    assert {name for name, wd in decay.items() if wd == 0.05} == {n for n, p in model.named_parameters()
+                                                                  if p.dim() >= 2}, "decayed: the >= 2-dim tensors"
+    assert {name for name, wd in decay.items() if wd == 0.0} == {n for n, p in model.named_parameters()
+                                                                 if p.dim() < 2}, "not decayed: the rest"
+    assert any("norm" in name for name, wd in decay.items() if wd == 0.0), "the norms' gains are not decayed"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -630,7 +661,9 @@ def damaged_code_file(contents):
             (data / "0" / "0.npy").write_bytes(b"")
         else:
             np.save(data / "0" / "0.npy", contents)
-        return ["--data", str(data), "--vocab-size", str(VOCAB)], "0/0.npy"
+        message = ("cannot read .*0/0.npy as an .npy array" if contents is None else
+                   "0/0.npy: expected integer codes of shape")
+        return ["--data", str(data), "--vocab-size", str(VOCAB)], message
     return case
 
 
