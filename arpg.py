@@ -958,3 +958,6 @@ def check_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); "
                          f"use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: no such GPU; this machine has {torch.cuda.device_count()}, numbered "
+                         f"from cuda:0")

@@ -34,7 +34,7 @@ import sys
 import tempfile
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 # -----------------------------------------------------------------------------
 # Classes and palettes
@@ -249,11 +249,14 @@ def check_classes(classes, num_classes, flag="--classes"):
 
 
 def read_image(path, mode="RGB", what="image"):
-    """An image file as a PIL image in `mode` ("RGB", or "L" for a mask), read whole. Files of 16
-    bits per channel are brought down to 8 first: PIL's convert would clip their values at 255,
-    turning nearly every pixel of a 16-bit greyscale PNG white. An alpha channel is dropped."""
+    """An image file as a PIL image in `mode` ("RGB", or "L" for a mask), read whole and upright: a
+    photo whose EXIF data says the camera was turned is turned back, as image viewers show it (a
+    mask drawn on what the viewer showed then fits it). Files of 16 bits per channel are brought
+    down to 8 first: PIL's convert would clip their values at 255, turning nearly every pixel of a
+    16-bit greyscale PNG white. An alpha channel is dropped."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
             if image.mode.startswith("I"):                               # 16-bit greyscale ("I;16", "I")
                 image = Image.fromarray((np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
             return image.convert(mode)

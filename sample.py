@@ -37,7 +37,8 @@ import evaluate
 from arpg import ARPG, check_device, read_checkpoint
 from data import (CLASS_NAMES, atomic_output, check_classes, check_image_path, check_output_path, default_classes,
                   make_builtin_dataset, read_image, run_script, save_image_grid)
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, reveal_counts, sampling_settings
+from schedules import (CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts,
+                       sampling_settings)
 from tokenizer import VQModel, tensor_to_images
 
 EDIT_MODES = ["inpaint", "class-edit", "outpaint", "expand"]
@@ -52,8 +53,8 @@ def add_checkpoint_arguments(group):
     group.add_argument("--ckpt", default="out/arpg.pt",
                        help="ARPG checkpoint: ours (train.py) or an official file (arpg_300m.pt, ...)")
     group.add_argument("--vq-ckpt", default=None,
-                       help="VQ tokenizer checkpoint (default: the one the ARPG checkpoint was trained with, "
-                            "else out/tokenizer.pt); LlamaGen's vq_ds16_c2i.pt for the official weights")
+                       help="VQ tokenizer checkpoint (default: the one the ARPG checkpoint was trained with, as "
+                            "train.py records it); LlamaGen's vq_ds16_c2i.pt for the official weights")
     group.add_argument("--no-ema", action="store_true",
                        help="use the trained weights even when the checkpoint also holds an EMA copy "
                             "(default: the EMA weights when present)")
@@ -78,9 +79,10 @@ def parse_args(argv=None):
                            "out/decoding.png, out/eval.md)")
 
     decoding = parser.add_argument_group("decoding (SPEC 6)")
-    decoding.add_argument("--steps", type=int, default=32,
-                          help="decoding steps for a whole canvas, 1..tokens per image (paper: 64; 32 is as good); "
-                               "edits use the same tokens per step, so fewer steps for fewer unknown tokens")
+    decoding.add_argument("--steps", type=int, default=None,
+                          help="decoding steps for a whole canvas, 1..its tokens (default 32, or one per token on a "
+                               "grid of fewer; paper: 64, and 32 is as good); edits use the same tokens per step, "
+                               "so fewer steps for fewer unknown tokens, more for a larger canvas")
     decoding.add_argument("--cfg", type=float, default=None,
                           help="classifier-free guidance scale (default: the checkpoint's, 2.5 for the tiny recipe, "
                                "else 4; 1: off; official ARPG-L: 5.0, XL: 6.0, XXL: 7.5)")
@@ -366,6 +368,10 @@ def edit_input(args, model, vq, names):
     if args.image is not None:
         image = load_image(args.image)
         check_image_size(image, vq.downsample)
+        side = model.config.grid_size * vq.downsample
+        if image.shape[:2] != (side, side):
+            print(f"note: the image is {image.shape[1]}x{image.shape[0]} pixels and the model was trained on "
+                  f"{side}x{side}: its tokens make a grid the model never saw (as --edit expand does)")
         return image, args.image_class
     if not is_builtin(names):
         raise ValueError(f"--edit {args.edit} needs --image for a model not trained on the built-in shapes")
@@ -382,8 +388,6 @@ def plan_edit(args, model, vq, names):
     f = vq.downsample
     if args.edit == "expand":
         rows, cols = args.grid or (2 * model.config.grid_size,) * 2
-        if rows < 1 or cols < 1:
-            raise ValueError(f"--grid must be positive, got {rows} {cols}")
         canvas = Canvas((rows, cols))
         input_panel, mask_panel = edit_panels(None, canvas, f)
         return canvas, input_panel, mask_panel, args.classes or default_classes(names)
@@ -392,8 +396,6 @@ def plan_edit(args, model, vq, names):
     codes = vq.encode_images(image[None])                                 # (1, h, w)
     if args.edit == "outpaint":
         extend = args.extend or (max(1, model.config.grid_size // 4),) * 4
-        if min(extend) < 0 or sum(extend) == 0:
-            raise ValueError(f"--extend needs non-negative token counts, at least one positive, got {extend}")
         canvas = outpaint_canvas(codes, extend)
         input_panel, mask_panel = edit_panels(image, canvas, f, offset=(extend[0], extend[2]))
     else:  # inpaint, class-edit
@@ -405,6 +407,9 @@ def plan_edit(args, model, vq, names):
 
     if args.classes is not None:
         labels = args.classes
+    elif image_class is None and args.edit == "class-edit":
+        raise ValueError("--edit class-edit on your own image needs --classes (the classes to redraw the region "
+                         "as), or --image-class (its own class: every other class is drawn)")
     elif image_class is None:
         raise ValueError(f"--edit {args.edit} on your own image needs the class to generate under: "
                          f"--classes C (or --image-class C)")
@@ -528,18 +533,33 @@ def check_flags(args):
             raise ValueError(f"{flag} only applies to --edit {' / '.join(modes)}")
     if args.mask is not None and args.box is not None:
         raise ValueError("give --mask or --box, not both")
+    if args.grid is not None and min(args.grid) < 1:
+        raise ValueError(f"--grid must be positive, got {' '.join(map(str, args.grid))}")
+    if args.extend is not None and (min(args.extend) < 0 or sum(args.extend) == 0):
+        raise ValueError(f"--extend needs non-negative token counts, at least one positive, got "
+                         f"{' '.join(map(str, args.extend))}")
+    if args.fid is not None and args.classes is not None and len(set(args.classes)) < len(args.classes):
+        raise ValueError("--fid balances the classes given: list each once in --classes")
     args.image_index = 0 if args.image_index is None else args.image_index
     if not 0 <= args.image_index < 1000:  # image i of a class needs the 10 * i images before it drawn first
         raise ValueError(f"--image-index must be in 0..999, got {args.image_index}")
 
 
 def check_against_model(args, config):
-    """Refuse step counts and class ids the loaded model cannot take."""
-    for steps in [args.steps] + (args.eval or []):
-        if not 1 <= steps <= config.block_size:
-            raise ValueError(f"steps must be between 1 and {config.block_size} (the tokens of an image), got {steps}")
+    """Refuse step counts and class ids the loaded model cannot take, after filling in --steps'
+    default (32, or one per token on a smaller grid). An edit's --steps is checked against its
+    canvas instead (`check_steps`), which can be larger than the model's grid."""
+    if args.steps is None:
+        args.steps = min(32, config.block_size)
+    for steps in ([] if args.edit else [args.steps]) + (args.eval or []):
+        check_steps(steps, config.block_size, "an image")
     if args.classes is not None:
         check_classes(args.classes, config.num_classes)
+
+
+def check_steps(steps, tokens, what):
+    if not 1 <= steps <= tokens:
+        raise ValueError(f"steps must be between 1 and {tokens} (the tokens of {what}), got {steps}")
 
 
 def decoding_settings(args, defaults=SAMPLING_DEFAULTS):
@@ -586,6 +606,8 @@ def main(argv=None):
     model, vq, names, description, sampling = load_models(args)
     config = model.config
     settings = decoding_settings(args, sampling)
+    check_decoding(settings["schedule"], settings["cfg_schedule"], args.temperature, args.top_k, settings["top_p"],
+                   settings["cfg_scale"])                                 # before --eval's minutes of scoring
     print(f"{description} | guidance {settings['cfg_scale']} ({settings['cfg_schedule']}), {settings['schedule']} "
           f"schedule, top-p {settings['top_p']}")
     check_against_model(args, config)
@@ -614,9 +636,11 @@ def main(argv=None):
     elif args.edit is not None:
         canvas, input_panel, mask_panel, classes = plan_edit(args, model, vq, names)
         check_classes(classes, config.num_classes)
+        rows, cols = canvas.grid
+        check_steps(args.steps, rows * cols, f"the {rows}x{cols} canvas")
         labels = torch.tensor(classes).repeat_interleave(args.per_class)  # (R*P,)
         steps = edit_steps(args.steps, canvas)
-        print(f"{args.edit}: decoding {canvas.n_unknown} of {canvas.grid[0] * canvas.grid[1]} tokens "
+        print(f"{args.edit}: decoding {canvas.n_unknown} of {rows * cols} tokens "
               f"in {steps} steps, {len(classes)} class(es) x {args.per_class}")
         _, images = generate_images(model, vq, labels, canvas, steps, settings, generator, args.batch_size)
         results = images.reshape(len(classes), args.per_class, *images.shape[1:])     # (R, P, H, W, 3)

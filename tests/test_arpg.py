@@ -593,6 +593,17 @@ def test_generate_in_training_mode_samples_without_dropout_and_restores_the_mode
     assert model.training, "generate() did not restore training mode"
 
 
+def test_a_gpu_index_beyond_the_machine_s_gpus_is_refused_in_one_line(monkeypatch):
+    """--device cuda:1 on a one-GPU machine (CUDA faked: it counts GPUs only) is one line naming the
+    GPUs there are, not CUDA's "invalid device ordinal" traceback at the first tensor moved."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    arpg.check_device("cuda:0")
+    arpg.check_device("cuda")
+    with pytest.raises(ValueError, match="--device cuda:1: no such GPU; this machine has 1, numbered from cuda:0"):
+        arpg.check_device("cuda:1")
+
+
 def test_a_model_built_on_the_meta_device_takes_storage_with_to_empty():
     """Built on the meta device (no memory), then given storage by to_empty and loaded, as large
     models are: its RoPE table is built again and the model computes what a normal one does."""

@@ -143,6 +143,17 @@ def test_read_image_brings_16_bit_files_down_to_8_bits(tmp_path, monkeypatch):
         read_image(tmp_path / "notes.png", "L", "mask")
 
 
+def test_read_image_turns_a_photo_upright_as_its_exif_orientation_says(tmp_path):
+    """A camera's portrait shot is stored landscape with EXIF orientation 6 ("turn 90 degrees
+    clockwise to view"): it reads as the viewer shows it, 2 wide and 3 tall, pixel for pixel."""
+    stored = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10  # (H 2, W 3, RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                      # the Orientation tag
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    upright = np.asarray(read_image(tmp_path / "photo.png"))
+    assert np.array_equal(upright, np.rot90(stored, k=-1)), f"read as {upright.shape[1]}x{upright.shape[0]}"
+
+
 def test_save_image_grid_rejects_bad_input(tmp_path):
     """A clear ValueError for a wrong layout, a wrong number of row or column labels, or a name
     whose extension is no image format."""

@@ -352,8 +352,10 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
         sampler.generate(np.array([10]))
     with pytest.raises(ValueError, match=r"tokens must be codes in \[0, 128\), got 0..128"):
         sampler.decode(np.array([[0] * 63 + [128]]))
-    for settings, message in (({"top_p": 0.0}, r"top-p must be in \(0, 1\]"), ({"temperature": -1.0}, "temperature"),
-                              ({"top_k": -2}, "top-k"), ({"schedule": "linear"}, "schedule must be one of")):
+    for settings, message in (({"top_p": 0.0}, r"top-p must be in \(0, 1\]"),
+                              ({"temperature": -1.0}, "must be 0 or more, got -1.0 and 0"),
+                              ({"top_k": -2}, "must be 0 or more, got 1.0 and -2"),
+                              ({"schedule": "linear"}, "schedule must be one of")):
         with pytest.raises(ValueError, match=message):                    # the same check as ARPG.generate's
             sampler.generate(np.array([1]), **settings)
     if "CUDAExecutionProvider" not in ort.InferenceSession(str(folder / "guided.onnx"), providers=[

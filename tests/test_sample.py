@@ -373,6 +373,34 @@ def write_png(path, height, width):
     return str(path)
 
 
+def test_an_edit_on_a_larger_canvas_takes_more_steps_than_the_model_s_grid_has_tokens(ckpts, tmp_path, capsys):
+    """--steps counts steps for the whole canvas: expanding to 10 x 10 tokens (100, the model's grid
+    has 64) decodes one token per step at --steps 100, not at most 64."""
+    run(ckpts, tmp_path, "--edit", "expand", "--grid", "10", "10", "--steps", "100", "--classes", "1",
+        "--per-class", "1")
+    assert "expand: decoding 100 of 100 tokens in 100 steps" in capsys.readouterr().out
+
+
+def test_the_default_steps_fit_a_grid_of_fewer_tokens(ckpts, tmp_path, capsys):
+    """A model of a 4 x 4 grid (16 tokens) samples with no --steps: one step per token, not a
+    refused 32."""
+    path = tmp_path / "small.pt"
+    config = replace(ARPG_CONFIG, block_size=16)
+    save_atomic({"model": random_arpg(config).state_dict(), "config": asdict(config),
+                 "class_names": CLASS_NAMES}, str(path))
+    sample.main(["--ckpt", str(path), "--vq-ckpt", ckpts["vq"], "--classes", "1", "--per-class", "1", "--out",
+                 str(tmp_path / "grid.png")])
+    assert "16 steps" in capsys.readouterr().out
+
+
+def test_decoding_settings_are_refused_before_the_evaluation_scores_anything(ckpts, tmp_path, monkeypatch):
+    """--eval --top-p 0 is refused before the classifier is loaded or trained (about 20 s) and the real
+    images are scored."""
+    monkeypatch.setattr(evaluate, "load_classifier", lambda *args, **kwargs: pytest.fail("scored first"))
+    with pytest.raises(ValueError, match=re.escape("top-p must be in (0, 1], got 0.0")):
+        run(ckpts, tmp_path, "--eval", "4", "--top-p", "0", out="eval.md")
+
+
 @pytest.mark.parametrize("case, message", [
     (["--classes", "10"], "--classes 10 out of range"),
     (["--steps", "0"], "steps must be between 1 and 64"),
@@ -412,6 +440,11 @@ def write_png(path, height, width):
     (["--ckpt", "VQ"], "no ARPG weights"),
     (["--vq-ckpt", "ARPG"], "is an ARPG checkpoint, not a tokenizer"),
     (["--vq-ckpt", "VQ_OTHER"], "models 64 codes but the tokenizer"),
+    (["--edit", "expand", "--grid", "0", "5"], "--grid must be positive, got 0 5"),
+    (["--edit", "outpaint", "--extend", "-1", "0", "2", "0"], "--extend needs non-negative token counts"),
+    (["--fid", "10", "--classes", "1", "1", "2"], "--fid balances the classes given: list each once"),
+    (["--edit", "expand", "--grid", "4", "4", "--steps", "17"], "between 1 and 16 (the tokens of the 4x4 canvas)"),
+    (["--edit", "class-edit", "--image", "IMAGE_64x64"], "--edit class-edit on your own image needs --classes"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, message):
     """Each bad input raises ValueError/FileNotFoundError (one 'error:' line from the CLI) and writes nothing."""
