@@ -719,8 +719,10 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # The fast decoding path: the same tokens, less overhead (used by `generate(fast=True)`)
 #
 # The readable loop above stays the reference. This class gives it a drop-in replacement for
-# `context` and `guided` that computes the same numbers, up to float rounding (the sampled tokens
-# are identical: tests/test_arpg.py), with changes that only save time:
+# `context` and `guided` that computes the same numbers, up to float rounding (in float32 the
+# sampled tokens are identical: tests/test_arpg.py; in bf16 its attention scores are rounded
+# before the softmax where the readable path's fused attention keeps them wider, so a near tie
+# between two codes can go the other way), with changes that only save time:
 #   1. Preallocated caches. Every cache is one (2, batch, H, capacity, D) buffer allocated once;
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
 #      the official sampler does) copies the whole cache every step.

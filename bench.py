@@ -47,6 +47,9 @@ parser.add_argument("--cfg", type=float, default=4.0,
 parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (after one warm-up call)")
 parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime sampler")
 parser.add_argument("--no-train", action="store_true", help="skip the training-throughput row")
+parser.add_argument("--no-compile", action="store_true",
+                    help="run the fast path eagerly on a GPU too (compiling its two step functions for ARPG-L "
+                         "takes minutes the first time)")
 parser.add_argument("--profile", action="store_true",
                     help="only print a profile of one fast decoding call (eager, at the first --steps and --batch)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -151,7 +154,55 @@ if args.profile:
     raise SystemExit
 
 # -----------------------------------------------------------------------------
-# Token generation
+# The table, rewritten as each group of rows is measured: a run cut short (a time limit) keeps
+# what it measured
+
+try:
+    import onnxruntime
+    ort_version = onnxruntime.__version__
+except ImportError:
+    ort_version = "not installed"
+
+
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+device_name = torch.cuda.get_device_name(device) if on_gpu else f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
+
+
+def write_table(rows, training=None):
+    """Write the markdown table of `rows` [(sampler, batch, steps, img/s, peak GB)] and the training
+    row (batch, img/s, peak GB, optimizers), if any, to --out; returns it."""
+    lines = [
+        f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
+        f"with {config.block_size} tokens per image "
+        f"(random weights), {'bf16 (ONNX Runtime: fp16 graphs)' if on_gpu else 'fp32'}, guidance {args.cfg}"
+        f"{' (rows doubled)' if args.cfg != 1 else ''}, token generation only"
+        f"{'; the fast path eager' if on_gpu and args.no_compile else ''}.",
+        "",
+        "| sampler | batch | steps | img/s | peak GPU memory |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {memory(peak)} |"
+              for name, batch, steps, ips, peak in rows]
+    if training:
+        batch, ips, peak, optimizer_names = training
+        lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, "
+                      f"{ips:.1f} img/s" + ("" if peak is None else f", peak {memory(peak)}") + "."]
+    table = "\n".join(lines)
+    with atomic_output(args.out, ".md") as tmp, open(tmp, "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+# -----------------------------------------------------------------------------
+# Token generation: the samplers take turns at each step count (`timed`), then in raster order
 
 rows = []   # (sampler, batch, steps, img/s, peak GB)
 L = config.block_size
@@ -160,24 +211,27 @@ for batch in batches:
     samplers = {
         "readable": lambda steps, order=None: model.generate(labels, steps=steps, cfg_scale=args.cfg, order=order),
         "fast": lambda steps, order=None: model.generate(labels, steps=steps, cfg_scale=args.cfg, order=order,
-                                                         fast=True, compile=on_gpu),
+                                                         fast=True, compile=on_gpu and not args.no_compile),
     }
     if not args.no_onnx:
         samplers["onnx runtime"] = lambda steps, order=None: onnx_sampler.generate(
             labels.cpu().numpy(), steps=steps, cfg_scale=args.cfg, order=None if order is None else order.cpu().numpy())
     raster = torch.arange(L, device=device)   # one token per step, left to right, top to bottom
-    runs = {(name, steps): functools.partial(sample, steps) for name, sample in samplers.items() for steps in args.steps}
-    runs.update({(f"{name}, raster", L): functools.partial(sample, L, raster) for name, sample in samplers.items()})
-    for (name, steps), (seconds, peak) in timed(runs, args.repeats).items():
-        if name.startswith("onnx runtime"):
-            peak = None      # torch's counter does not see ONNX Runtime's own GPU memory
-        rows.append((name, batch, steps, batch / seconds, peak))
-        print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {memory(peak)}")
+    groups = [{(name, steps): functools.partial(sample, steps) for name, sample in samplers.items()}
+              for steps in args.steps]
+    groups.append({(f"{name}, raster", L): functools.partial(sample, L, raster) for name, sample in samplers.items()})
+    for runs in groups:
+        for (name, steps), (seconds, peak) in timed(runs, args.repeats).items():
+            if name.startswith("onnx runtime"):
+                peak = None      # torch's counter does not see ONNX Runtime's own GPU memory
+            rows.append((name, batch, steps, batch / seconds, peak))
+            print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {memory(peak)}")
+        write_table(rows)
 
 # -----------------------------------------------------------------------------
 # Training throughput: forward + backward + optimizer step, with the optimizers of train.py's recipe
 
-train_row = None
+training = None
 if not args.no_train:
     del model, samplers                              # the sampling copy must not count in training's peak
     if on_gpu:
@@ -198,48 +252,8 @@ if not args.no_train:
             optimizer.zero_grad(set_to_none=True)
 
     seconds, peak = timed({"train": train_step}, args.repeats)["train"]
-    train_row = (batch, batch / seconds, peak)
+    training = (batch, batch / seconds, peak, "AdamW and Muon" if recipe["muon_lr"] > 0 else "AdamW")
     print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {memory(peak)}")
 
-# -----------------------------------------------------------------------------
-# The table
-
-try:
-    import onnxruntime
-    ort_version = onnxruntime.__version__
-except ImportError:
-    ort_version = "not installed"
-
-
-def cpu_name():
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-device_name = torch.cuda.get_device_name(device) if on_gpu else f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
-lines = [
-    f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
-    f"with {config.block_size} tokens per image "
-    f"(random weights), {'bf16 (ONNX Runtime: fp16 graphs)' if on_gpu else 'fp32'}, guidance {args.cfg}"
-    f"{' (rows doubled)' if args.cfg != 1 else ''}, token generation only.",
-    "",
-    "| sampler | batch | steps | img/s | peak GPU memory |",
-    "|---|---|---|---|---|",
-]
-lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {memory(peak)} |"
-          for name, batch, steps, ips, peak in rows]
-if train_row:
-    batch, ips, peak = train_row
-    optimizer_names = "AdamW and Muon" if recipe["muon_lr"] > 0 else "AdamW"
-    lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, "
-                  f"{ips:.1f} img/s"
-              + ("" if peak is None else f", peak {memory(peak)}") + "."]
-table = "\n".join(lines)
-print("\n" + table)
-with atomic_output(args.out, ".md") as tmp, open(tmp, "w") as f:
-    f.write(table + "\n")
+print("\n" + write_table(rows, training))
 print(f"\nwrote {args.out}")

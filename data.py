@@ -176,13 +176,17 @@ def atomic_output(path, suffix=""):
     """A temporary file name in `path`'s folder (made if missing) to write to; it becomes `path`
     (os.replace) when the block ends and is removed if the block fails, so a reader never sees
     half a file and a failed or interrupted write leaves nothing behind. The file is made
-    readable by everyone, as an ordinary file would be (mkstemp makes owner-only ones)."""
+    readable by everyone, as an ordinary file would be (mkstemp makes owner-only ones), and its
+    bytes are flushed to the disk before the rename: otherwise a power cut soon after could leave
+    the new name on an empty file, the old one already gone."""
     check_output_path(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

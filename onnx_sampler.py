@@ -31,6 +31,8 @@ distribution but not the same stream of random numbers: numpy's generator is not
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -164,6 +166,12 @@ def start_sessions(folder, graphs, device, single_threaded=()):
 
     if wants_cuda:
         ort.set_default_logger_severity(4)                               # fatal only, while CUDA is tried
+        if cuda_listed and hasattr(ort, "preload_dlls"):                 # onnxruntime-gpu 1.21 on
+            # CUDA and cuDNN from PyTorch's or the nvidia-* pip packages, on a machine without a
+            # system CUDA: without it the provider finds no libraries and the session falls back.
+            # It prints a line for each library it cannot find; the outcome is said below, once.
+            with contextlib.redirect_stdout(io.StringIO()):
+                ort.preload_dlls()
     try:
         sessions = load_all(providers)
     except ValueError:

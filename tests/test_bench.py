@@ -16,7 +16,8 @@ def run_bench(*args, env=None):
 
 
 def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
-    """bench.py's table has one row per sampler and step count, raster rows last, all with a speed."""
+    """bench.py's table has one row per sampler and step count, the samplers side by side at each step
+    count, raster rows last, all with a speed."""
     out = tmp_path / "bench.md"
     result = run_bench("--batch", "2", "--steps", "2", "4", "--tokens", "16", "--repeats", "1", "--no-onnx",
                        "--no-train", "--out", str(out))
@@ -24,7 +25,7 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "img/s" not in line]
     # readable and fast at 2 and 4 steps, then both in raster order (one token per step: 16 steps)
     assert [(row[0].lstrip("| "), row[2]) for row in rows] == [
-        ("readable", "2"), ("readable", "4"), ("fast", "2"), ("fast", "4"),
+        ("readable", "2"), ("fast", "2"), ("readable", "4"), ("fast", "4"),
         ("readable, raster", "16"), ("fast, raster", "16")], rows
     assert all(float(row[3]) > 0 for row in rows), rows                # images per second
     memory = [row[4].rstrip(" |") for row in rows]                       # "n/a" on a CPU, "1.23 GB" on a GPU

@@ -1,4 +1,5 @@
 """Tests of the built-in shape dataset and the image-grid helper (data.py)."""
+import os
 import stat
 import subprocess
 import sys
@@ -187,6 +188,18 @@ def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_p
     assert path.read_text() == "new", "the write did not replace the file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"], "the temporary file stayed"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644, f"mode {oct(path.stat().st_mode)}"
+
+
+def test_atomic_output_flushes_the_file_to_disk_before_renaming_it(tmp_path, monkeypatch):
+    """os.fsync on the finished temporary file comes before os.replace gives it its name."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: calls.append("replace") or real_replace(src, dst))
+    with atomic_output(str(tmp_path / "table.md"), ".md") as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert calls == ["fsync", "replace"] and (tmp_path / "table.md").read_text() == "new", calls
 
 
 def test_an_output_path_that_cannot_be_written_is_refused_in_one_line(tmp_path):
