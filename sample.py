@@ -100,7 +100,8 @@ def parse_args(argv=None):
                                "1: off, the paper's and official checkpoints')")
     decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
                           help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), 0.9-1.3x "
-                               "on a 2-core CPU (bench.py); readable: the reference loop. Both give the same tokens in float32")
+                               "on a 2-core CPU (bench.py); readable: the reference loop. Both give the same tokens "
+                               "in float32")
     decoding.add_argument("--compile", action="store_true",
                           help="compile the fast sampler's steps (torch.compile): a few minutes of compiling for "
                                "fewer kernel launches per step, for long runs (--fid, --eval) on a GPU; no faster "
@@ -558,6 +559,7 @@ def check_against_model(args, config):
 
 
 def check_steps(steps, tokens, what):
+    """Refuse a step count outside 1..tokens: at least one step, at least one token a step."""
     if not 1 <= steps <= tokens:
         raise ValueError(f"steps must be between 1 and {tokens} (the tokens of {what}), got {steps}")
 

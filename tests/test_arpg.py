@@ -564,7 +564,7 @@ def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypat
             labels = torch.arange(batch) % 10
             tokens = [model.generate(labels, steps=steps, cfg_scale=3.0, fast=fast, compile=fast,
                                      generator=torch.Generator().manual_seed(batch)) for fast in (False, True)]
-            assert torch.equal(*tokens), f"batch {batch}: the compiled steps sampled other tokens than the readable path"
+            assert torch.equal(*tokens), f"batch {batch}: the compiled steps sampled other tokens than readable ones"
             if batch == 32:
                 first_call = len(traced)
                 assert first_call >= 2, f"{first_call} graphs traced: both step functions should reach the compiler"
