@@ -21,7 +21,7 @@ import evaluate
 import sample
 import schedules
 from arpg import ARPG, ARPG_PRESETS, save_atomic
-from data import CLASS_NAMES, IMAGENET_SHOWCASE
+from data import CLASS_NAMES, IMAGENET_SHOWCASE, make_builtin_dataset
 from tokenizer import VQConfig, VQModel, tensor_to_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,11 +291,15 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
 
 
 def test_edit_png_shows_input_mask_and_results(ckpts, tmp_path):
-    """An edit PNG row is input | mask | results; the mask panel is white where tokens were regenerated."""
+    """An edit PNG row is input | mask | results: the input panel is the default built-in image (class
+    0's first, drawn with evaluate.INPAINT_SEED), the mask panel is white where tokens were regenerated."""
     grid = read_png(run(ckpts, tmp_path, "--edit", "inpaint", "--box", "16", "16", "48", "48", "--per-class", "2",
                         "--steps", "8"))
     pad = 2
     assert grid.shape[0] == 64 + 2 * pad, f"height {grid.shape[0]}: one row expected"
+    input_left = grid.shape[1] - 4 * (64 + pad)                         # after the label column
+    source = make_builtin_dataset(10, seed=evaluate.INPAINT_SEED)[0][0]  # images cycle through the classes
+    assert np.array_equal(grid[pad:pad + 64, input_left:input_left + 64], source), "the input panel is not the input"
     left = grid.shape[1] - 4 * (64 + pad) - pad + pad + (64 + pad)     # x of the mask panel
     mask = grid[pad:pad + 64, left:left + 64]
     assert (mask[20:44, 20:44] == 255).all(), "the regenerated centre is not white in the mask panel"
