@@ -366,10 +366,10 @@ def edit_input(args, model, vq, names):
     """The image to edit, uint8 (H, W, 3), and its class (None when unknown)."""
     if args.image_class is not None:
         check_classes([args.image_class], model.config.num_classes, "--image-class")
+    side = model.config.grid_size * vq.downsample                        # the model's images
     if args.image is not None:
         image = load_image(args.image)
         check_image_size(image, vq.downsample)
-        side = model.config.grid_size * vq.downsample
         if image.shape[:2] != (side, side):
             print(f"note: the image is {image.shape[1]}x{image.shape[0]} pixels and the model was trained on "
                   f"{side}x{side}: its tokens make a grid the model never saw (as --edit expand does)")
@@ -377,7 +377,6 @@ def edit_input(args, model, vq, names):
     if not is_builtin(names):
         raise ValueError(f"--edit {args.edit} needs --image for a model not trained on the built-in shapes")
     image_class = 0 if args.image_class is None else args.image_class
-    side = model.config.grid_size * vq.downsample
     # Labels cycle through the classes, so image i * n_classes + c has class c. The seed of --eval's
     # inpainting sources (evaluate.INPAINT_SEED), not a training seed: never an image ARPG trained on.
     images, _ = make_builtin_dataset((args.image_index + 1) * len(names), seed=evaluate.INPAINT_SEED, image_size=side)
