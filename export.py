@@ -19,8 +19,9 @@ does the rest: order, schedule, guidance, sampling.
 B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
 of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's slot,
 zeros or the identity per `class_rope`; slot p + 1 = grid position p): the table is a constant
-inside the graphs, built for the training grid or for --grid (outpainting, resolution expansion),
-and recorded in the JSON.
+inside the graphs, built for the training grid or for --grid (a larger grid: larger images, as
+sample.py --edit expand makes them; the graphs take no known tokens, so no other edit), and
+recorded in the JSON.
 
 Each graph passes onnx.checker and is compared with PyTorch on fresh inputs (max |difference|
 is printed; fp32 must be <= 1e-4 or nothing is written). Files are written in a temporary
@@ -195,6 +196,15 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
 # -----------------------------------------------------------------------------
 # The whole export
 
+def first_missing_folder(path):
+    """The outermost folder of `path` that does not exist yet (the first one an export makes), or
+    None when `path` exists."""
+    path, first = os.path.abspath(path), None
+    while not os.path.exists(path):
+        first, path = path, os.path.dirname(path)
+    return first
+
+
 def check_export_folder(out_dir):
     """Refuse, in one line, an export folder that cannot be made: an empty name, a file, or a path
     under a file (main checks it before loading the checkpoints, which takes a while for L-XXL)."""
@@ -202,11 +212,17 @@ def check_export_folder(out_dir):
         raise ValueError("--out is empty; give the export a folder name")
     if os.path.isfile(out_dir):
         raise ValueError(f"{out_dir} is a file; the export needs a folder name")
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):                                  # the nearest part that exists
-        existing = os.path.dirname(existing)
+    first = first_missing_folder(out_dir)
+    existing = os.path.dirname(first) if first else os.path.abspath(out_dir)  # the nearest part that exists
     if not os.path.isdir(existing):
         raise ValueError(f"cannot export to {out_dir}: {existing} is a file, not a folder")
+
+
+def check_grid(rows, cols):
+    """Refuse a grid the export cannot check (main checks it before loading the checkpoints)."""
+    if rows < 1 or cols < 1 or rows * cols < 12:  # the parity check decodes 12 positions
+        raise ValueError(f"the grid must have at least one row and one column and 12 tokens in all, got "
+                         f"{rows} x {cols}")
 
 
 def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dynamo=False, sampling=SAMPLING_DEFAULTS):
@@ -221,9 +237,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     start = time.perf_counter()
     config = model.config
     rows, cols = grid or (config.grid_size,) * 2
-    if rows < 1 or cols < 1 or rows * cols < 12:  # the parity check below decodes 12 positions
-        raise ValueError(f"the grid must have at least one row and one column and 12 tokens in all, got "
-                         f"{rows} x {cols}")
+    check_grid(rows, cols)
     if vq is not None and vq.config.codebook_size != config.vocab_size:
         raise ValueError(f"the tokenizer has {vq.config.codebook_size} codes but ARPG was trained on "
                          f"{config.vocab_size}; pass the tokenizer ARPG was trained with")
@@ -245,9 +259,9 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     export_id = uuid.uuid4().hex
     # Work in a temporary folder inside out_dir (the same file system, even where out_dir is a
     # link or a mount point, so os.replace is atomic): a failed export leaves nothing behind, not
-    # even an out_dir it made.
+    # even the folders it made on the way to out_dir.
     check_export_folder(out_dir)
-    made_out_dir = not os.path.isdir(out_dir)
+    first_made = first_missing_folder(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         work = tempfile.mkdtemp(dir=out_dir, prefix=".onnx-export-")
@@ -329,8 +343,8 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         os.replace(os.path.join(work, METADATA_FILE), os.path.join(out_dir, METADATA_FILE))
         succeeded = True
     finally:
-        # A failed export removes what it made: its work folder, and out_dir if it made that too.
-        shutil.rmtree(out_dir if made_out_dir and not succeeded else work, ignore_errors=True)
+        # A failed export removes what it made: its work folder, and out_dir and the folders above it if it made them.
+        shutil.rmtree(first_made if first_made and not succeeded else work, ignore_errors=True)
 
     sizes = {name: sum(os.path.getsize(os.path.join(out_dir, name + s)) for s in (".onnx", ".onnx.data")) / 1e6
              for name in graphs}
@@ -358,6 +372,8 @@ def main():
     parser.set_defaults(device="cpu", dtype="float32")
     args = parser.parse_args()
     check_export_folder(args.out)
+    if args.grid:
+        check_grid(*args.grid)
 
     model, vq, class_names, description, sampling = load_models(args)
     print(f"exporting {description}")

@@ -40,7 +40,8 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
+from onnxruntime.capi.onnxruntime_pybind11_state import (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile,
+                                                         RuntimeException)
 
 from data import check_classes, check_image_path, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
@@ -81,8 +82,10 @@ def sample_tokens(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
         np.put_along_axis(drop, by_rank, mass_before >= top_p, axis=-1)  # back to vocab order
         logits = np.where(drop, -np.inf, logits)
     # Inverse-CDF sampling: the first token whose cumulative probability reaches u, u in (0, 1].
-    # u in (0, 1] (not [0, 1)) so a zero-probability first token can never be drawn.
-    cdf = np.cumsum(softmax(logits), axis=-1)                            # (..., V)
+    # u in (0, 1] (not [0, 1)) so a zero-probability first token can never be drawn. The running
+    # sum in float64: in float32, over V = 16384 codes, it drifts by ~1e-3 and steps over tokens
+    # rarer than half a float32 step near 1.
+    cdf = np.cumsum(softmax(logits), axis=-1, dtype=np.float64)          # (..., V)
     if not np.isfinite(cdf[..., -1]).all():  # NaN would fall through the search below as token 0
         raise ValueError("the logits hold NaN or inf (damaged weights, or an fp16 export that overflows): "
                          "re-export the folder, in fp32 if it was fp16")
@@ -91,7 +94,7 @@ def sample_tokens(logits, rng, temperature=1.0, top_k=0, top_p=1.0):
 
 
 # -----------------------------------------------------------------------------
-# Loading an export folder: metadata, graphs, execution provider
+# Loading an export folder: metadata, graphs, execution provider; running a graph
 
 def read_metadata(folder):
     """The export's arpg_onnx.json, after checking the folder holds a complete export."""
@@ -126,6 +129,18 @@ def load_graph(path, options, providers):
                          f"(ONNX Runtime: {detail})") from None
 
 
+@contextlib.contextmanager
+def memory_error_when_full():
+    """ONNX Runtime reports a failed allocation (CPU or GPU memory) as a RuntimeException:
+    re-raised as MemoryError, it becomes run_script's one-line out-of-memory message."""
+    try:
+        yield
+    except RuntimeException as error:
+        if not re.search("allocate|out of memory", str(error), re.IGNORECASE):
+            raise
+        raise MemoryError(" ".join(str(error).split())) from None
+
+
 def check_device_name(device):
     """Refuse, in one line, a --device that is not auto, cpu, cuda or cuda:N."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
@@ -146,7 +161,11 @@ def start_sessions(folder, graphs, device, single_threaded=()):
     gpu = int(device.partition(":")[2] or 0)
     # The CPU-only onnxruntime package does not list CUDA at all: asked anyway, it warns in two lines.
     cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
-    providers = ([("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"] if wants_cuda and cuda_listed
+    # TF32 off: ORT's CUDA provider turns it on by default, which rounds every fp32 matrix multiply's
+    # inputs to 10 mantissa bits on Ampere and newer GPUs. PyTorch leaves it off for matrix
+    # multiplies, and an fp32 export must give ARPG.generate's tokens; fp16 graphs do not use it.
+    cuda_options = {"device_id": gpu, "use_tf32": 0}
+    providers = ([("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"] if wants_cuda and cuda_listed
                  else ["CPUExecutionProvider"])
 
     def session_options(name):
@@ -243,7 +262,8 @@ class OnnxSampler:
         binding.bind_ortvalue_input("past_shared_kv", shared_kv)
         binding.bind_output("kv", self.device, self.device_id)          # stays on the device for the next step
         binding.bind_output("shared_kv", self.device, self.device_id)
-        self.sessions["context"].run_with_iobinding(binding)
+        with memory_error_when_full():
+            self.sessions["context"].run_with_iobinding(binding)
         kv, shared_kv = binding.get_outputs()
         return kv, shared_kv
 
@@ -253,7 +273,8 @@ class OnnxSampler:
         binding.bind_cpu_input("target_slots", np.ascontiguousarray(target_slots, dtype=np.int64))
         binding.bind_ortvalue_input("shared_kv", shared_kv)
         binding.bind_output("logits", "cpu")                             # sampling happens in numpy
-        self.sessions["guided"].run_with_iobinding(binding)
+        with memory_error_when_full():
+            self.sessions["guided"].run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
     def _empty_caches(self, batch):
@@ -271,7 +292,7 @@ class OnnxSampler:
         """Sample image tokens (B, rows*cols) int64 in raster order for class labels (B,).
 
         Arguments as `ARPG.generate`; order: a permutation of the grid positions (random when
-        None); seed: for numpy's random generator (order and samples).
+        None); seed: numpy's random generator (order and samples), or an int to start one.
         """
         labels = np.asarray(labels, dtype=np.int64)
         L = self.rows * self.cols
@@ -326,7 +347,8 @@ class OnnxSampler:
         vocab = self.metadata["arpg_config"]["vocab_size"]
         if codes.size and not 0 <= codes.min() <= codes.max() < vocab:  # a GPU gather would not check
             raise ValueError(f"tokens must be codes in [0, {vocab}), got {codes.min()}..{codes.max()}")
-        images = self.sessions["vq_decoder"].run(None, {"codes": codes})[0]  # (B, 3, H, W) in [-1, 1]
+        with memory_error_when_full():
+            images = self.sessions["vq_decoder"].run(None, {"codes": codes})[0]  # (B, 3, H, W) in [-1, 1]
         # The same mapping as tokenizer.tensor_to_images: +128 then truncation rounds to the nearest level.
         pixels = np.clip(127.5 * images.astype(np.float32) + 128.0, 0, 255).astype(np.uint8)
         return pixels.transpose(0, 2, 3, 1)                              # (B, H, W, 3)
@@ -357,13 +379,16 @@ def main():
                         help="nucleus sampling mass (default: sample.py's for this model, stored by export.py; "
                              "1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (order and samples)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images decoded at once (their caches and logits must fit in memory)")
     parser.add_argument("--device", default="auto",
                         help="ONNX Runtime execution provider: cpu, cuda (the first GPU), cuda:N (GPU N), or auto = "
                              "the first GPU when CUDA really works, else the CPU")
     parser.add_argument("--out", default="out/onnx_samples.png", help="PNG grid to write")
     args = parser.parse_args()
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    for flag, value in (("--per-class", args.per_class), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     check_device_name(args.device)
     check_image_path(args.out)
 
@@ -376,9 +401,11 @@ def main():
     stored = {**SAMPLING_DEFAULTS, **sampler.metadata.get("sampling", {})}  # older exports store fewer
     settings = sampling_settings(args, stored)
     steps = min(32, sampler.rows * sampler.cols) if args.steps is None else args.steps
-    tokens = sampler.generate(labels, steps=steps, temperature=args.temperature, top_k=args.top_k,
-                              seed=args.seed, **settings)
-    images = sampler.decode(tokens)                                       # (R*C, H, W, 3)
+    rng = np.random.default_rng(args.seed)                                # one stream through every batch
+    images = np.concatenate([
+        sampler.decode(sampler.generate(labels[start:start + args.batch_size], steps=steps, temperature=args.temperature,
+                                        top_k=args.top_k, seed=rng, **settings))
+        for start in range(0, len(labels), args.batch_size)])            # (R*C, H, W, 3)
     names = sampler.metadata["class_names"] or [str(c) for c in range(sampler.num_classes)]
     save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
                     [names[c] for c in classes], args.out)

@@ -231,6 +231,49 @@ def test_the_sampler_s_default_steps_fit_a_grid_of_fewer_than_32_tokens(exported
     assert code == 0 and "15 steps" in output and (tmp_path / "grid.png").is_file(), output
 
 
+def test_the_command_line_samples_in_batches_of_batch_size(exported, tmp_path, monkeypatch):
+    """onnx_sampler.py --batch-size 4 samples 2 classes x 3 images as batches of 4 and 2, one random
+    stream through both (the second batch is not the first one's draw again), into one grid."""
+    folder, _, _ = exported
+    batches = []
+    real_generate = OnnxSampler.generate
+
+    def generate(self, labels, **kwargs):
+        tokens = real_generate(self, labels, **kwargs)
+        batches.append((labels.tolist(), tokens))
+        return tokens
+    monkeypatch.setattr(OnnxSampler, "generate", generate)
+    monkeypatch.setattr(sys, "argv", ["onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--classes",
+                                      "1", "1", "--per-class", "3", "--batch-size", "4", "--steps", "4",
+                                      "--out", str(tmp_path / "grid.png")])
+    onnx_sampler.main()
+    assert [labels for labels, _ in batches] == [[1, 1, 1, 1], [1, 1]], batches
+    assert not np.array_equal(batches[0][1][:2], batches[1][1]), "the second batch repeated the first one's draw"
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_onnx_runtime_out_of_memory_is_one_line(exported, tmp_path, monkeypatch, capsys):
+    """A failed allocation inside ONNX Runtime (its RuntimeException) ends onnx_sampler.py with one
+    out-of-memory line and exit code 1, not a traceback; its other errors are not mistaken for it."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+    folder, _, _ = exported
+    message = "Failed to allocate memory for requested buffer of size 34359738368"
+
+    def run_out_of_memory(self, *args, **kwargs):
+        raise RuntimeException(f"[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : {message}")
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", run_out_of_memory)
+    monkeypatch.setattr(sys, "argv", ["onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu",
+                                      "--out", str(tmp_path / "grid.png")])
+    with pytest.raises(SystemExit) as stopped:
+        onnx_sampler.run_script(onnx_sampler.main)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and err.strip().splitlines() == [
+        "error: out of memory: ask for less at once (a smaller --batch-size, grid or image count)"], err
+    assert not (tmp_path / "grid.png").exists()
+    with pytest.raises(RuntimeException, match="shape mismatch"), onnx_sampler.memory_error_when_full():
+        raise RuntimeException("shape mismatch")
+
+
 def test_numpy_sampler_refuses_nan_logits():
     """NaN logits (a damaged or overflowing export) are refused, not drawn as token 0."""
     logits = np.array([[0.5, np.nan, 1.0], [0.1, 0.2, 0.3]], dtype=np.float32)
@@ -309,6 +352,9 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
     code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--out", str(tmp_path / "a.txt"))
     assert code == 2 and output.strip() == f"error: --out {tmp_path / 'a.txt'}: .txt is no image format PIL can " \
                                            f"write; end the name with .png or .jpg", output
+    code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--grid", "2", "2")  # checked before loading
+    assert code == 2 and output.strip() == "error: the grid must have at least one row and one column and 12 " \
+                                           "tokens in all, got 2 x 2", output
     code, output = run("export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x"))
     assert code == 2 and output.strip().splitlines()[-1].startswith("error: ARPG checkpoint not found"), output
     assert not (tmp_path / "x").exists(), "a failed export left a folder behind"
@@ -364,11 +410,19 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
         assert code == 2 and output.strip().startswith("error: the CUDA execution provider is not available"), output
 
 
+def list_providers(monkeypatch, providers):
+    """Make ONNX Runtime list these execution providers, whichever package is installed
+    (onnxruntime-gpu lists CUDA even on a machine without a GPU; the CPU-only package does not)."""
+    for module in (ort, ort.capi._pybind_state):                          # what we read, and what ORT reads
+        monkeypatch.setattr(module, "get_available_providers", lambda: list(providers))
+
+
 def test_onnx_runtime_is_asked_for_the_gpu_it_is_given(exported, monkeypatch):
     """device "cuda:N" asks ONNX Runtime's CUDA provider for GPU N and "cuda" for GPU 0 (bench.py
     passes torch's device, so both time the same GPU); a malformed device name is refused."""
     folder, _, _ = exported
     graphs = onnx_sampler.read_metadata(str(folder))["graphs"]
+    list_providers(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     asked = []
 
     class CudaSession:                                                    # as if the CUDA provider had started
@@ -380,7 +434,8 @@ def test_onnx_runtime_is_asked_for_the_gpu_it_is_given(exported, monkeypatch):
         asked.clear()
         _, used = onnx_sampler.start_sessions(str(folder), graphs, device)
         assert used == ("cuda", gpu), f"{device}: ran on {used}"
-        assert asked == [[("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]] * len(graphs), asked
+        assert asked == [[("CUDAExecutionProvider", {"device_id": gpu, "use_tf32": 0}),
+                          "CPUExecutionProvider"]] * len(graphs), asked
     for bad in ("cuda:x", "gpu", "cuda:"):
         with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
             onnx_sampler.start_sessions(str(folder), graphs, bad)
@@ -395,6 +450,7 @@ def test_a_cuda_provider_that_raises_is_not_taken_for_a_damaged_export(exported,
     rather than calling the export damaged."""
     folder, _, _ = exported
     graphs = onnx_sampler.read_metadata(str(folder))["graphs"]
+    list_providers(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     real_session = ort.InferenceSession
 
     def session(path, options=None, providers=None):
@@ -414,8 +470,7 @@ def test_the_cpu_only_onnxruntime_package_runs_on_the_cpu_in_one_line(exported, 
     and ONNX Runtime is not asked for CUDA (asked, it warns in two lines more); cuda is refused."""
     folder, _, _ = exported
     graphs = onnx_sampler.read_metadata(str(folder))["graphs"]
-    for module in (ort, ort.capi._pybind_state):                          # what we read, and what ORT reads
-        monkeypatch.setattr(module, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    list_providers(monkeypatch, ["CPUExecutionProvider"])
     with pytest.raises(ValueError, match="CUDA execution provider is not available here for cuda"):
         onnx_sampler.start_sessions(str(folder), graphs, "cuda")
     capfd.readouterr()
@@ -431,7 +486,7 @@ def test_the_cpu_only_onnxruntime_package_runs_on_the_cpu_in_one_line(exported, 
 def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tmp_path, monkeypatch):
     """Weights that hold NaN are refused before anything is traced; a NaN parity figure (which
     `diff > limit` would let through) is refused for an fp32 export, a non-finite one for fp16;
-    none leaves a folder behind."""
+    none leaves a folder behind, not even the ones it made above its own."""
     _, model, vq = exported
     broken = copy.deepcopy(model)
     with torch.no_grad():
@@ -442,7 +497,7 @@ def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tm
     for fp16, value in ((False, float("nan")), (True, float("inf"))):
         monkeypatch.setattr(export, "measure_parity", lambda *args: {**real_parity(*args), "guided": value})
         with pytest.raises(ValueError, match=r"differ from PyTorch .*'guided': (nan|inf)"):
-            export_onnx(model, None, str(tmp_path / "not_finite"), fp16=fp16)
+            export_onnx(model, None, str(tmp_path / "made" / "on_the_way" / "not_finite"), fp16=fp16)
     assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
 
 
