@@ -32,8 +32,9 @@ Data (--data): a folder with one subfolder per class. Either pre-tokenized codes
 {class}/{index}.npy holding (n_aug, L) or LlamaGen's (1, n_aug, L) integer arrays, one
 augmentation picked per read (RandAR's ImageNet codes, or `python tokenizer.py --tokenize`),
 or images ({class}/{name}.png/.jpg/...), tokenized once at start by --tokenizer. Without
---data: the built-in shapes. Class ids follow the sorted subfolder names (numerically when
-they are all numbers, so ImageNet's 0..999 keep their ids).
+--data: the built-in shapes. Class ids follow the sorted subfolder names (for code folders
+numerically when they are all numbers, so ImageNet's 0..999 keep their ids; image folders sort
+as text, as torchvision's ImageFolder and LlamaGen do).
 
 Checkpoints (--out, written to a temporary file, then renamed): model, EMA, optimizer, config
 (a plain dict), step and seed; loadable with torch.load(weights_only=True). The data order and
@@ -92,8 +93,8 @@ RECIPES = {
     #   instead of the cosine: fewer steps at a small learning rate (an early 600-step run: class
     #   accuracy 29.0% -> 36.2% and 29.8% -> 30.0%, seeds 0 and 1).
     # - Muon (muon.py) at 0.015 for the matrices of the two passes, AdamW at 6e-3 for the rest (the
-    #   embeddings, the head, the norms, the query-position map; so only these see the weight
-    #   decay, Muon having none). Muon took 600 steps' final loss from 1.203 to 1.085 and from
+    #   embeddings, the head, the norms, the query-position map; of these only the matrices see
+    #   the weight decay, Muon having none). Muon took 600 steps' final loss from 1.203 to 1.085 and from
     #   1.188 to 1.104 (seeds 0, 1); 0.015 rather than 0.02: 77.4% -> 80.1% and 75.8% -> 77.0%;
     #   AdamW's 6e-3 rather than 3e-3: 74.1% -> 76.4% and 75.1% -> 79.4%.
     # - The step compiled (`compile_or_not`: on 2 cores 1.2x faster in fp32, ~1.1x in bf16, after
@@ -290,7 +291,9 @@ def scan_class_folders(root):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
     names = class_folder_names(root)
-    listing = {name: sorted(os.listdir(os.path.join(root, name))) for name in names}
+    # Hidden files are not data (macOS copies leave a ._0.npy beside each 0.npy), as for images.
+    listing = {name: sorted(f for f in os.listdir(os.path.join(root, name)) if not f.startswith("."))
+               for name in names}
     has_codes = any(f.endswith(".npy") for files in listing.values() for f in files)
     has_images = any(f.lower().endswith(IMAGE_EXTENSIONS) for files in listing.values() for f in files)
     if has_codes and has_images:  # which one was meant? Either choice would drop the other silently
@@ -391,7 +394,7 @@ class StepSampler(Sampler):
 
     def epoch_order(self, epoch):
         if epoch != self.epoch:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, DATA_ORDER, epoch))
             self.epoch = epoch
             self.order = torch.randperm(self.n_items, generator=generator)               # (n,)
             self.draws = torch.randint(0, 2 ** 31, (self.n_items,), generator=generator)  # (n,)
@@ -417,9 +420,16 @@ class StepSampler(Sampler):
             step += 1
 
 
+# The streams derived from one --seed, told apart by their second number. Without it (seed, e)
+# for epoch e's data order and (seed, e, 0) for rank 0's step e would be one seed: numpy's
+# SeedSequence pads short entropy with zeros.
+DATA_ORDER, STEP = 0, 1
+
+
 def derived_seed(*numbers):
-    """A well-mixed seed from a tuple of integers: (seed, epoch) for the data order, (seed, step,
-    rank) for one process's step (its generation orders, label dropout and dropout masks)."""
+    """A well-mixed seed from a tuple of integers: (seed, DATA_ORDER, epoch) for the data order,
+    (seed, STEP, step, rank) for one process's step (its generation orders, label dropout and
+    dropout masks)."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
@@ -504,13 +514,14 @@ def update_ema(ema, model, decay, step):
 # -----------------------------------------------------------------------------
 # Checkpoints (plain types only, so torch.load(weights_only=True) reads them)
 
-def save_checkpoint(path, model, ema, optimizers, step, loss, args, class_names, warmup_steps):
+def save_checkpoint(path, model, ema, optimizers, step, loss, args, class_names, warmup_steps, decay_steps):
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": [optimizer.state_dict() for optimizer in optimizers],
         "config": asdict(model.config),
         "step": step,                 # with args["seed"], this is the whole data and RNG state
         "warmup_steps": warmup_steps,  # of the first plan: args["max_steps"] may be a re-planned count
+        "decay_steps": decay_steps,    # a late re-plan can shorten it below args["decay"] of the count
         "loss": loss,                 # mean training loss of the last logged steps
         "args": vars(args),
         "class_names": list(class_names),
@@ -656,6 +667,8 @@ def compile_or_not(train_model, model, dataset, args, rank, world_size, device, 
     compiled = torch.compile(train_model)
     try:
         throwaway_steps(compiled, model, dataset, args, rank, world_size, device, timed_steps=0)
+    except (ValueError, OSError):  # the data the throwaway step read (a bad code file), not the compiler
+        raise
     except Exception as error:  # whatever the compiler stack raises; a real bug raises again in the eager steps
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         log(f"warning: torch.compile failed ({type(error).__name__}: {reason[:160]}); training without it "
@@ -705,19 +718,20 @@ def steps_that_fit(deadline, seconds_per_step, device, distributed):
 
 
 def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank, world_size, device,
-          deadline=None, warmup_steps=None):
+          deadline=None, warmup_steps=None, decay_steps=None):
     """Optimizer steps from start_step to args.max_steps, or until stopped; the checkpoint is saved at
     the end. train_model runs the steps: `model` itself, or its DDP or compiled wrapper. With a
     deadline (--total-minutes), args.max_steps is re-planned at each log line while the learning
     rate holds its peak, so the decay still spans the last args.decay of the steps (with the
     cosine decay, --decay 0, never: the cosine falls from the end of the warm-up on, and a new
-    step count would bend it mid-way). warmup_steps: a resumed run's, as its checkpoint saved them
-    (a re-planned count would give another); else args.warmup of args.max_steps. Returns
+    step count would bend it mid-way). warmup_steps, decay_steps: a resumed run's, as its checkpoint
+    saved them (a re-planned count would give others); else args.warmup and args.decay of
+    args.max_steps. Returns
     (the last step, the last logged loss, whether Ctrl-C / SIGTERM stopped it)."""
     is_main, distributed = rank == 0, world_size > 1
     loader = step_loader(dataset, args, start_step, rank, world_size, device)
     warmup_steps = round(args.warmup * args.max_steps) if warmup_steps is None else warmup_steps
-    decay_steps = round(args.decay * args.max_steps)
+    decay_steps = round(args.decay * args.max_steps) if decay_steps is None else decay_steps
     sampling = vq is not None and is_main
     ema_or_model = ema if ema is not None else model
 
@@ -729,7 +743,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
         while step < args.max_steps:
             # Every random number of this step comes from (seed, step, rank), so a resumed run draws
             # the same ones as an uninterrupted run: no RNG state to save.
-            torch.manual_seed(derived_seed(args.seed, step, rank))
+            torch.manual_seed(derived_seed(args.seed, STEP, step, rank))
             lr = learning_rate(step, args.max_steps, args.lr, args.min_lr, warmup_steps, decay_steps)
             for optimizer in optimizers:                                  # each group at its peak's fraction
                 for group in optimizer.param_groups:
@@ -785,7 +799,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
             pause_start = time.perf_counter()  # saving and sampling do not count in ms/step
             if is_main and args.save_every and step % args.save_every == 0 and step < args.max_steps:
                 save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names,
-                                warmup_steps)
+                                warmup_steps, decay_steps)
             if sampling and args.sample_every and step % args.sample_every == 0 and step < args.max_steps:
                 save_sample_grid(ema_or_model, vq, dataset.class_names,
                                  os.path.join(beside(args.out, "_samples"), f"step_{step:06d}.png"), args, device)
@@ -794,7 +808,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
             check_ranks_agree(model, device)
         if is_main:  # still under StopRequest: a Ctrl-C now lets this save finish
             save_checkpoint(args.out, model, ema, optimizers, step, last_loss, args, dataset.class_names,
-                            warmup_steps)
+                            warmup_steps, decay_steps)
     finally:
         stop.restore()
     return step, last_loss, stop.requested
@@ -903,8 +917,24 @@ def fill_in_defaults(args, world_size):
         if args.image_size is not None:
             raise ValueError("--image-size applies to a folder of images; the built-in shapes are 64 x 64: drop it")
         args.tokenizer = args.tokenizer or BUILTIN_TOKENIZER
-        if not os.path.isfile(args.tokenizer):
+        if not os.path.isfile(args.tokenizer) and not args.resume:       # (a resumed run's must exist: main)
             check_output_path(args.tokenizer, "--tokenizer")             # a tokenizer will be trained there
+            # It will be the small preset, so flags that clash with it are refused now, not after
+            # minutes of training it: its codes, and its tokens on the 64 x 64 built-in shapes.
+            small = VQ_PRESETS["small"]
+            check_vocab_size(args, small.codebook_size)
+            check_sample_steps(args, (64 // small.downsample) ** 2)
+
+
+def check_vocab_size(args, codebook_size):
+    if args.vocab_size is not None and args.vocab_size != codebook_size:
+        raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer {args.tokenizer} "
+                         f"({codebook_size} codes)")
+
+
+def check_sample_steps(args, tokens_per_image):
+    if args.sample_steps > tokens_per_image:  # refused before training, not at the first grid
+        raise ValueError(f"--sample-steps {args.sample_steps} is more than the {tokens_per_image} tokens of an image")
 
 
 def check_layers(layers, size):
@@ -936,8 +966,9 @@ def read_run_checkpoint(path):
 # read in (with the step, the seed sets every random draw), and the optimization. Free to change:
 # --max-steps (to train longer), and how the run is executed and logged (device, workers, compile,
 # logging, sampling, saving); the model's shape is checked against the checkpoint's config.
-RESUME_KEEPS = ("size", "data", "tokenizer", "image_size", "num_images", "seed", "batch_size", "grad_accum", "lr",
-                "min_lr", "muon_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema", "dropout", "precision")
+RESUME_KEEPS = ("size", "data", "tokenizer", "vocab_size", "image_size", "num_images", "seed", "batch_size",
+                "grad_accum", "lr", "min_lr", "muon_lr", "warmup", "decay", "weight_decay", "grad_clip", "ema",
+                "dropout", "precision")
 
 
 def check_same_run(args, saved_args):
@@ -972,6 +1003,9 @@ def main(argv=None):
     checkpoint, saved_config = read_run_checkpoint(args.out) if args.resume else (None, None)  # before the data
     if checkpoint is not None:
         check_same_run(args, checkpoint["args"])
+        if args.tokenizer and not os.path.isfile(args.tokenizer):  # a new one's codes would mean nothing to the model
+            raise FileNotFoundError(f"the tokenizer {args.tokenizer} that {args.out} was trained with is missing: "
+                                    f"put it back, or pass it with --tokenizer (a new one would give other codes)")
         planned = checkpoint["args"]["max_steps"] if args.max_steps is None else args.max_steps
         if checkpoint["step"] >= planned:  # refused before any work, and nothing rewritten
             raise ValueError(f"{args.out} is already trained for {checkpoint['step']} steps, and --resume would "
@@ -993,9 +1027,8 @@ def main(argv=None):
         if world_size > 1:  # every process, whatever it saw: the others wait for rank 0's file
             dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
-    if vq is not None and args.vocab_size is not None and args.vocab_size != vq.config.codebook_size:
-        raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer {args.tokenizer} "
-                         f"({vq.config.codebook_size} codes)")
+    if vq is not None:
+        check_vocab_size(args, vq.config.codebook_size)
 
     # 2. The data, as token grids.
     started = time.perf_counter()
@@ -1004,8 +1037,8 @@ def main(argv=None):
         f"codes < {dataset.vocab_size} ({time.perf_counter() - started:.1f}s)")
     if vq is None:
         log("no --tokenizer: no sample grids while training (sample.py --vq-ckpt draws them from the checkpoint)")
-    elif args.sample_steps > dataset.length:  # refused now, not at the first grid
-        raise ValueError(f"--sample-steps {args.sample_steps} is more than the {dataset.length} tokens of an image")
+    else:
+        check_sample_steps(args, dataset.length)
 
     # 3. The model: the preset with the data's vocabulary, classes and grid, or the checkpoint's.
     if args.resume:
@@ -1028,7 +1061,7 @@ def main(argv=None):
     model = ARPG(config).to(device)
     ema = ARPG(config).to(device).requires_grad_(False) if args.ema > 0 else None
     optimizers = make_optimizers(model, args.lr, args.weight_decay, device, args.muon_lr, args.precision)
-    start_step, resumed_warmup_steps = 0, None
+    start_step, resumed_warmup_steps, resumed_decay_steps = 0, None, None
     if args.resume:
         load_strict(model, checkpoint["model"], f"model in {args.out}")
         saved = checkpoint["optimizer"]
@@ -1043,6 +1076,7 @@ def main(argv=None):
             load_strict(ema, checkpoint.get("ema", checkpoint["model"]), f"EMA in {args.out}")
         saved_max_steps = checkpoint["args"].get("max_steps")             # older files lack one or both
         resumed_warmup_steps = checkpoint.get("warmup_steps")
+        resumed_decay_steps = checkpoint.get("decay_steps")
         del checkpoint  # its weights and optimizer state are loaded: free the host memory for the run
     elif ema is not None:
         ema.load_state_dict(model.state_dict())
@@ -1058,6 +1092,8 @@ def main(argv=None):
                                                     args, rank, world_size, device, log)
         else:
             args.max_steps = math.ceil(PAPER_EPOCHS * len(dataset) / args.batch_size)
+    if args.resume and args.max_steps != saved_max_steps:                 # trained longer: --decay of the new count
+        resumed_decay_steps = None
     log(f"model: {config}")
     log(f"{sum(p.numel() for p in model.parameters()):,} parameters; training: " + ", ".join(
         f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "muon_lr", "min_lr", "warmup", "decay",
@@ -1070,7 +1106,7 @@ def main(argv=None):
     # 4. Train, save, and show samples.
     started = time.perf_counter()
     step, loss, interrupted = train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank,
-                                    world_size, device, deadline, resumed_warmup_steps)
+                                    world_size, device, deadline, resumed_warmup_steps, resumed_decay_steps)
     if world_size > 1:
         log(f"weights identical on all {world_size} processes")
         dist.destroy_process_group()

@@ -145,6 +145,34 @@ def test_a_resumed_run_keeps_the_warm_up_of_its_first_plan(tmp_path, capsys):
     assert "| lr 1.00e-03 |" in step_9, f"step 9 is not at the peak: {step_9}"
 
 
+def test_a_resumed_run_keeps_a_decay_that_a_late_re_plan_shortened(tmp_path, monkeypatch):
+    """A re-plan can cut a timed run so short that its decay should have begun already: it then
+    begins at once, over fewer steps than --decay of the new count (here 3 of 4, not 0.9 x 4). That
+    count is saved, so a run interrupted after it and resumed decays as the uninterrupted one did
+    and ends with the same weights."""
+    monkeypatch.setattr(train, "steps_within", lambda *args, **kwargs: (20, time.perf_counter() + 3600))
+    monkeypatch.setattr(train, "steps_that_fit", lambda *args: 3)        # the loop's pace: 1 + 3 steps in all
+    step_2 = {}
+    real_save = train.save_atomic
+
+    def keep_step_2(checkpoint, path):
+        if checkpoint["step"] == 2:
+            step_2.update(copy.deepcopy(checkpoint))
+        real_save(checkpoint, path)
+    monkeypatch.setattr(train, "save_atomic", keep_step_2)
+    out = tmp_path / "arpg.pt"
+    common = ["--data", str(write_codes(tmp_path / "codes")), *FAST, "--warmup", "0", "--decay", "0.9", "--lr", "1e-3",
+              "--min-lr", "0", "--out", str(out)]
+    main([*common, "--total-minutes", "1", "--save-every", "2"])
+    straight = load(out)
+    assert straight["step"] == straight["args"]["max_steps"] == 4 and step_2, "the run was not re-planned to 4 steps"
+    torch.save(step_2, out)                                               # as if stopped after step 2
+    main([*common, "--resume"])
+    resumed = load(out)
+    for key in ("model", "optimizer"):
+        assert_same_tensors(straight[key], resumed[key], key)
+
+
 def test_ctrl_c_during_the_final_save_lets_it_finish(tmp_path, monkeypatch):
     """The stop handlers stay in place until the last checkpoint is written: a Ctrl-C in the middle
     of it no longer throws the save, and every step since the last one, away."""
@@ -327,6 +355,22 @@ def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_p
             f"compiled training differs at {key}: {(weights['compiled'][key] - value).abs().max():.2e}"
 
 
+def test_a_bad_code_file_met_while_compiling_is_not_taken_for_a_compiler_failure(tmp_path):
+    """Only the first code file of each class is checked at start; one that the compiling step
+    reads (here read by a DataLoader worker) ends the run with its own one-line error, not a
+    'torch.compile failed' warning and a second try without compiling."""
+    data = write_codes(tmp_path / "codes")
+    for c in range(3):
+        for i in range(1, 5):                                             # all but the checked first file
+            np.save(data / str(c) / f"{i}.npy", np.full((2, LENGTH), VOCAB + 3, dtype=np.int64))
+    result = run_train("--data", str(data), *FAST, "--compile", "--workers", "1", "--max-steps", "2",
+                       "--out", str(tmp_path / "arpg.pt"))
+    assert result.returncode == 2 and "torch.compile failed" not in result.stdout, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "outside the vocabulary" in result.stderr, \
+        result.stderr
+    assert not (tmp_path / "arpg.pt").exists()
+
+
 def test_bf16_on_a_cpu_without_bf16_instructions_is_trained_with_a_warning(tmp_path, monkeypatch, capsys):
     """--precision bf16 where the CPU has no bf16 matrix instructions runs (emulated), with one
     warning line that says it is slow and that fp32 is the default there."""
@@ -339,7 +383,8 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_trained_with_a_warning(tmp_p
 
 def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
     """--resume without the run's --data (it would train on the built-in shapes instead), or with
-    another --batch-size, --seed or --tokenizer, is refused in one line naming the flag, before any work, and
+    another --batch-size, --seed or --tokenizer, or without its --vocab-size, is refused in one line naming the
+    flag, before any work, and
     the checkpoint is left as it was, as is a resume with no steps left to train; the same folder
     written another way is the same run."""
     data = write_codes(tmp_path / "codes")
@@ -353,6 +398,9 @@ def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
                          (["--data", str(data), "--tokenizer", "vq.pt"], "--tokenizer is vq.pt (was None)")):
         with pytest.raises(ValueError, match=re.escape(named)):
             main([*common, *flags, "--max-steps", "4", "--resume"])
+    assert common[:2] == ["--vocab-size", str(VOCAB)]
+    with pytest.raises(ValueError, match=re.escape(f"--vocab-size is None (was {VOCAB})")):
+        main([*common[2:], "--data", str(data), "--max-steps", "4", "--resume"])
     # A finished run, resumed to its own step count (the one it saved, or an explicit one) or fewer:
     # nothing to train, refused rather than rewritten.
     for max_steps in ([], ["--max-steps", "2"], ["--max-steps", "1"]):
@@ -438,9 +486,11 @@ def test_sigterm_to_torchrun_saves_the_run(tmp_path):
 def test_code_folders_load_in_both_layouts(tmp_path, llamagen_layout):
     """(n_aug, L) and (1, n_aug, L) files load as (L,) codes; `draw` picks the augmentation;
     class folders named by number sort numerically (folder 10 is class 10); a hidden folder (a
-    notebook's checkpoints) is not a class."""
+    notebook's checkpoints) is not a class, nor a hidden file data (macOS's ._0.npy)."""
     data = write_codes(tmp_path, n_classes=11, per_class=2, n_aug=3, llamagen_layout=llamagen_layout)
     write_codes(tmp_path / ".ipynb_checkpoints", n_classes=1, per_class=1)
+    for c in range(11):
+        (data / str(c) / "._0.npy").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     dataset = build_dataset(parse_args(["--data", str(data), "--vocab-size", str(VOCAB)]), None,
                             ARPG_PRESETS["tiny"], "cpu")
     assert len(dataset) == 22 and dataset.length == LENGTH, "22 grids of 16 tokens"
@@ -495,6 +545,15 @@ def test_data_order_is_a_pure_function_of_the_step():
     indices = [index for batch in full for index, _ in batch]  # 40 samples = 4 epochs of 10
     for epoch in range(4):
         assert sorted(indices[10 * epoch:10 * epoch + 10]) == list(range(10)), f"epoch {epoch} is not a permutation"
+
+
+def test_the_data_order_and_the_steps_draw_from_different_seeds():
+    """Epoch e's data order and rank 0's step e get different seeds (numpy's SeedSequence pads
+    short entropy with zeros, so (seed, e) and (seed, e, 0) alone would be the same seed)."""
+    for seed in (0, 7):
+        for e in range(4):
+            assert train.derived_seed(seed, train.DATA_ORDER, e) != train.derived_seed(seed, train.STEP, e, 0), (seed, e)
+    assert len({train.derived_seed(0, train.STEP, step, rank) for step in range(50) for rank in range(4)}) == 200
 
 
 def test_ema_moves_by_its_warm_up_decay_then_by_its_own():
@@ -673,6 +732,14 @@ def empty_class_folder(tmp_path):
     return ["--data", str(data), "--vocab-size", str(VOCAB)], "class folder.s. 3 in .* hold no .npy code files"
 
 
+def resumed_without_its_tokenizer(tmp_path):
+    """A run on the built-in shapes resumed after its tokenizer was deleted: refused, rather than a
+    new tokenizer trained whose codes the model has never seen."""
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=128, num_classes=10)
+    torch.save({"model": {}, "config": asdict(config), "step": 1, "optimizer": [], "args": {}}, tmp_path / "arpg.pt")
+    return ["--tokenizer", str(tmp_path / "deleted.pt"), "--resume"], "the tokenizer .*deleted.pt that .* is missing"
+
+
 def empty_folder(tmp_path):
     os.makedirs(tmp_path / "empty" / "cat")  # a class folder with nothing in it
     return ["--data", str(tmp_path / "empty")], "no training data"
@@ -712,6 +779,13 @@ BAD_INPUTS = {
     "top-p of the grids out of range": lambda tmp: (["--sample-top-p", "0"], r"--sample-top-p: top-p must be in \(0, 1\]"),
     "guidance of the grids not a number": lambda tmp: (["--sample-cfg", "nan"], "--sample-cfg must be a finite number"),
     "more sample steps than tokens": more_sample_steps_than_tokens,
+    "resumed without its tokenizer": resumed_without_its_tokenizer,
+    # Refused before the tokenizer is trained (minutes), from what the small preset will be:
+    "a vocabulary the tokenizer to train lacks": lambda tmp: (["--tokenizer", str(tmp / "new.pt"), "--vocab-size", "64"],
+                                                              "--vocab-size 64 does not match the tokenizer .*new.pt "
+                                                              r"\(128 codes\)"),
+    "more sample steps than the tokenizer to train gives": lambda tmp: (
+        ["--tokenizer", str(tmp / "new.pt"), "--sample-steps", "65"], "--sample-steps 65 is more than the 64 tokens"),
     "a floor that is not a number": lambda tmp: (["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
     "an endless time budget": lambda tmp: (["--total-minutes", "inf"], "--total-minutes must be a finite number"),
     "a negative seed": lambda tmp: (["--seed", "-1"], "--seed must be at least 0, got -1"),
@@ -726,14 +800,15 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, case):
     """Each bad input raises ValueError / FileNotFoundError naming the problem (the command line
-    prints it as one 'error:' line, next test) and leaves the checkpoint as it was."""
+    prints it as one 'error:' line, next test) and writes nothing: no checkpoint, no tokenizer,
+    no samples, and the files already there (a checkpoint to resume) are left as they were."""
     args, message = BAD_INPUTS[case](tmp_path)
     out = tmp_path / "arpg.pt"
-    before = out.read_bytes() if out.exists() else None
+    before = {path: path.read_bytes() if path.is_file() else None for path in tmp_path.rglob("*")}
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         main(["--out", str(out), "--device", "cpu", *args, "--max-steps", "2"])
-    assert (out.read_bytes() if out.exists() else None) == before, f"{case}: the checkpoint was touched"
-    assert not (tmp_path / "arpg_samples.png").exists(), f"{case}: wrote samples"
+    after = {path: path.read_bytes() if path.is_file() else None for path in tmp_path.rglob("*")}
+    assert after == before, f"{case}: files written or changed: {sorted(set(after.items()) ^ set(before.items()))}"
 
 
 def test_a_checkpoint_that_does_not_say_its_step_count_resumes_only_with_max_steps(tmp_path):
