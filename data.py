@@ -30,6 +30,7 @@ import math
 import os
 import re
 import signal
+import struct
 import sys
 import tempfile
 
@@ -82,7 +83,9 @@ def _pick_colours(rng):
 
 
 # -----------------------------------------------------------------------------
-# Shapes as polygons in unit coordinates (centre 0, fits in the unit circle)
+# Shapes as polygons in unit coordinates (centre 0, about the unit circle's size: the triangle
+# reaches 1.11 of its radius, the bar 1.04 and the arrow 1.03, so their tips can be clipped by up
+# to ~3 pixels at the image edge)
 
 def _regular_polygon(n_sides):
     angles = 2 * math.pi * np.arange(n_sides) / n_sides - math.pi / 2  # first vertex on top
@@ -113,7 +116,7 @@ _CIRCLE = _regular_polygon(96)
 _SHAPES = {
     "circle": [(_CIRCLE, "fg")],
     "square": [(_regular_polygon(4) * 1.0, "fg")],
-    "triangle": [(_regular_polygon(3) * 1.0 + [0, 0.2], "fg")],  # re-centre its visual mass
+    "triangle": [(_regular_polygon(3) * 1.0 + [0, 0.2], "fg")],  # roughly centres its bounding box
     "star": [(_star(), "fg")],
     "cross": [(_cross(), "fg")],
     "ring": [(_CIRCLE, "fg"), (_CIRCLE * 0.55, "bg")],
@@ -132,8 +135,8 @@ def _draw(class_id, rng, image_size):
     """Draw one image of class `class_id` with random pose and colours; returns uint8 (H, W, 3)."""
     big = image_size * SUPERSAMPLE
     bg, fg = _pick_colours(rng)
-    # Pose: radius 0.30-0.46 of the image side (the bounding circle spans 60-92% of it, the
-    # shape itself a little less), centre anywhere that keeps that circle inside, any rotation.
+    # Pose: radius 0.30-0.46 of the image side (the bounding circle spans 60-92% of it, most
+    # shapes a little less), centre anywhere that keeps that circle inside, any rotation.
     radius = rng.uniform(0.30, 0.46) * big
     cx, cy = rng.uniform(radius, big - radius, size=2)
     angle = rng.uniform(0, 2 * math.pi)
@@ -264,7 +267,9 @@ def read_image(path, mode="RGB", what="image"):
             if image.mode.startswith("I"):                               # 16-bit greyscale ("I;16", "I")
                 image = Image.fromarray((np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
             return image.convert(mode)
-    except (OSError, Image.DecompressionBombError) as error:  # not an image, a damaged one, one too large to open
+    # Not an image, one too large to open, or a damaged one: PIL reports damage in many ways (OSError,
+    # SyntaxError for a broken PNG chunk, ValueError for an oversized one, struct.error, EOFError).
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read {what} {path}: {error}") from None
 
 

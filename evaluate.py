@@ -31,6 +31,7 @@ import argparse
 import os
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -278,10 +279,13 @@ def main(argv=None):
             raise FileNotFoundError(f"sample file not found: {args.npz}")
         if not zipfile.is_zipfile(args.npz):  # np.load would hand back a bare array (.npy) or fail
             raise ValueError(f"{args.npz} is not an .npz archive: write one with `sample.py --fid N`")
-        with np.load(args.npz) as npz:
-            if "arr_0" not in npz or "labels" not in npz:
-                raise ValueError(f"{args.npz} needs arr_0 (images) and labels: write it with `sample.py --fid N`")
-            samples, labels = npz["arr_0"], npz["labels"]
+        try:
+            with np.load(args.npz) as npz:
+                if "arr_0" not in npz or "labels" not in npz:
+                    raise ValueError(f"{args.npz} needs arr_0 (images) and labels: write it with `sample.py --fid N`")
+                samples, labels = npz["arr_0"], npz["labels"]
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:       # a bad checksum, a cut-off member
+            raise ValueError(f"{args.npz} is damaged ({error}): write it again with `sample.py --fid N`") from None
         # The classifier halves an image four times (16 pixels at least), and a covariance needs 2 images.
         # The real sets it is compared with are square.
         if (samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3 or len(samples) < 2

@@ -76,6 +76,11 @@ class VQConfig:
         # JSON gives lists; a tuple keeps the config hashable-looking and equal after a round trip.
         self.ch_mult = tuple(self.ch_mult)
 
+    @property
+    def downsample(self):
+        """f: pixels per token along each side (one 2x downsampling per level after the first)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
 
 VQ_PRESETS = {
     # LlamaGen's VQ-16 (vq_ds16_c2i.pt): 71,883,403 parameters, 16x downsampling.
@@ -418,7 +423,7 @@ class VQModel(nn.Module):
     def __init__(self, config: VQConfig):
         super().__init__()
         self.config = config
-        self.downsample = 2 ** (len(config.ch_mult) - 1)  # f: pixels per token along each side
+        self.downsample = config.downsample                # f: pixels per token along each side
         self.encoder = Encoder(config)
         self.quant_conv = Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.quantize = VectorQuantizer(config)
@@ -814,16 +819,19 @@ def class_folder_names(root):
 
 
 def list_image_folder(image_dir):
-    """[(path, class_id, index)] for `image_dir/<class>/<image>`: class ids follow the sorted
-    subfolder names, index the sorted file names within a class. Raises a clear error when the
-    folder is missing or holds no images."""
+    """[(path, class_id, index)] for `image_dir/<class>/<image>` (files directly in each class
+    folder; deeper folders are not read): class ids follow the sorted subfolder names, index the
+    sorted file names within a class. Raises a clear error when the folder is missing or holds no
+    images."""
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir}")
     classes = class_folder_names(image_dir)
     items, empty = [], []
     for class_id, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(image_dir, name))  # hidden files (macOS ._x.jpg) skipped
-                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        folder = os.path.join(image_dir, name)
+        files = sorted(f for f in os.listdir(folder)  # hidden files (macOS ._x.jpg) skipped, and folders
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                       and os.path.isfile(os.path.join(folder, f)))
         items += [(os.path.join(image_dir, name, f), class_id, index) for index, f in enumerate(files)]
         if not files:
             empty.append(name)
@@ -850,23 +858,33 @@ class ImageFolderCrops(torch.utils.data.Dataset):
         return images_to_tensor(np.asarray(crop)[None])[0], class_id, index
 
 
+def check_code_folder(out_dir, batch_size):
+    """Refuse a batch size under 1, or an `out_dir` that is empty or exists already (main checks
+    before loading the tokenizer, tokenize_folder before encoding anything). An existing folder is
+    refused rather than merged into: codes of another image size, tokenizer or image folder would be
+    mixed in unnoticed (and a rename cannot merge anyway). An empty name would be the current folder."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    if not out_dir.strip():
+        raise ValueError("--out is empty; give a folder name for the codes")
+    if os.path.exists(out_dir):
+        raise ValueError(f"--out {out_dir} already exists; remove it or choose another folder for the codes")
+
+
 @torch.no_grad()
 def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_workers=0):
     """Encode every image of `image_dir/<class>/` into `out_dir/<class_id>/<index>.npy`, int64
     (2, h*w): row 0 the centre crop, row 1 its horizontal flip; the class folders' names go into
     `out_dir/class_names.json` (train.py labels its grids with them). Returns the number of images.
+    Images are read upright (`data.read_image` applies a photo's EXIF rotation), where LlamaGen's
+    loader ignores it: for a rotated photo the codes differ from LlamaGen's, for any other the same.
 
     `out_dir` appears only once every image is encoded: the codes are written into a hidden
     sibling folder, renamed to `out_dir` at the end and removed on any failure. A half-written
     code folder would look complete to train.py, which reads whatever .npy files it finds.
     """
-    if batch_size < 1:
-        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    check_code_folder(out_dir, batch_size)
     vq.check_image_size(image_size)
-    # An existing out_dir is refused rather than merged into: codes of another image size, tokenizer
-    # or image folder would be mixed in unnoticed (and a rename cannot merge anyway).
-    if os.path.exists(out_dir):
-        raise ValueError(f"--out {out_dir} already exists; remove it or choose another folder for the codes")
     items = list_image_folder(image_dir)
     out_dir = os.path.abspath(out_dir)                                    # no trailing slash: a name to rename to
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
@@ -956,7 +974,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None,
                         help="--train: random seed (images picked, initialisation; default 0)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per forward pass (--tokenize, default 64) or per training step (--train, 16)")
+                        help="images per batch: --tokenize (default 64) encodes each with its mirror image, so twice "
+                             "as many go through the encoder at once; --train: per training step (default 16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device to run on (default: cuda if available)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -971,14 +990,15 @@ def main(argv=None):
         raise ValueError("--tokenize needs --vq-ckpt: the tokenizer checkpoint to encode with")
     if args.steps is not None or args.seed is not None:
         raise ValueError("--steps and --seed go with --train")
+    batch_size = 64 if args.batch_size is None else args.batch_size
+    check_code_folder(args.out, batch_size)                              # before minutes of loading
     vq = VQModel.from_checkpoint(args.vq_ckpt).to(args.device)
     print(f"tokenizer {args.vq_ckpt}: {asdict(vq.config)}")
     # By default, crops of the size the tokenizer was trained at (which train_tokenizer records),
     # else 256, LlamaGen's ImageNet size: a small tokenizer trained at 64 would otherwise get 256 x 256
     # crops (1024 tokens an image) without a word.
     size = read_checkpoint(args.vq_ckpt).get("image_size", 256) if args.image_size is None else args.image_size
-    n = tokenize_folder(vq, args.tokenize, args.out, size, 64 if args.batch_size is None else args.batch_size,
-                        args.num_workers)
+    n = tokenize_folder(vq, args.tokenize, args.out, size, batch_size, args.num_workers)
     print(f"wrote the codes of {n} images to {args.out}")
 
 

@@ -155,6 +155,23 @@ def test_read_image_turns_a_photo_upright_as_its_exif_orientation_says(tmp_path)
     assert np.array_equal(upright, np.rot90(stored, k=-1)), f"read as {upright.shape[1]}x{upright.shape[0]}"
 
 
+def test_read_image_names_the_file_whatever_way_pil_reports_the_damage(tmp_path):
+    """A PNG cut in the middle of its data (PIL: SyntaxError "broken PNG file") and one whose
+    colour profile inflates past PIL's limit (PIL: a ValueError that names no file) are each one
+    ValueError naming the file, as a file that is no image at all is."""
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cut.png")                  # several IDAT chunks
+    damaged = bytearray((tmp_path / "cut.png").read_bytes())
+    second = damaged.index(b"IDAT", damaged.index(b"IDAT") + 4)
+    damaged[second:second + 4] = bytes(4)                                 # the second chunk's type zeroed
+    (tmp_path / "cut.png").write_bytes(bytes(damaged))
+    Image.fromarray(noise[:8, :8]).save(tmp_path / "profile.png", icc_profile=bytes(2 << 20))
+    (tmp_path / "notes.png").write_text("not an image")
+    for name in ("cut.png", "profile.png", "notes.png"):
+        with pytest.raises(ValueError, match=f"cannot read image .*{name}: "):
+            read_image(tmp_path / name)
+
+
 def test_save_image_grid_rejects_bad_input(tmp_path):
     """A clear ValueError for a wrong layout, a wrong number of row or column labels, or a name
     whose extension is no image format."""

@@ -153,6 +153,20 @@ def test_arpg_as_a_classifier_names_the_classes_it_learnt_and_not_swapped_labels
     assert evaluate.likelihood_classification(model, codes, (labels + 1) % 4, n_orders=2) == 0.0, "shifted labels"
 
 
+def test_cli_refuses_a_damaged_sample_file_in_one_line(tmp_path):
+    """An .npz whose image member fails its checksum (a byte flipped on the way) is a ValueError
+    naming the file (one 'error:' line), not zipfile's traceback."""
+    images, labels = make_builtin_dataset(4, seed=9)
+    path = tmp_path / "samples.npz"
+    np.savez(path, arr_0=images, labels=labels)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF                                          # inside arr_0's pixels
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"{path} is damaged (")):
+        evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])
+    assert not (tmp_path / "never.pt").exists()
+
+
 @pytest.mark.parametrize("case", ["labels (N, 1)", "float labels", "a bare .npy", "8-pixel images", "one image",
                                   "non-square images"])
 def test_cli_refuses_a_sample_file_it_cannot_score(tmp_path, case):

@@ -458,9 +458,10 @@ def image_folder(tmp_path):
 
 def test_tokenize_folder_writes_crop_and_flip_codes(image_folder, tmp_path):
     """CLI --tokenize writes {out}/{class_id}/{index}.npy, int64 (2, h*w): the centre crop, then its
-    flip; hidden files (macOS's ._ resource forks) are not images."""
+    flip; hidden files (macOS's ._ resource forks) and folders named like images are not images."""
     images, ckpt = image_folder
     (images / "a_cats" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07")      # not a JPEG at all
+    (images / "a_cats" / "holiday.jpg").mkdir()                           # a folder, whatever its name
     out = tmp_path / "codes"
     main(["--tokenize", str(images), "--out", str(out), "--vq-ckpt", str(ckpt), "--image-size", "16",
           "--batch-size", "2", "--num-workers", "0", "--device", "cpu"])
@@ -599,6 +600,23 @@ def test_tokenize_failing_midway_leaves_no_code_folder(image_folder, tmp_path, c
     assert stop.value.code == 2 and message.startswith("error: cannot read image"), message
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["images", "vq.pt"], f"a failed run left {left} behind"
+
+
+def test_tokenize_refuses_an_empty_out_before_loading_the_tokenizer(image_folder, tmp_path, monkeypatch, capsys):
+    """--out "" (an unset shell variable) would be the current folder: refused in one line before the
+    tokenizer is even read, as are an existing --out and a batch size of 0."""
+    images, ckpt = image_folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(VQModel, "from_checkpoint", lambda *args: pytest.fail("the tokenizer was loaded"))
+    for out, batch, expected in (("", "64", "error: --out is empty; give a folder name for the codes"),
+                                 (str(images), "64", f"error: --out {images} already exists"),
+                                 ("codes", "0", "error: the batch size must be at least 1, got 0")):
+        with pytest.raises(SystemExit) as stop:
+            tokenize_cli("--tokenize", str(images), "--out", out, "--vq-ckpt", str(ckpt), "--batch-size", batch,
+                         "--num-workers", "0", "--device", "cpu")
+        message = capsys.readouterr().err
+        assert stop.value.code == 2 and message.startswith(expected) and message.count("\n") == 1, repr(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "vq.pt"]
 
 
 def test_tokenize_refuses_an_existing_out_folder(image_folder, tmp_path, capsys):
