@@ -565,6 +565,9 @@ class ARPG(nn.Module):
         check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale)
         if compile and not fast:
             raise ValueError("compile=True compiles the fast path's steps: pass fast=True too")
+        if generator is not None and generator.device.type != device.type:  # it draws the order and the samples
+            raise ValueError(f"the generator is on {generator.device.type}, the model on {device.type}: make it with "
+                             f"torch.Generator({device.type!r})")
         rope = self.rope_table(rows, cols)                                # (1 + L, D/2, 2)
 
         # 1. Which positions are given, which to decode, and in what order.
@@ -651,7 +654,13 @@ class ARPG(nn.Module):
     # reading them on the host splits the compiled graph (a training step became 7 graphs) and, on a
     # GPU, waits for the device. Compiled training checks its codes as it reads them (train.py).
 
+    @staticmethod
+    def _check_integers(tensor, name):
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise ValueError(f"{name} must be integers (torch.long), got {tensor.dtype}")
+
     def _check_tokens(self, tokens, length, name):
+        self._check_integers(tokens, name)
         if tokens.dim() != 2 or tokens.shape[1] != length:
             raise ValueError(f"{name} must have shape (batch, {length}), got {tuple(tokens.shape)}")
         if torch.compiler.is_compiling():
@@ -661,6 +670,7 @@ class ARPG(nn.Module):
                              f"got values in [{tokens.min().item()}, {tokens.max().item()}]")
 
     def _check_labels(self, labels, batch):
+        self._check_integers(labels, "labels")
         if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
             raise ValueError(f"labels must have shape ({batch or 'batch'},), got {tuple(labels.shape)}")
         if torch.compiler.is_compiling():
@@ -671,6 +681,8 @@ class ARPG(nn.Module):
 
     @staticmethod
     def _check_order(order, shape):
+        if order.dtype != torch.long:                                     # it indexes and gathers
+            raise ValueError(f"order must be a torch.long tensor (as argsort and randperm give), got {order.dtype}")
         if tuple(order.shape) == shape and torch.compiler.is_compiling():
             return
         expected = torch.arange(shape[-1], device=order.device)
@@ -720,9 +732,10 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 #
 # The readable loop above stays the reference. This class gives it a drop-in replacement for
 # `context` and `guided` that computes the same numbers, up to float rounding (in float32 the
-# sampled tokens are identical: tests/test_arpg.py; in bf16 its attention scores are rounded
-# before the softmax where the readable path's fused attention keeps them wider, so a near tie
-# between two codes can go the other way), with changes that only save time:
+# logits agree to ~1e-6 and the sampled tokens are the same (tests/test_arpg.py) except where a
+# draw falls that close to the edge between two codes, a rare event over millions of draws; in
+# bf16 its attention scores are rounded before the softmax where the readable path's fused
+# attention keeps them wider, so such near ties are wider too), with changes that only save time:
 #   1. Preallocated caches. Every cache is one (2, batch, H, capacity, D) buffer allocated once;
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
 #      the official sampler does) copies the whole cache every step.
@@ -736,6 +749,9 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 #      size): fewer kernel launches, which is what limits small batches on GPUs. Compiling takes
 #      minutes, so it pays off for long runs (FID), not for one grid.
 # `context` returns views of the filled part of each buffer: exactly what the readable caches hold.
+# The fused weights are concatenated anew for each call (~0.36 GB in bf16 for ARPG-L), so a
+# call's peak memory includes them; keeping them between calls would need their invalidation
+# whenever the model's weights change, which a GPU session should weigh first.
 
 class StaticCachePasses:
     def __init__(self, model: "ARPG", batch: int, capacity: int, compile: bool = False):

@@ -200,9 +200,23 @@ def first_missing_folder(path):
     """The outermost folder of `path` that does not exist yet (the first one an export makes), or
     None when `path` exists."""
     path, first = os.path.abspath(path), None
-    while not os.path.exists(path):
+    while not os.path.exists(path) and path != os.path.dirname(path):   # (a missing drive is its own parent)
         first, path = path, os.path.dirname(path)
     return first
+
+
+def remove_made_folders(out_dir, first_made):
+    """After a failed export: out_dir, which it made, and then each folder above it up to
+    first_made while it is empty. A folder that holds something else by then (another export
+    writing beside this one) stays, with what it holds."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    folder = os.path.abspath(out_dir)
+    while folder != first_made:
+        folder = os.path.dirname(folder)
+        try:
+            os.rmdir(folder)                                              # only if empty
+        except OSError:
+            return
 
 
 def check_export_folder(out_dir):
@@ -262,13 +276,13 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     # even the folders it made on the way to out_dir.
     check_export_folder(out_dir)
     first_made = first_missing_folder(out_dir)
+    work, succeeded = None, False
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        work = tempfile.mkdtemp(dir=out_dir, prefix=".onnx-export-")
-    except PermissionError:
-        raise ValueError(f"cannot export to {out_dir}: it is not writable; choose another path") from None
-    succeeded = False
-    try:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            work = tempfile.mkdtemp(dir=out_dir, prefix=".onnx-export-")
+        except PermissionError:
+            raise ValueError(f"cannot export to {out_dir}: it is not writable; choose another path") from None
         # Example inputs for tracing: sizes that differ from each other and from 0 and 1, so no
         # dimension is mistaken for a constant.
         B, T, N, K = 2, 3, 4, 5
@@ -344,7 +358,10 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         succeeded = True
     finally:
         # A failed export removes what it made: its work folder, and out_dir and the folders above it if it made them.
-        shutil.rmtree(first_made if first_made and not succeeded else work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        if first_made and not succeeded:
+            remove_made_folders(out_dir, first_made)
 
     sizes = {name: sum(os.path.getsize(os.path.join(out_dir, name + s)) for s in (".onnx", ".onnx.data")) / 1e6
              for name in graphs}

@@ -56,7 +56,13 @@ class Muon(torch.optim.Optimizer):
         self.dtype = dtype
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        """One update; `closure`, as for torch's optimizers, recomputes the loss and its gradients
+        first (with gradients on) and its loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             by_shape = {}
             for p in group["params"]:
@@ -73,3 +79,4 @@ class Muon(torch.optim.Optimizer):
                 updates = orthogonalize(torch.stack(nesterov).to(self.dtype)) * max(1.0, rows / cols) ** 0.5
                 for p, update in zip(params, updates):
                     p.add_(update.view(shape).to(p.dtype), alpha=-group["lr"])
+        return loss

@@ -118,27 +118,32 @@ def read_metadata(folder):
     return metadata
 
 
-def load_graph(path, options, providers):
-    """An InferenceSession for one graph file. A damaged export (a truncated .onnx, a missing or
-    truncated .onnx.data beside it) is one clear ValueError instead of ONNX Runtime's traceback."""
-    try:
-        return ort.InferenceSession(path, options, providers=providers)
-    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
-        detail = " ".join(str(error).split())                            # ONNX Runtime's message, on one line
-        raise ValueError(f"cannot load {path}, damaged or incomplete: re-export the folder with python export.py "
-                         f"(ONNX Runtime: {detail})") from None
+OUT_OF_MEMORY = re.compile("allocat|out of memory", re.IGNORECASE)  # "Failed to allocate", "bad allocation"
 
 
 @contextlib.contextmanager
 def memory_error_when_full():
-    """ONNX Runtime reports a failed allocation (CPU or GPU memory) as a RuntimeException:
-    re-raised as MemoryError, it becomes run_script's one-line out-of-memory message."""
+    """ONNX Runtime reports a failed allocation as a RuntimeException or a Fail ("Failed to
+    allocate memory for requested buffer", "bad allocation", CUDA's "out of memory"): re-raised as
+    MemoryError, it becomes run_script's one-line out-of-memory message."""
     try:
         yield
-    except RuntimeException as error:
-        if not re.search("allocate|out of memory", str(error), re.IGNORECASE):
+    except (RuntimeException, Fail) as error:
+        if not OUT_OF_MEMORY.search(str(error)):
             raise
         raise MemoryError(" ".join(str(error).split())) from None
+
+
+def load_graph(path, options, providers):
+    """An InferenceSession for one graph file. A damaged export (a truncated .onnx, a missing or
+    truncated .onnx.data beside it) is one clear ValueError instead of ONNX Runtime's traceback."""
+    try:
+        with memory_error_when_full():                                    # too large to load is not damaged
+            return ort.InferenceSession(path, options, providers=providers)
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
+        detail = " ".join(str(error).split())                            # ONNX Runtime's message, on one line
+        raise ValueError(f"cannot load {path}, damaged or incomplete: re-export the folder with python export.py "
+                         f"(ONNX Runtime: {detail})") from None
 
 
 def check_device_name(device):

@@ -93,15 +93,16 @@ def parse_args(argv=None):
                           help="how many tokens each step reveals (arccos: few early, many late, the paper's; cosine: "
                                "one at a time for longer, fewer at the end; default: the checkpoint's, cosine for the "
                                "tiny recipe, else arccos)")
-    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: nearly greedy, 1e-5 as in the official code; "
+                                                                           "--top-k 1 is greedy)")
     decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
     decoding.add_argument("--top-p", type=float, default=None,
                           help="nucleus sampling threshold (default: the checkpoint's, 0.8 for the tiny recipe; "
                                "1: off, the paper's and official checkpoints')")
     decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
                           help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), 0.9-1.3x "
-                               "on a 2-core CPU (bench.py); readable: the reference loop. Both give the same tokens "
-                               "in float32")
+                               "on a 2-core CPU (bench.py); readable: the reference loop. In float32 both give the "
+                               "same tokens but for rare near ties")
     decoding.add_argument("--compile", action="store_true",
                           help="compile the fast sampler's steps (torch.compile): a few minutes of compiling for "
                                "fewer kernel launches per step, for long runs (--fid, --eval) on a GPU; no faster "

@@ -8,31 +8,33 @@ which must run without PyTorch, uses the very same rules as `ARPG.generate`.
 import math
 
 MASK_SCHEDULES = {
-    # Fraction of the canvas still masked after a step, at progress = (step + 1) / S. For 256
-    # tokens in 32 steps, arccos (the paper's recommendation) reveals 5-6 tokens a step for most
-    # of the run and saves many for the end (..., 11, 14, 17, 40); cosine starts with single
-    # tokens and grows to about 12 a step (1, 1, 1, 2, 3, ..., 13, 12).
-    "arccos": lambda progress: math.acos(progress) / (math.pi / 2),
-    "cosine": lambda progress: math.cos(math.pi / 2 * progress),
+    # Fraction of the canvas still masked after step s of S (s = step + 1). For 256 tokens in 32
+    # steps, arccos (the paper's recommendation) reveals 5-6 tokens a step for most of the run and
+    # saves many for the end (..., 11, 14, 17, 40); cosine starts with single tokens and grows to
+    # about 12 a step (1, 1, 1, 2, 3, ..., 13, 12). Each is the official code's arithmetic in its
+    # order: cosine's ((pi/2) * s) / S rounds differently from (pi/2) * (s / S) where cos lands
+    # next to a multiple of 1/L, and then a count moves by one (256 tokens: 39, 51, 63, ... steps).
+    "arccos": lambda s, S: math.acos(s / S) / (math.pi / 2),
+    "cosine": lambda s, S: math.cos(math.pi / 2 * s / S),
 }
 
 
 def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
-    """How many tokens each of `steps` steps reveals, summing to `length` (the official rule).
-
-    The official rule can ask for 0 tokens when steps is close to length (for example 256 steps
-    on 256 tokens); we keep at least one token per step for the steps still to come, which
-    changes nothing for the settings the paper uses (tests compare with the official counts).
+    """How many tokens each of `steps` steps reveals, summing to `length` (the official rule): after
+    each step but the last, int(length * ratio) tokens stay masked, at least 1 and fewer than were
+    masked before it; the last step reveals all that remain. So every step reveals a token at
+    least (tests check it for every step count on grids of 16, 64, 256 and 1024 tokens).
     """
     if not 1 <= steps <= length:  # callers check this with their own wording first; this is the rule's own guard
         raise ValueError(f"steps must be between 1 and the {length} tokens to reveal, got {steps}")
     counts, done = [], 0
     for step in range(steps):
+        masked = length - done
         if step == steps - 1:
-            n = length - done                                              # the last step takes all that remain
+            n = masked                                                     # the last step takes all that remain
         else:
-            still_masked = max(1, min(length - done - 1, int(length * MASK_SCHEDULES[schedule]((step + 1) / steps))))
-            n = min(max(length - done - still_masked, 1), length - done - (steps - step - 1))
+            still_masked = max(1, min(masked - 1, int(length * MASK_SCHEDULES[schedule](step + 1, steps))))
+            n = masked - still_masked
         counts.append(n)
         done += n
     return counts
@@ -53,7 +55,8 @@ def check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale)
     if not (math.isfinite(temperature) and math.isfinite(cfg_scale)):  # NaN or inf would sample garbage
         raise ValueError(f"temperature and guidance must be finite numbers, got {temperature} and {cfg_scale}")
     if temperature < 0 or top_k < 0:
-        raise ValueError(f"temperature (0: greedy) and top-k (0: off) must be 0 or more, got {temperature} and {top_k}")
+        raise ValueError(f"temperature (0: nearly greedy) and top-k (0: off) must be 0 or more, got {temperature} "
+                         f"and {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top-p must be in (0, 1], got {top_p}")
 

@@ -865,7 +865,7 @@ def check_code_folder(out_dir, batch_size):
     mixed in unnoticed (and a rename cannot merge anyway). An empty name would be the current folder."""
     if batch_size < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-    if not out_dir.strip():
+    if not os.fspath(out_dir).strip():
         raise ValueError("--out is empty; give a folder name for the codes")
     if os.path.exists(out_dir):
         raise ValueError(f"--out {out_dir} already exists; remove it or choose another folder for the codes")

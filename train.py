@@ -243,6 +243,11 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Data: token grids and labels, from code folders, image folders or the built-in shapes
 
+class DataError(ValueError):
+    """A code file that cannot be trained on (unreadable, misshapen, codes outside the vocabulary):
+    a class of its own, so that compile_or_not tells it from a failure of the compiler."""
+
+
 class TokenGrids(Dataset):
     """Token grids with their class labels. An item is (index, draw) -> (codes (L,) int64, label).
 
@@ -265,23 +270,23 @@ class TokenGrids(Dataset):
         where = grid if isinstance(grid, str) else f"image {index}"
         if (codes.ndim not in (1, 2, 3) or codes.size == 0 or codes.shape[-1] != self.length
                 or not np.issubdtype(codes.dtype, np.integer)):
-            raise ValueError(f"{where}: expected integer codes of shape (n_aug, {self.length}) or "
+            raise DataError(f"{where}: expected integer codes of shape (n_aug, {self.length}) or "
                              f"(1, n_aug, {self.length}), got {codes.dtype} {codes.shape}")
         codes = codes.reshape(-1, self.length)                            # (n_aug, L)
         codes = codes[draw % len(codes)]                                  # (L,): one augmentation per read
         if codes.min() < 0 or codes.max() >= self.vocab_size:
-            raise ValueError(f"{where}: codes outside the vocabulary [0, {self.vocab_size}) "
+            raise DataError(f"{where}: codes outside the vocabulary [0, {self.vocab_size}) "
                              f"(min {codes.min()}, max {codes.max()}); pass the tokenizer that made "
                              f"them (--tokenizer) or its codebook size (--vocab-size)")
         return torch.from_numpy(codes.astype(np.int64)), self.labels[index]
 
 
 def read_codes(path):
-    """One .npy code file, or a one-line ValueError naming it (empty, truncated, not an .npy)."""
+    """One .npy code file, or a one-line DataError naming it (empty, truncated, not an .npy)."""
     try:
         return np.load(path)                                              # allow_pickle=False: data only
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"cannot read {path} as an .npy array of codes ({error})") from None
+        raise DataError(f"cannot read {path} as an .npy array of codes ({error})") from None
 
 
 def scan_class_folders(root):
@@ -394,7 +399,7 @@ class StepSampler(Sampler):
 
     def epoch_order(self, epoch):
         if epoch != self.epoch:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, DATA_ORDER, epoch))
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
             self.epoch = epoch
             self.order = torch.randperm(self.n_items, generator=generator)               # (n,)
             self.draws = torch.randint(0, 2 ** 31, (self.n_items,), generator=generator)  # (n,)
@@ -420,16 +425,13 @@ class StepSampler(Sampler):
             step += 1
 
 
-# The streams derived from one --seed, told apart by their second number. Without it (seed, e)
-# for epoch e's data order and (seed, e, 0) for rank 0's step e would be one seed: numpy's
-# SeedSequence pads short entropy with zeros.
-DATA_ORDER, STEP = 0, 1
-
-
 def derived_seed(*numbers):
-    """A well-mixed seed from a tuple of integers: (seed, DATA_ORDER, epoch) for the data order,
-    (seed, STEP, step, rank) for one process's step (its generation orders, label dropout and
-    dropout masks)."""
+    """A well-mixed seed from a tuple of integers: (seed, epoch) for the data order, (seed, step,
+    rank) for one process's step (its generation orders, label dropout and dropout masks).
+    numpy's SeedSequence pads short entropy with zeros, so epoch e's order and rank 0's step e
+    start from one seed; they draw different things from it (a permutation of the whole data set;
+    a batch's orders and dropout masks), so nothing repeats, and resumed runs of older checkpoints
+    stay exact."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
@@ -667,7 +669,7 @@ def compile_or_not(train_model, model, dataset, args, rank, world_size, device, 
     compiled = torch.compile(train_model)
     try:
         throwaway_steps(compiled, model, dataset, args, rank, world_size, device, timed_steps=0)
-    except (ValueError, OSError):  # the data the throwaway step read (a bad code file), not the compiler
+    except DataError:  # a bad code file that the throwaway step read (a DataLoader worker keeps the class)
         raise
     except Exception as error:  # whatever the compiler stack raises; a real bug raises again in the eager steps
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -743,7 +745,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
         while step < args.max_steps:
             # Every random number of this step comes from (seed, step, rank), so a resumed run draws
             # the same ones as an uninterrupted run: no RNG state to save.
-            torch.manual_seed(derived_seed(args.seed, STEP, step, rank))
+            torch.manual_seed(derived_seed(args.seed, step, rank))
             lr = learning_rate(step, args.max_steps, args.lr, args.min_lr, warmup_steps, decay_steps)
             for optimizer in optimizers:                                  # each group at its peak's fraction
                 for group in optimizer.param_groups:
@@ -922,14 +924,13 @@ def fill_in_defaults(args, world_size):
             # It will be the small preset, so flags that clash with it are refused now, not after
             # minutes of training it: its codes, and its tokens on the 64 x 64 built-in shapes.
             small = VQ_PRESETS["small"]
-            check_vocab_size(args, small.codebook_size)
+            check_vocab_size(args, small.codebook_size, f"the small tokenizer to be trained at {args.tokenizer}")
             check_sample_steps(args, (64 // small.downsample) ** 2)
 
 
-def check_vocab_size(args, codebook_size):
+def check_vocab_size(args, codebook_size, tokenizer):
     if args.vocab_size is not None and args.vocab_size != codebook_size:
-        raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer {args.tokenizer} "
-                         f"({codebook_size} codes)")
+        raise ValueError(f"--vocab-size {args.vocab_size} does not match {tokenizer} ({codebook_size} codes)")
 
 
 def check_sample_steps(args, tokens_per_image):
@@ -1028,7 +1029,7 @@ def main(argv=None):
             dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None
     if vq is not None:
-        check_vocab_size(args, vq.config.codebook_size)
+        check_vocab_size(args, vq.config.codebook_size, f"the tokenizer {args.tokenizer}")
 
     # 2. The data, as token grids.
     started = time.perf_counter()

@@ -110,6 +110,36 @@ def test_reveal_counts_match_official(schedule, steps):
     assert counts == REF[f"schedule_{schedule}_{steps}"].tolist(), f"{schedule}/{steps}: {counts}"
 
 
+def official_reveal_counts(length, steps, schedule):
+    """The official sampler's loop, transcribed: numpy's float64 arithmetic in its order."""
+    counts, masked = [], length
+    for step in range(steps):
+        if schedule == "cosine":
+            ratio = np.cos(math.pi / 2. * (step + 1) / steps)
+        else:
+            ratio = np.arccos(1. * (step + 1) / steps) / (math.pi * 0.5)
+        mask_len = length if step == steps - 1 else max(1, min(masked - 1, int(np.floor(length * ratio))))
+        revealed = masked if step == steps - 1 else masked - mask_len
+        counts.append(revealed)
+        masked -= revealed
+    return counts
+
+
+def test_reveal_counts_follow_the_official_arithmetic_at_every_step_count():
+    """For every step count on grids of 16, 64 and 256 tokens the counts are the official loop's
+    (cosine's angle rounds differently when computed as (pi/2) * (s / S): 256 tokens in 39 steps
+    then reveal 8, 10 where the official reveals 9, 9); on 1024 tokens every step reveals one at
+    least and all are revealed."""
+    for schedule in ("cosine", "arccos"):
+        for length in (16, 64, 256):
+            for steps in range(1, length + 1):
+                counts = reveal_counts(length, steps, schedule)
+                assert counts == official_reveal_counts(length, steps, schedule), (schedule, length, steps)
+        for steps in range(1, 1025):
+            counts = reveal_counts(1024, steps, schedule)
+            assert sum(counts) == 1024 and min(counts) >= 1 and len(counts) == steps, (schedule, steps)
+
+
 def test_reveal_counts_one_token_per_step_at_most_steps():
     """Every step reveals at least one token and all are revealed, even with as many steps as tokens;
     more steps than tokens, or none, is refused."""
@@ -372,6 +402,15 @@ def test_larger_rectangular_grid_decodes_every_token():
     assert tokens.min() >= 0 and tokens.max() < 64, "codes outside the vocabulary"
 
 
+def test_generate_refuses_a_generator_on_another_device(meta_arpg):
+    """A CPU generator for a model on another device (here the meta device, which stands in for
+    CUDA) is refused at once, not when torch.multinomial meets it after the first step."""
+    model, _, labels = meta_arpg
+    with pytest.raises(ValueError, match=r"the generator is on cpu, the model on meta: make it with "
+                                         r"torch.Generator\('meta'\)"):
+        model.generate(labels, steps=4, generator=torch.Generator().manual_seed(0))
+
+
 def test_same_generator_seed_gives_same_tokens():
     """Sampling is reproducible for a seeded generator."""
     model = small_model()
@@ -401,10 +440,18 @@ def test_same_generator_seed_gives_same_tokens():
     (lambda m: m(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0])), "labels must have shape"),
     (lambda m: m(torch.zeros(1, 16, dtype=torch.long), torch.tensor([0]), torch.arange(16).flip(0)[None] % 8),
      "order must be a permutation"),
+    # Wrong dtypes: a float order passes a permutation check (2.0 == 2) and then fails as an index.
+    (lambda m: m.generate(torch.tensor([1]), steps=4, order=torch.randperm(16).float()), "order must be a torch.long"),
+    (lambda m: m(torch.zeros(1, 16, dtype=torch.long), torch.tensor([0]), torch.randperm(16, dtype=torch.int32)[None]),
+     "order must be a torch.long"),
+    (lambda m: m.generate(torch.tensor([1.0]), steps=4), r"labels must be integers \(torch.long\), got torch.float32"),
+    (lambda m: m(torch.zeros(1, 16), torch.tensor([0])), "tokens must be integers"),
+    (lambda m: m.generate(torch.tensor([1]), steps=4, known_tokens=torch.full((1, 16), 2.7),
+                          known_mask=torch.ones(1, 16, dtype=torch.bool)), "known_tokens must be integers"),
 ])
 def test_bad_input_raises_a_clear_error(call, message):
-    """Out-of-range classes, steps, non-permutation orders, wrong shapes and compile without the fast
-    path raise ValueError saying so."""
+    """Out-of-range classes, steps, non-permutation orders, wrong shapes and dtypes and compile
+    without the fast path raise ValueError saying so."""
     with pytest.raises(ValueError, match=message):
         call(small_model())
 

@@ -253,8 +253,9 @@ def test_the_command_line_samples_in_batches_of_batch_size(exported, tmp_path, m
 
 
 def test_onnx_runtime_out_of_memory_is_one_line(exported, tmp_path, monkeypatch, capsys):
-    """A failed allocation inside ONNX Runtime (its RuntimeException) ends onnx_sampler.py with one
-    out-of-memory line and exit code 1, not a traceback; its other errors are not mistaken for it."""
+    """A failed allocation inside ONNX Runtime (a RuntimeException or a Fail, running a graph or
+    loading one) ends onnx_sampler.py with one out-of-memory line and exit code 1, not a traceback
+    or a claim that the export is damaged; its other errors are not mistaken for it."""
     from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
     folder, _, _ = exported
     message = "Failed to allocate memory for requested buffer of size 34359738368"
@@ -272,6 +273,14 @@ def test_onnx_runtime_out_of_memory_is_one_line(exported, tmp_path, monkeypatch,
     assert not (tmp_path / "grid.png").exists()
     with pytest.raises(RuntimeException, match="shape mismatch"), onnx_sampler.memory_error_when_full():
         raise RuntimeException("shape mismatch")
+    with pytest.raises(MemoryError), onnx_sampler.memory_error_when_full():   # ORT's CPU allocator
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation")
+
+    def session_too_large(*args, **kwargs):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : Load model from context.onnx failed:bad allocation")
+    monkeypatch.setattr(onnx_sampler.ort, "InferenceSession", session_too_large)
+    with pytest.raises(MemoryError):                                      # not "damaged: re-export"
+        onnx_sampler.load_graph(str(folder / "context.onnx"), None, ["CPUExecutionProvider"])
 
 
 def test_numpy_sampler_refuses_nan_logits():
@@ -486,7 +495,8 @@ def test_the_cpu_only_onnxruntime_package_runs_on_the_cpu_in_one_line(exported, 
 def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tmp_path, monkeypatch):
     """Weights that hold NaN are refused before anything is traced; a NaN parity figure (which
     `diff > limit` would let through) is refused for an fp32 export, a non-finite one for fp16;
-    none leaves a folder behind, not even the ones it made above its own."""
+    none leaves a folder behind, not even the ones it made above its own, but what another export
+    wrote into them meanwhile stays."""
     _, model, vq = exported
     broken = copy.deepcopy(model)
     with torch.no_grad():
@@ -499,6 +509,16 @@ def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tm
         with pytest.raises(ValueError, match=r"differ from PyTorch .*'guided': (nan|inf)"):
             export_onnx(model, None, str(tmp_path / "made" / "on_the_way" / "not_finite"), fp16=fp16)
     assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+
+    def parity_while_another_export_writes_beside(*args):                 # into a folder this export made
+        (tmp_path / "made" / "beside").mkdir()
+        (tmp_path / "made" / "beside" / "context.onnx").write_text("another export's graph")
+        return {**real_parity(*args), "guided": float("nan")}
+    monkeypatch.setattr(export, "measure_parity", parity_while_another_export_writes_beside)
+    with pytest.raises(ValueError, match="differ from PyTorch"):
+        export_onnx(model, None, str(tmp_path / "made" / "on_the_way" / "not_finite"))
+    left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    assert left == ["made", "made/beside", "made/beside/context.onnx"], left
 
 
 def test_export_installs_each_graph_before_its_weights_and_the_json_last(exported, tmp_path, monkeypatch):

@@ -49,3 +49,25 @@ def test_muon_steps_each_matrix_by_its_own_orthogonalized_nesterov_momentum(dtyp
     for p, w in zip(params, weights):
         assert p.dtype == torch.float32, p.dtype
         torch.testing.assert_close(p.detach(), w, atol=tolerance, rtol=1e-5)
+
+
+def test_muon_step_takes_a_closure_as_torch_optimizers_do():
+    """step(closure) evaluates the closure with gradients on (step itself runs without), returns
+    its loss, and makes the update that step() makes from the same gradients."""
+    torch.manual_seed(0)
+    weight, target = torch.nn.Parameter(torch.randn(6, 4)), torch.randn(6, 4)
+    start = weight.detach().clone()
+    twin = torch.nn.Parameter(start.clone())
+    optimizer, twin_optimizer = Muon([weight], lr=0.1), Muon([twin], lr=0.1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((weight - target) ** 2).sum()
+        loss.backward()
+        return loss
+    loss = optimizer.step(closure)
+    twin_loss = ((twin - target) ** 2).sum()
+    twin_loss.backward()
+    assert twin_optimizer.step() is None
+    assert loss is not None and loss.item() == twin_loss.item(), (loss, twin_loss)
+    assert torch.equal(weight, twin) and not torch.equal(weight, start), "not the same update, or none"
