@@ -77,17 +77,21 @@ def test_teacher_forced_logits_match_official(official):
     assert abs(loss.item() - REF["tf_loss"].item()) <= 1e-5, f"loss {loss.item()} vs {REF['tf_loss'].item()}"
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("steps", [8, 32])
-def test_greedy_generation_matches_official(official, steps):
-    """With the official order, schedule and guidance, greedy decoding (top_k=1) gives the official tokens."""
+def test_greedy_generation_matches_official(official, steps, fast):
+    """With the official order, schedule and guidance, greedy decoding (top_k=1) gives the official
+    tokens, on the readable path and on the fast one (the official configuration: the class token's
+    zero RoPE slot, no query positions, the blocks split half and half)."""
     labels, settings = generate_settings(steps)
-    tokens = official.generate(labels, **settings, top_k=1, order=torch.from_numpy(REF[f"gen{steps}_order"]))
+    tokens = official.generate(labels, **settings, top_k=1, order=torch.from_numpy(REF[f"gen{steps}_order"]), fast=fast)
     expected = torch.from_numpy(REF[f"gen{steps}_tokens"])
     assert torch.equal(tokens, expected), f"{(tokens != expected).sum().item()} of {tokens.numel()} tokens differ"
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("steps", [8, 32])
-def test_sampled_generation_matches_official_random_stream(official, steps):
+def test_sampled_generation_matches_official_random_stream(official, steps, fast):
     """Full multinomial sampling consumes random numbers as the official loop does, so its samples match.
 
     The official loop draws one uniform per label (an unused class-dropout check), then the order
@@ -97,7 +101,7 @@ def test_sampled_generation_matches_official_random_stream(official, steps):
     torch.manual_seed(int(REF[f"gen{steps}_sampled_seed"]))
     torch.rand(len(labels))
     order = torch.rand(256).argsort()
-    tokens = official.generate(labels, **settings, order=order)
+    tokens = official.generate(labels, **settings, order=order, fast=fast)
     expected = torch.from_numpy(REF[f"gen{steps}_sampled_tokens"])
     assert torch.equal(tokens, expected), f"{(tokens != expected).sum().item()} of {tokens.numel()} tokens differ"
 
@@ -435,6 +439,9 @@ def test_same_generator_seed_gives_same_tokens():
     (lambda m: m.generate(torch.tensor([1]), known_tokens=torch.zeros(1, 16, dtype=torch.long),
                           known_mask=torch.ones(16, dtype=torch.bool)), "known_mask must have shape"),
     (lambda m: m.generate(torch.tensor([1]), steps=4, compile=True), "pass fast=True too"),
+    (lambda m: m.generate(torch.tensor([1, 2]), steps=4, known_tokens=torch.zeros(2, 16, dtype=torch.long),
+                          known_mask=torch.tensor([[True] * 4 + [False] * 12, [False] * 16])),
+     "known_mask must be the same for every row"),
     (lambda m: m(torch.zeros(2, 15, dtype=torch.long), torch.tensor([0, 1])), "tokens must have shape"),
     (lambda m: m(torch.full((2, 16), 64), torch.tensor([0, 1])), "tokens must be codes in"),
     (lambda m: m(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0])), "labels must have shape"),

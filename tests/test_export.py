@@ -160,6 +160,19 @@ def test_greedy_onnx_runtime_loop_gives_arpg_generate_tokens(exported, steps, cf
     assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
 
 
+def test_the_dynamo_exporter_gives_the_same_tokens(exported, tmp_path):
+    """export.py --dynamo (torch.export instead of TorchScript tracing) writes graphs that pass the
+    same parity check and give ARPG.generate's greedy tokens."""
+    _, model, _ = exported
+    metadata = export_onnx(model, None, str(tmp_path / "dynamo"), dynamo=True)
+    assert metadata["exported_with"]["exporter"] == "dynamo", metadata["exported_with"]
+    labels, order = torch.tensor([2, 7]), torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    settings = dict(steps=16, cfg_scale=2.5, cfg_schedule="constant", schedule="cosine", top_k=1)
+    expected = model.generate(labels, order=order, **settings).numpy()
+    tokens = OnnxSampler(str(tmp_path / "dynamo"), device="cpu").generate(labels.numpy(), order=order.numpy(), **settings)
+    assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
+
+
 @pytest.mark.parametrize("steps", [8, 32])
 def test_onnx_runtime_loop_gives_the_official_greedy_tokens(tmp_path, steps):
     """Exported from the official implementation's tiny model (16x16 grid), the ONNX Runtime loop
