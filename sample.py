@@ -81,8 +81,9 @@ def parse_args(argv=None):
     decoding = parser.add_argument_group("decoding (SPEC 6)")
     decoding.add_argument("--steps", type=int, default=None,
                           help="decoding steps for a whole canvas, 1..its tokens (default 32, or one per token on a "
-                               "grid of fewer; paper: 64, and 32 is as good); edits use the same tokens per step, "
-                               "so fewer steps for fewer unknown tokens, more for a larger canvas")
+                               "grid of fewer; paper: 64, and 32 is as good); an edit keeps the tokens per step that "
+                               "--steps gives its whole canvas: fewer steps for fewer unknown tokens, more tokens per "
+                               "step on a larger canvas")
     decoding.add_argument("--cfg", type=float, default=None,
                           help="classifier-free guidance scale (default: the checkpoint's, 2.5 for the tiny recipe, "
                                "else 4; 1: off; official ARPG-L: 5.0, XL: 6.0, XXL: 7.5)")

@@ -26,7 +26,8 @@ tokenizer's reconstructions), so a run with another --out keeps its own.
     python train.py --resume                          # continue out/arpg.pt exactly where it stopped
     python train.py --size L --data /data/imagenet_codes --tokenizer vq_ds16_c2i.pt     # one GPU
     torchrun --nproc_per_node 8 train.py --size L --data /data/imagenet_codes --tokenizer vq_ds16_c2i.pt
-    python train.py --data my_images --tokenizer out/tokenizer.pt   # an image folder, one subfolder per class
+    python tokenizer.py --train my_images --out out/my_tokenizer.pt   # an image folder, one subfolder per class:
+    python train.py --data my_images --tokenizer out/my_tokenizer.pt --out out/my_arpg.pt   # its tokenizer first
 
 Data (--data): a folder with one subfolder per class. Either pre-tokenized codes,
 {class}/{index}.npy holding (n_aug, L) or LlamaGen's (1, n_aug, L) integer arrays, one
