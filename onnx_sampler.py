@@ -40,8 +40,8 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile,
-                                                         RuntimeException)
+from onnxruntime.capi.onnxruntime_pybind11_state import (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf,
+                                                         NoSuchFile, RuntimeException)
 
 from data import check_classes, check_image_path, run_script, save_image_grid
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
@@ -407,10 +407,12 @@ def main():
     settings = sampling_settings(args, stored)
     steps = min(32, sampler.rows * sampler.cols) if args.steps is None else args.steps
     rng = np.random.default_rng(args.seed)                                # one stream through every batch
-    images = np.concatenate([
-        sampler.decode(sampler.generate(labels[start:start + args.batch_size], steps=steps, temperature=args.temperature,
-                                        top_k=args.top_k, seed=rng, **settings))
-        for start in range(0, len(labels), args.batch_size)])            # (R*C, H, W, 3)
+    batches = []
+    for start in range(0, len(labels), args.batch_size):
+        tokens = sampler.generate(labels[start:start + args.batch_size], steps=steps, temperature=args.temperature,
+                                  top_k=args.top_k, seed=rng, **settings)  # (b, L)
+        batches.append(sampler.decode(tokens))                            # (b, H, W, 3)
+    images = np.concatenate(batches)                                      # (R*C, H, W, 3)
     names = sampler.metadata["class_names"] or [str(c) for c in range(sampler.num_classes)]
     save_image_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]),  # (R, C, H, W, 3)
                     [names[c] for c in classes], args.out)

@@ -94,8 +94,9 @@ def parse_args(argv=None):
                           help="how many tokens each step reveals (arccos: few early, many late, the paper's; cosine: "
                                "one at a time for longer, fewer at the end; default: the checkpoint's, cosine for the "
                                "tiny recipe, else arccos)")
-    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: nearly greedy, 1e-5 as in the official code; "
-                                                                           "--top-k 1 is greedy)")
+    decoding.add_argument("--temperature", type=float, default=1.0,
+                          help="sampling temperature (0: nearly greedy, 1e-5 as in the official code; --top-k 1 is "
+                               "greedy)")
     decoding.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
     decoding.add_argument("--top-p", type=float, default=None,
                           help="nucleus sampling threshold (default: the checkpoint's, 0.8 for the tiny recipe; "

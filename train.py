@@ -729,8 +729,7 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
     cosine decay, --decay 0, never: the cosine falls from the end of the warm-up on, and a new
     step count would bend it mid-way). warmup_steps, decay_steps: a resumed run's, as its checkpoint
     saved them (a re-planned count would give others); else args.warmup and args.decay of
-    args.max_steps. Returns
-    (the last step, the last logged loss, whether Ctrl-C / SIGTERM stopped it)."""
+    args.max_steps. Returns (the last step, the last logged loss, whether Ctrl-C / SIGTERM stopped it)."""
     is_main, distributed = rank == 0, world_size > 1
     loader = step_loader(dataset, args, start_step, rank, world_size, device)
     warmup_steps = round(args.warmup * args.max_steps) if warmup_steps is None else warmup_steps

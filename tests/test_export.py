@@ -169,7 +169,8 @@ def test_the_dynamo_exporter_gives_the_same_tokens(exported, tmp_path):
     labels, order = torch.tensor([2, 7]), torch.randperm(64, generator=torch.Generator().manual_seed(0))
     settings = dict(steps=16, cfg_scale=2.5, cfg_schedule="constant", schedule="cosine", top_k=1)
     expected = model.generate(labels, order=order, **settings).numpy()
-    tokens = OnnxSampler(str(tmp_path / "dynamo"), device="cpu").generate(labels.numpy(), order=order.numpy(), **settings)
+    sampler = OnnxSampler(str(tmp_path / "dynamo"), device="cpu")
+    tokens = sampler.generate(labels.numpy(), order=order.numpy(), **settings)
     assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
 
 

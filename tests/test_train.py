@@ -772,9 +772,9 @@ BAD_INPUTS = {
     "more sample steps than tokens": more_sample_steps_than_tokens,
     "resumed without its tokenizer": resumed_without_its_tokenizer,
     # Refused before the tokenizer is trained (minutes), from what the small preset will be:
-    "a vocabulary the tokenizer to train lacks": lambda tmp: (["--tokenizer", str(tmp / "new.pt"), "--vocab-size", "64"],
-                                                              "--vocab-size 64 does not match the small tokenizer to be trained at .*new.pt "
-                                                              r"\(128 codes\)"),
+    "a vocabulary the tokenizer to train lacks": lambda tmp: (
+        ["--tokenizer", str(tmp / "new.pt"), "--vocab-size", "64"],
+        r"--vocab-size 64 does not match the small tokenizer to be trained at .*new.pt \(128 codes\)"),
     "more sample steps than the tokenizer to train gives": lambda tmp: (
         ["--tokenizer", str(tmp / "new.pt"), "--sample-steps", "65"], "--sample-steps 65 is more than the 64 tokens"),
     "a floor that is not a number": lambda tmp: (["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
