@@ -174,16 +174,21 @@ def test_the_dynamo_exporter_gives_the_same_tokens(exported, tmp_path):
     assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("steps", [8, 32])
-def test_onnx_runtime_loop_gives_the_official_greedy_tokens(tmp_path, steps):
+def test_onnx_runtime_loop_gives_the_official_greedy_tokens(tmp_path, steps, device):
     """Exported from the official implementation's tiny model (16x16 grid), the ONNX Runtime loop
-    reproduces the official greedy generations token for token."""
+    reproduces the official greedy generations token for token, on the CPU and, where there is
+    one, on a CUDA GPU (.ci/gpu: TF32 off, so its fp32 products round as the CPU's do)."""
     reference = np.load(FIXTURES / "arpg_tiny_reference.npz")
     config = ARPGConfig(**json.loads(str(reference["config"])))
     model = ARPG.from_checkpoint(str(FIXTURES / "arpg_tiny_official.pt"), config).eval()
     export_onnx(model, None, str(tmp_path))
     settings = json.loads(str(reference[f"gen{steps}_settings"]))
-    tokens = OnnxSampler(str(tmp_path), device="cpu").generate(
+    sampler = OnnxSampler(str(tmp_path), device=device)
+    assert sampler.device == device, f"asked for {device}, ONNX Runtime ran on {sampler.device}"
+    tokens = sampler.generate(
         np.array(settings["classes"]), steps=steps, cfg_scale=settings["guidance_scale"],
         cfg_schedule=settings["cfg_schedule"], schedule=settings["sample_schedule"], top_k=settings["top_k"],
         order=reference[f"gen{steps}_order"])
