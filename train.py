@@ -124,6 +124,11 @@ PAPER_MIN_LR_PER_256 = 2.5e-6
 PAPER_EPOCHS = 400          # SPEC 5: the paper's training length; max_steps = epochs * images / batch
 ADAM_BETAS = (0.9, 0.95)    # SPEC 5
 BUILTIN_TOKENIZER = "out/tokenizer.pt"  # the small tokenizer the default run trains
+# The built-in shapes the default run draws: 20,000 images rather than 5000. In ~2000 steps the tiny
+# model memorises 5000 (eval-mode loss 0.707 on training images against 0.864 on held-out ones);
+# with 20,000 the held-out loss fell to 0.786 and class accuracy rose 84.7% -> 89.5% (seed 0, same
+# budget).
+BUILTIN_IMAGES = 20000
 # ... on the first tokenizer.TRAINING_IMAGES (5000) built-in images
 # ... for 900 steps rather than tokenizer.py's 1200: ~40 s (~180 steps) more for the ARPG, which
 # gained more than the tokenizer lost (held-out PSNR ~1 dB lower; class accuracy 89.5% -> 89.5% and
@@ -159,14 +164,16 @@ def parse_args(argv=None):
     what.add_argument("--vocab-size", type=int, default=None,
                       help="codebook size of pre-tokenized codes (default: the tokenizer's when given, "
                            "else the preset's)")
-    what.add_argument("--num-images", type=int, default=20000,
-                      help="built-in dataset size (drawn and tokenized once at start, ~20 s on 2 cores)")
+    what.add_argument("--num-images", type=int, default=None,
+                      help=f"built-in dataset size (default: {BUILTIN_IMAGES}, drawn and tokenized once at start, "
+                           f"~20 s on 2 cores)")
     what.add_argument("--image-size", type=int, default=None,
                       help="image folders are resized and centre-cropped to this side (default: the preset's "
                            "grid x the tokenizer's downsampling: 256 = 16 tokens x 16 for L with VQ-16, "
                            "64 = 8 x 8 for tiny)")
-    what.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS,
-                      help=f"steps to train the small tokenizer when it is missing (default: {TOKENIZER_STEPS}; "
+    what.add_argument("--tokenizer-steps", type=int, default=None,
+                      help=f"built-in shapes: steps to train the small tokenizer when it is missing (default: "
+                           f"{TOKENIZER_STEPS}; "
                            f"in a run timed by --total-minutes, at most {TOKENIZER_MINUTES} minutes of them, less in a "
                            f"smaller budget)")
     what.add_argument("--layers", type=int, default=None,
@@ -339,9 +346,6 @@ def read_class_names(root, folders):
 def build_dataset(args, vq, preset, device):
     """The training set as TokenGrids, from --data or the built-in shapes (SPEC 8 layouts)."""
     if args.data is None:
-        # 20,000 images rather than 5000: in ~2000 steps the tiny model memorises 5000 (eval-mode
-        # loss 0.707 on training images against 0.864 on held-out ones), and with 20,000 the
-        # held-out loss fell to 0.786 and class accuracy rose 84.7% -> 89.5% (seed 0, same budget).
         images, labels = make_builtin_dataset(args.num_images, seed=args.seed)
         codes = vq.encode_images(images).flatten(1).numpy()               # (n, L)
         return TokenGrids(codes[:, None], labels, CLASS_NAMES, vq.config.codebook_size, codes.shape[1])
@@ -889,6 +893,16 @@ def fill_in_defaults(args, world_size):
     for key, least in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < least:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
+    if args.data is not None and args.num_images is not None:  # refused, not silently ignored
+        raise ValueError(f"--num-images sizes the built-in shapes dataset, and --data {args.data} brings its own "
+                         f"images: drop --num-images")
+    if args.data is not None and args.tokenizer_steps is not None:
+        raise ValueError(f"--tokenizer-steps trains the built-in shapes' tokenizer; for --data {args.data}, train "
+                         f"one with tokenizer.py --train and pass it with --tokenizer")
+    if args.data is None and args.num_images is None:
+        args.num_images = BUILTIN_IMAGES
+    if args.data is None and args.tokenizer_steps is None:
+        args.tokenizer_steps = TOKENIZER_STEPS
     if args.data is None and args.num_images < len(CLASS_NAMES):  # labels cycle through the classes
         raise ValueError(f"--num-images {args.num_images} leaves classes of the built-in shapes without an image: "
                          f"give at least {len(CLASS_NAMES)}")
@@ -978,6 +992,8 @@ def check_same_run(args, saved_args):
         now, then = getattr(args, key), saved_args[key]
         if key in ("data", "tokenizer") and now is not None and then is not None:  # one path, however written
             return os.path.realpath(now) == os.path.realpath(then)
+        if key == "num_images" and args.data is not None:  # it sizes the built-in data only; older
+            return True                                     # train.py saved its default, 20000, for --data too
         return now == then
     if args.max_steps is None and "max_steps" not in saved_args:
         raise ValueError(f"{args.out} does not say how many steps its run planned (an older train.py wrote it): "
@@ -1025,6 +1041,9 @@ def main(argv=None):
                                 minutes=minutes, seed=args.seed, device=device.type,
                                 precision=tokenizer_precision(args, device),
                                 preview_path=beside(args.tokenizer, "_recon.png"))
+        elif not args.resume:  # said, so that --tokenizer-steps is not silently ignored
+            log(f"tokenizer: {args.tokenizer}, trained before (delete it, or give another --tokenizer, to train a "
+                f"new one with --tokenizer-steps {args.tokenizer_steps})")
         if world_size > 1:  # every process, whatever it saw: the others wait for rank 0's file
             dist.barrier()
     vq = VQModel.from_checkpoint(args.tokenizer).to(device).eval() if args.tokenizer else None

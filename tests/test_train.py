@@ -97,6 +97,8 @@ def test_loss_falls_on_builtin_data(tmp_path):
                                       "top_p": 0.8}, \
         "the tiny recipe's sampling travels with it"
     assert (tmp_path / "arpg_samples.png").is_file(), "no sample grid named after the checkpoint"
+    assert f"tokenizer: {tokenizer}, trained before (delete it" in result.stdout, \
+        "a tokenizer that is there is used, and said to be (--tokenizer-steps would train a new one)"
 
 
 def test_interrupted_then_resumed_run_is_bit_exact(tmp_path):
@@ -731,6 +733,15 @@ def resumed_without_its_tokenizer(tmp_path):
     return ["--tokenizer", str(tmp_path / "deleted.pt"), "--resume"], "the tokenizer .*deleted.pt that .* is missing"
 
 
+def resumed_with_another_image_count(tmp_path):
+    """A run on the built-in shapes resumed with another --num-images: other data, refused (only
+    --data runs ignore the count an older train.py saved)."""
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=128, num_classes=10)
+    torch.save({"model": {}, "config": asdict(config), "step": 1, "optimizer": [],
+                "args": {"num_images": 20000, "max_steps": 4}}, tmp_path / "arpg.pt")
+    return ["--num-images", "500", "--resume"], re.escape("--num-images is 500 (was 20000)")
+
+
 def empty_folder(tmp_path):
     os.makedirs(tmp_path / "empty" / "cat")  # a class folder with nothing in it
     return ["--data", str(tmp_path / "empty")], "no training data"
@@ -759,6 +770,12 @@ BAD_INPUTS = {
     "a vocabulary of no codes": lambda tmp: (["--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
     "fewer built-in images than classes": lambda tmp: (["--num-images", "5"], "--num-images 5 leaves classes of the "
                                                                           "built-in shapes without an image"),
+    "a built-in image count with --data": lambda tmp: (
+        ["--data", str(write_codes(tmp / "codes")), "--num-images", "500"],
+        "--num-images sizes the built-in shapes dataset, and --data .* brings its own images"),
+    "tokenizer steps with --data": lambda tmp: (
+        ["--data", str(write_codes(tmp / "codes")), "--tokenizer-steps", "500"],
+        "--tokenizer-steps trains the built-in shapes' tokenizer; for --data .* tokenizer.py --train"),
     "--out is a folder": lambda tmp: (["--out", str(tmp)], "is a folder; give a file name"),
     "--data is a file": lambda tmp: (["--data", str(write_codes(tmp / "codes") / "0" / "0.npy")],
                                      "is a file; give the folder that holds one subfolder per class"),
@@ -771,6 +788,7 @@ BAD_INPUTS = {
     "guidance of the grids not a number": lambda tmp: (["--sample-cfg", "nan"], "--sample-cfg must be a finite number"),
     "more sample steps than tokens": more_sample_steps_than_tokens,
     "resumed without its tokenizer": resumed_without_its_tokenizer,
+    "resumed with another built-in image count": resumed_with_another_image_count,
     # Refused before the tokenizer is trained (minutes), from what the small preset will be:
     "a vocabulary the tokenizer to train lacks": lambda tmp: (
         ["--tokenizer", str(tmp / "new.pt"), "--vocab-size", "64"],
@@ -813,6 +831,20 @@ def test_a_checkpoint_that_does_not_say_its_step_count_resumes_only_with_max_ste
     torch.save(checkpoint, out)
     with pytest.raises(ValueError, match="does not say how many steps its run planned"):
         main(["--data", str(data), *FAST, "--out", str(out), "--resume"])
+    main(["--data", str(data), *FAST, "--out", str(out), "--resume", "--max-steps", "3"])
+    assert load(out)["step"] == 3, "the resumed run should end at the --max-steps given"
+
+
+def test_a_data_run_of_an_older_train_py_resumes_with_its_saved_image_count(tmp_path):
+    """An older train.py saved --num-images' default, 20000, for --data runs too, where it means
+    nothing; such a run resumes (a run on the built-in shapes must keep its count: BAD_INPUTS)."""
+    data = write_codes(tmp_path / "codes")
+    out = tmp_path / "arpg.pt"
+    main(["--data", str(data), *FAST, "--max-steps", "2", "--out", str(out)])
+    checkpoint = load(out)
+    assert checkpoint["args"]["num_images"] is None, "--data has no built-in image count"
+    checkpoint["args"]["num_images"] = 20000
+    torch.save(checkpoint, out)
     main(["--data", str(data), *FAST, "--out", str(out), "--resume", "--max-steps", "3"])
     assert load(out)["step"] == 3, "the resumed run should end at the --max-steps given"
 
