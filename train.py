@@ -672,14 +672,28 @@ def compile_or_not(train_model, model, dataset, args, rank, world_size, device, 
         # steps), and --resume would no longer end bit-exact. No slower here.
         torch.use_deterministic_algorithms(True)
     compiled = torch.compile(train_model)
+    failure = None
     try:
-        throwaway_steps(compiled, model, dataset, args, rank, world_size, device, timed_steps=0)
+        # Under torchrun every process compiles on its own, and one may fail where the others do
+        # not. So the throwaway step runs without DDP's gradient all-reduce: a failed process is
+        # not left out of a collective that the others wait in. They then agree, below.
+        with compiled.no_sync() if world_size > 1 else nullcontext():
+            throwaway_steps(compiled, model, dataset, args, rank, world_size, device, timed_steps=0)
     except DataError:  # a bad code file that the throwaway step read (a DataLoader worker keeps the class)
         raise
     except Exception as error:  # whatever the compiler stack raises; a real bug raises again in the eager steps
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        log(f"warning: torch.compile failed ({type(error).__name__}: {reason[:160]}); training without it "
-            f"(--no-compile skips the attempt)")
+        failure = f"{type(error).__name__}: {reason[:160]}"
+        print(f"warning: torch.compile failed{f' on process {rank}' if world_size > 1 else ''} ({failure}); "
+              f"training without it (--no-compile skips the attempt)")
+    if world_size > 1:  # all processes compiled, or none: their steps must run the same collectives
+        failed_somewhere = torch.tensor(float(failure is not None), device=device)
+        dist.all_reduce(failed_somewhere, op=dist.ReduceOp.MAX)
+        if failed_somewhere.item() and failure is None:
+            failure = "on another process"
+            log("warning: torch.compile failed on another process (its own warning says why); all train "
+                "without it")
+    if failure is not None:
         return train_model
     log(f"torch.compile: {time.perf_counter() - started:.0f} s")
     return compiled
@@ -1100,7 +1114,9 @@ def main(argv=None):
         del checkpoint  # its weights and optimizer state are loaded: free the host memory for the run
     elif ema is not None:
         ema.load_state_dict(model.state_dict())
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    # The model's one buffer, its RoPE table, is computed alike by every process and never changes:
+    # no broadcast of it before each forward (and no collective a failed compile could skip).
+    train_model = DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
     if args.compile:
         train_model = compile_or_not(train_model, model, dataset, args, rank, world_size, device, log)
     deadline = None                                                       # set by --total-minutes

@@ -440,6 +440,43 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert load(tmp_path / "arpg.pt")["step"] == 4, "rank 0 saved the final step"
 
 
+FAILS_TO_COMPILE_ON_RANK_1 = """
+import os, sys
+import torch
+import train
+
+class FailsOnFirstCall:  # what torch.compile returns where the compiler stack breaks at the first step
+    def __init__(self, module):
+        self.module = module
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("no C++ compiler (faked on this process)")
+
+torch.compile = lambda module: FailsOnFirstCall(module) if os.environ["RANK"] == "1" else module
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_processes_agree_to_train_eagerly_when_one_fails_to_compile(tmp_path):
+    """Under torchrun, a compile that fails on one process only (faked: process 0's "compiled"
+    model is the model itself) leaves every process eager, rather than hanging in a collective
+    that the failed one skipped: the run ends, with identical weights and two warnings."""
+    script = tmp_path / "train_failing_compile.py"
+    script.write_text(FAILS_TO_COMPILE_ON_RANK_1)
+    data = write_codes(tmp_path / "codes")
+    flags = [flag for flag in FAST if flag != "--no-compile"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), "--data", str(data), *flags, "--compile", "--max-steps", "3", "--out",
+                             str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**ONE_THREAD, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.compile failed on process 1 (RuntimeError: no C++ compiler" in result.stdout, result.stdout
+    assert "torch.compile failed on another process" in result.stdout, result.stdout
+    assert "weights identical on all 2 processes" in result.stdout, result.stdout
+    assert load(tmp_path / "arpg.pt")["step"] == 3
+
+
 @pytest.mark.parametrize("other_rank_differs", [False, True])
 def test_check_ranks_agree_compares_every_rank_s_weights(monkeypatch, other_rank_differs):
     """The check behind "weights identical on all N processes": each rank's per-tensor sums are
