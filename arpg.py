@@ -914,10 +914,15 @@ def unwrap_state_dict(checkpoint):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    state = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    return strip_wrapper_prefixes({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
+
+
+def strip_wrapper_prefixes(state):
+    """The state dict's keys without the prefixes its wrappers added, however they were nested
+    (torch.compile of a DDP model saves '_orig_mod.module.embeddings.weight')."""
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            return strip_wrapper_prefixes({k[len(prefix):]: v for k, v in state.items()})
     return state
 
 

@@ -186,6 +186,20 @@ def test_an_uneven_split_of_the_blocks_is_built_loaded_and_recognised():
             replace(config, pass1_layers=bad)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dim=100, n_head=4), "dim 100 must split into 4 heads whose size is a multiple of 4"),  # 25 per head
+    (dict(dim=1030, n_head=16), "dim 1030 must split into 16 heads"),                           # 1030 / 16: no integer
+    (dict(n_layer=7), r"n_layer must be even \(half Pass 1, half Pass 2\), got 7; or set pass1_layers"),
+    (dict(class_rope="none"), "class_rope must be 'zero' or 'identity', got 'none'"),
+    (dict(block_size=48), "block_size must be a square grid of tokens, got 48"),
+])
+def test_a_config_that_cannot_be_built_is_refused_naming_the_setting(overrides, message):
+    """ARPGConfig refuses, when it is made, heads that 2-D RoPE cannot split, an odd block count
+    without pass1_layers, an unknown class-token RoPE and a grid that is not square."""
+    with pytest.raises(ValueError, match=message):
+        ARPGConfig(**overrides)
+
+
 @pytest.mark.parametrize("class_rope, query_position, shift_matters",
                          [("zero", False, False), ("identity", False, True), ("zero", True, True)])
 def test_only_the_tiny_departures_make_a_shifted_canvas_predict_differently(class_rope, query_position, shift_matters):
@@ -257,6 +271,71 @@ def test_training_and_eval_forward_see_the_same_tokens():
     eval_logits, _ = model.eval()(tokens, labels, order)
     train_logits, _ = model.train()(tokens, labels, order)
     assert torch.allclose(eval_logits, train_logits, atol=1e-6), "train and eval forward differ"
+
+
+def record_class_tokens(model):
+    """Wrap model.context to record the first Pass-1 input of every call: the class token (B,)."""
+    fed, context = [], model.context
+
+    def recording(ids, rope, mask=None, caches=None):
+        fed.append(ids[:, 0].clone())
+        return context(ids, rope, mask, caches)
+
+    model.context = recording
+    return fed
+
+
+def test_class_dropout_one_trains_on_the_null_class_and_eval_keeps_the_labels():
+    """Label dropout (SPEC 5) with class_dropout_prob=1: a training forward gives exactly the logits
+    of an eval forward fed the null class instead of the labels, and an eval forward keeps the
+    labels (its logits differ from those)."""
+    model = small_model(class_dropout_prob=1.0, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    tokens, labels, order = torch.randint(0, 64, (3, 16)), torch.tensor([2, 4, 7]), torch.randperm(16).repeat(3, 1)
+    train_logits, _ = model.train()(tokens, labels, order)
+    eval_logits, _ = model.eval()(tokens, labels, order)
+    model.class_ids = lambda labels: torch.full_like(labels, model.null_class_id)  # every label read as null
+    null_logits, _ = model.eval()(tokens, labels, order)
+    assert torch.allclose(train_logits, null_logits, atol=1e-6), "training did not replace the labels by the null class"
+    assert not torch.allclose(eval_logits, null_logits, atol=1e-3), "eval mode dropped the labels too"
+
+
+def test_class_dropout_drops_about_its_fraction_of_labels_in_training_and_none_in_eval():
+    """With class_dropout_prob=0.5, a training forward over 2000 labels feeds the null class for
+    about half of them (within 0.06: five binomial standard deviations are 0.056) and the label's
+    own class token for the rest; an eval forward feeds every label's class token."""
+    model = small_model(n_layer=2, pass1_layers=1, class_dropout_prob=0.5)  # 1 + 1 blocks: a quick forward
+    fed = record_class_tokens(model)
+    labels = torch.arange(2000) % 10
+    tokens = torch.zeros(2000, 16, dtype=torch.long)
+    with torch.no_grad():
+        model.train()(tokens, labels)
+        model.eval()(tokens, labels)
+    train_fed, eval_fed = fed
+    dropped = train_fed == model.null_class_id
+    assert abs(dropped.float().mean().item() - 0.5) < 0.06, f"{dropped.float().mean():.3f} of labels dropped, not ~0.5"
+    assert torch.equal(train_fed[~dropped], model.class_ids(labels)[~dropped]), "a kept label fed another class token"
+    eval_dropped = (eval_fed != model.class_ids(labels)).sum().item()
+    assert eval_dropped == 0, f"eval mode dropped {eval_dropped} labels"
+
+
+def test_token_dropout_drops_pass1_embeddings_but_never_pass2_queries():
+    """Token dropout (SPEC 5: "on input embeddings, not on queries"): in a training forward the
+    input of Pass 1's first block is its eval-mode input with about half the entries zeroed
+    (p=0.5) and the rest doubled, while the input of Pass 2's first block (the [MASK] queries)
+    is exactly the eval-mode one."""
+    model = small_model(token_dropout_p=0.5, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+    block_inputs = {}
+    for name, block in (("pass1", model.layers.self_dec[0]), ("pass2", model.layers.cross_dec[0])):
+        block.register_forward_pre_hook(lambda module, args, name=name: block_inputs.__setitem__(name, args[0]))
+    tokens, labels, order = torch.randint(0, 64, (4, 16)), torch.tensor([1, 3, 5, 7]), torch.randperm(16).repeat(4, 1)
+    model.eval()(tokens, labels, order)
+    expected = dict(block_inputs)
+    model.train()(tokens, labels, order)
+    kept = block_inputs["pass1"] != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.05, f"{kept.float().mean():.3f} of Pass-1 inputs kept, not ~0.5"
+    torch.testing.assert_close(block_inputs["pass1"][kept], 2 * expected["pass1"][kept],
+                               msg="kept Pass-1 inputs are not the eval-mode ones scaled by 1 / (1 - p) = 2")
+    assert torch.equal(block_inputs["pass2"], expected["pass2"]), "dropout touched the Pass-2 queries"
 
 
 def test_cpu_autocast_attention_matches_fp32_attention():
@@ -428,8 +507,10 @@ def test_same_generator_seed_gives_same_tokens():
 @pytest.mark.parametrize("call, message", [
     (lambda m: m.generate(torch.tensor([10]), steps=4), "class ids must be in"),
     (lambda m: m.generate(torch.tensor([-1]), steps=4), "class ids must be in"),
-    (lambda m: m.generate(torch.tensor([1]), steps=0), "steps must be between 1 and"),
-    (lambda m: m.generate(torch.tensor([1]), steps=17), "steps must be between 1 and"),
+    (lambda m: m.generate(torch.tensor([1]), steps=0), "steps must be between 1 and the 16 tokens to decode, got 0"),
+    (lambda m: m.generate(torch.tensor([1]), steps=17), "steps must be between 1 and the 16 tokens to decode, got 17"),
+    (lambda m: m.generate(torch.tensor([1]), steps=12, known_tokens=torch.zeros(1, 16, dtype=torch.long),
+                          known_mask=torch.arange(16)[None] < 5), "between 1 and the 11 tokens to decode, got 12"),
     (lambda m: m.generate(torch.tensor([1]), order=torch.zeros(16, dtype=torch.long)), "order must be a permutation"),
     (lambda m: m.generate(torch.tensor([1]), schedule="linear"), "schedule must be"),
     (lambda m: m.generate(torch.tensor([1]), known_tokens=torch.zeros(1, 9, dtype=torch.long),
@@ -439,6 +520,10 @@ def test_same_generator_seed_gives_same_tokens():
     (lambda m: m.generate(torch.tensor([1]), known_tokens=torch.zeros(1, 16, dtype=torch.long),
                           known_mask=torch.ones(16, dtype=torch.bool)), "known_mask must have shape"),
     (lambda m: m.generate(torch.tensor([1]), steps=4, compile=True), "pass fast=True too"),
+    (lambda m: m.generate(torch.tensor([1]), steps=4, known_tokens=torch.zeros(1, 16, dtype=torch.long)),
+     "known_tokens and known_mask go together: give both or neither"),
+    (lambda m: m.generate(torch.tensor([1]), steps=4, known_mask=torch.ones(1, 16, dtype=torch.bool)),
+     "known_tokens and known_mask go together: give both or neither"),
     (lambda m: m.generate(torch.tensor([1, 2]), steps=4, known_tokens=torch.zeros(2, 16, dtype=torch.long),
                           known_mask=torch.tensor([[True] * 4 + [False] * 12, [False] * 16])),
      "known_mask must be the same for every row"),
@@ -455,12 +540,31 @@ def test_same_generator_seed_gives_same_tokens():
     (lambda m: m(torch.zeros(1, 16), torch.tensor([0])), "tokens must be integers"),
     (lambda m: m.generate(torch.tensor([1]), steps=4, known_tokens=torch.full((1, 16), 2.7),
                           known_mask=torch.ones(1, 16, dtype=torch.bool)), "known_tokens must be integers"),
+    (lambda m: ARPG.from_checkpoint(m.state_dict()),  # no config given or saved, and width 64 is no preset's
+     r"cannot infer the head count of a model of width 64 \(the presets' widths are 128, 1024, 1280, 1536\)"),
 ])
 def test_bad_input_raises_a_clear_error(call, message):
-    """Out-of-range classes, steps, non-permutation orders, wrong shapes and dtypes and compile
-    without the fast path raise ValueError saying so."""
+    """Out-of-range classes, steps, non-permutation orders, wrong shapes and dtypes, known tokens
+    without a mask (or the reverse), compile without the fast path and a checkpoint of a width no
+    preset has (with no config) raise ValueError saying so."""
     with pytest.raises(ValueError, match=message):
         call(small_model())
+
+
+def test_known_tokens_are_checked_only_where_the_mask_gives_them():
+    """known_tokens may hold anything at unknown positions (they are decoded, never read): the edit
+    runs and returns codes there; a code out of range at a known position is refused naming the range."""
+    model = small_model()
+    known_mask = (torch.arange(16) < 4).repeat(2, 1)                      # the first 4 positions are given
+    known_tokens = torch.full((2, 16), -1)
+    known_tokens[1, 4:] = 10 ** 6
+    known_tokens[:, :4] = torch.tensor([5, 63, 0, 7])
+    tokens = model.generate(torch.tensor([1, 2]), steps=4, known_tokens=known_tokens, known_mask=known_mask)
+    assert torch.equal(tokens[:, :4], known_tokens[:, :4]), "known tokens changed"
+    assert tokens.min() >= 0 and tokens.max() < 64, f"codes outside the vocabulary: {tokens.tolist()}"
+    known_tokens[0, 1] = 64
+    with pytest.raises(ValueError, match=r"known_tokens must be codes in \[0, 64\), got values in \[0, 64\]"):
+        model.generate(torch.tensor([1, 2]), steps=4, known_tokens=known_tokens, known_mask=known_mask)
 
 
 def test_checkpoint_round_trip_and_official_layouts(tmp_path):
@@ -476,6 +580,18 @@ def test_checkpoint_round_trip_and_official_layouts(tmp_path):
     assert ARPG.from_checkpoint(str(path)).config == model.config, "saved config not used"
     assert os.listdir(tmp_path) == ["ours.pt"], f"temporary files left: {os.listdir(tmp_path)}"
     assert os.stat(path).st_mode & 0o777 == 0o644, f"checkpoint mode {oct(os.stat(path).st_mode & 0o777)}"
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_ddp_and_compile_prefixes_are_stripped_when_loading(prefix):
+    """A state dict saved from a DistributedDataParallel model ('module.'), a torch.compile'd one
+    ('_orig_mod.'), or either wrapped in the other, loads, bare or under 'model', with the same weights."""
+    model = small_model()
+    state = model.state_dict()
+    prefixed = {prefix + k: v for k, v in state.items()}
+    for checkpoint in (prefixed, {"model": prefixed}):
+        loaded = ARPG.from_checkpoint(checkpoint, model.config)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items()), f"{prefix}: weights differ"
 
 
 def test_checkpoint_mismatch_names_the_keys():
@@ -656,6 +772,19 @@ def test_a_gpu_index_beyond_the_machine_s_gpus_is_refused_in_one_line(monkeypatc
     arpg.check_device("cuda")
     with pytest.raises(ValueError, match="--device cuda:1: no such GPU; this machine has 1, numbered from cuda:0"):
         arpg.check_device("cuda:1")
+
+
+def test_a_device_this_pytorch_cannot_use_is_refused_in_one_line(monkeypatch):
+    """--device mps (a real device type, but not one the scripts run on) and, on a PyTorch that sees
+    no GPU (faked, so a GPU machine tests it too), --device cuda are refused in one line each."""
+    arpg.check_device("cpu")
+    with pytest.raises(ValueError, match="--device mps: only cpu and cuda are supported"):
+        arpg.check_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=rf"--device {name}: this PyTorch sees no CUDA GPU \(a CPU-only build, "
+                                             r"or no driver\); use --device cpu"):
+            arpg.check_device(name)
 
 
 def test_a_model_built_on_the_meta_device_takes_storage_with_to_empty():
