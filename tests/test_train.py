@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -586,6 +587,51 @@ def test_data_order_is_a_pure_function_of_the_step():
         assert sorted(indices[10 * epoch:10 * epoch + 10]) == list(range(10)), f"epoch {epoch} is not a permutation"
 
 
+class GradientRecorder:
+    """An optimizer that keeps the gradients it is asked to step with (optimizer_step's spy)."""
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = torch.cat([p.grad.flatten() for p in self.model.parameters()])
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def recorded_step(model, batches, **settings):
+    """The gradient one train.optimizer_step applies to `model`, fed `batches` as its micro-batches
+    (raster order, so that no random order differs between runs); settings: grad_accum, grad_clip
+    and precision."""
+    args = SimpleNamespace(**{"grad_accum": len(batches), "grad_clip": 0.0, "precision": "fp32", **settings})
+    recorder = GradientRecorder(model)
+    raster = lambda tokens, labels: model(tokens, labels, order=torch.arange(LENGTH).expand(len(tokens), LENGTH))
+    train.optimizer_step(raster, model, [recorder], iter(batches), args, torch.device("cpu"))
+    return recorder.grads
+
+
+def test_an_optimizer_step_accumulates_micro_batches_clips_and_runs_in_its_precision():
+    """optimizer_step: 2 micro-batches of 4 give the gradient of one batch of 8 (each micro-batch's
+    loss divided by --grad-accum); --grad-clip bounds the gradient's norm; bf16 autocast runs the
+    forward in bf16 (the head's output), fp32 in fp32."""
+    torch.manual_seed(0)
+    no_dropout = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, class_dropout_prob=0.0)
+    model = ARPG(replace(ARPG_PRESETS["tiny"], n_layer=3, vocab_size=VOCAB, num_classes=3, block_size=LENGTH,
+                         **no_dropout))
+    tokens, labels = torch.randint(0, VOCAB, (8, LENGTH)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    whole = recorded_step(model, [(tokens, labels)])
+    halves = recorded_step(model, [(tokens[:4], labels[:4]), (tokens[4:], labels[4:])])
+    torch.testing.assert_close(halves, whole, msg="two micro-batches should give the whole batch's gradient")
+    assert whole.norm() > 0.01, "the test needs a gradient larger than the clip below"
+    clipped = recorded_step(model, [(tokens, labels)], grad_clip=0.01)
+    assert math.isclose(clipped.norm(), 0.01, rel_tol=1e-4), f"clipped to norm {clipped.norm():.5f}, not 0.01"
+    dtypes = []
+    model.head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    for precision in ("bf16", "fp32"):
+        recorded_step(model, [(tokens, labels)], precision=precision)
+    assert dtypes == [torch.bfloat16, torch.float32], f"the head's output ran in {dtypes}"
+
+
 def test_ema_moves_by_its_warm_up_decay_then_by_its_own():
     """update_ema: ema <- d * ema + (1 - d) * weights, with d = min(decay, (1 + step) / (10 + step)):
     0.1 at step 0 (mostly the new weights), the given decay once the warm-up has caught up."""
@@ -607,6 +653,9 @@ def test_learning_rate_warms_up_then_decays_by_cosine_or_after_holding_the_peak(
     ramp = [(s + 1) / 10 for s in range(10)]
     assert cosine[:10] == ramp and held[:10] == ramp, "both schedules warm up linearly"
     assert all(a > b for a, b in zip(cosine[10:], cosine[11:])) and math.isclose(cosine[100], minimum), cosine
+    halfway, a_third = (peak + minimum) / 2, minimum + (peak - minimum) * (1 + math.cos(math.pi / 3)) / 2
+    assert cosine[10] == peak and math.isclose(cosine[55], halfway) and math.isclose(cosine[40], a_third), \
+        "the cosine starts at the peak, is halfway down halfway through the decay, and 1/4 down at a third"
     assert held[10:71] == [peak] * 61, "the held schedule stays at its peak"
     drops = [a - b for a, b in zip(held[70:], held[71:])]
     assert all(math.isclose(d, (peak - minimum) / 30) for d in drops) and math.isclose(held[100], minimum), held
@@ -779,6 +828,16 @@ def resumed_with_another_image_count(tmp_path):
     return ["--num-images", "500", "--resume"], re.escape("--num-images is 500 (was 20000)")
 
 
+def resumed_on_other_data(tmp_path):
+    """A checkpoint of 4 classes on a 64-token grid, resumed on 3 classes of 16 tokens."""
+    data = write_codes(tmp_path / "codes")
+    config = replace(ARPG_PRESETS["tiny"], vocab_size=VOCAB, num_classes=4, block_size=64)
+    torch.save({"model": ARPG(config).state_dict(), "config": asdict(config), "step": 1, "optimizer": [], "args": {}},
+               tmp_path / "arpg.pt")
+    return ["--data", str(data), "--vocab-size", str(VOCAB), "--resume"], \
+        "classes: the model has 4, the data 3; tokens per image: the model has 64, the data 16"
+
+
 def empty_folder(tmp_path):
     os.makedirs(tmp_path / "empty" / "cat")  # a class folder with nothing in it
     return ["--data", str(tmp_path / "empty")], "no training data"
@@ -826,6 +885,10 @@ BAD_INPUTS = {
     "more sample steps than tokens": more_sample_steps_than_tokens,
     "resumed without its tokenizer": resumed_without_its_tokenizer,
     "resumed with another built-in image count": resumed_with_another_image_count,
+    "resumed on data of other classes and grid": resumed_on_other_data,
+    "nothing to resume": lambda tmp: (["--resume"], "nothing to resume: .*arpg.pt not found"),
+    "a dropout of 1": lambda tmp: (["--data", str(write_codes(tmp / "codes")), "--vocab-size", str(VOCAB),
+                                    "--dropout", "1"], r"--dropout 1.0 must be in \[0, 1\)"),
     # Refused before the tokenizer is trained (minutes), from what the small preset will be:
     "a vocabulary the tokenizer to train lacks": lambda tmp: (
         ["--tokenizer", str(tmp / "new.pt"), "--vocab-size", "64"],
@@ -884,6 +947,15 @@ def test_a_data_run_of_an_older_train_py_resumes_with_its_saved_image_count(tmp_
     torch.save(checkpoint, out)
     main(["--data", str(data), *FAST, "--out", str(out), "--resume", "--max-steps", "3"])
     assert load(out)["step"] == 3, "the resumed run should end at the --max-steps given"
+
+
+def test_the_grids_sampling_flags_are_saved_as_sample_py_s_defaults(tmp_path):
+    """--sample-cfg, --sample-cfg-schedule, --sample-schedule and --sample-top-p travel with the
+    checkpoint (sample.py reads them), not the recipe's defaults."""
+    out = tmp_path / "arpg.pt"
+    main(["--data", str(write_codes(tmp_path / "codes")), *FAST, "--max-steps", "1", "--out", str(out),
+          "--sample-cfg", "3", "--sample-cfg-schedule", "linear", "--sample-schedule", "arccos", "--sample-top-p", "0.9"])
+    assert load(out)["sampling"] == {"cfg_scale": 3.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 0.9}
 
 
 def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
