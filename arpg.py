@@ -605,6 +605,8 @@ class ARPG(nn.Module):
             feed_ids[B:, 0] = self.null_class_id
 
         passes = StaticCachePasses(self, len(feed_ids), feed_ids.shape[1] + U, compile) if fast else self
+        if fast:  # its RoPE rows: made once here, then gathered by slot each step as the table's are
+            rope = passes.rope_rows(rope)                                 # (1 + L, 2 * D (+ C))
         caches, decoded = None, 0
         for n_reveal in reveal_counts(U, steps, schedule):  # tokens per step, by the schedule (schedules.py)
             # 3. Pass 1 reads only what is new; no mask (after the prefill): tokens fed together see each other.
@@ -741,7 +743,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 #      the official sampler does) copies the whole cache every step.
 #   2. Fewer, larger operations. Each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's
 #      w1/w3 run as one matrix multiply each; RoPE is x * cos + swap(x) * sin with tables built
-#      once per step (`rotate`); attention is two batched matrix multiplies (`attend_unfused`);
+#      once per call (`rope_rows`, `rotate`), as is each target slot's query-position offset;
+#      attention is two batched matrix multiplies (`attend_unfused`);
 #      and the code is plain functions of weight tensors, not module calls. At the `tiny` size on
 #      a CPU, a decoding call is ~30,000 small operations whose Python and dispatch overhead costs
 #      about as much as the arithmetic, so their number is what this path cuts.
@@ -757,6 +760,7 @@ class StaticCachePasses:
     def __init__(self, model: "ARPG", batch: int, capacity: int, compile: bool = False):
         config, layers = model.config, model.layers
         self.n_head, self.eps = config.n_head, config.norm_eps
+        self.head_dim = config.dim // config.n_head                      # D
         self.embeddings = model.embeddings.weight                         # (V + classes + 3, C)
         self.mask_embedding = model.embeddings.weight[model.mask_id]     # (C,): every Pass-2 query starts here
         self.query_position = None if model.query_position is None else model.query_position.weight  # (C, D)
@@ -777,9 +781,20 @@ class StaticCachePasses:
         steps = (StaticCachePasses._context_step, StaticCachePasses._guided)
         self.steps = tuple(compile_for_any_size(step) for step in steps) if compile else steps
 
+    def rope_rows(self, rope):
+        """The RoPE table (1 + L, D/2, 2) as this path's rows, one per slot: the cos and signed sin
+        tables of `rotate` (D each) and, where the model has query positions, the offset they add
+        to a query at that slot (C), all computed once per call instead of at every step."""
+        cos, sin = rotation_tables(rope)                                  # (1 + L, D) each
+        if self.query_position is None:
+            return torch.cat([cos, sin], dim=-1)
+        offset = F.linear(rope.flatten(-2).to(self.query_position.dtype), self.query_position)  # (1 + L, C)
+        return torch.cat([cos, sin, offset.to(cos.dtype)], dim=-1)
+
     def context(self, ids, rope, mask=None, caches=None):
-        """ARPG.context's signature and result. The caches live in self.buffers; the `caches`
-        argument only says whether this is a new batch's first call (None) or a later one."""
+        """ARPG.context's signature and result, with `rope_rows` for the RoPE rows. The caches live
+        in self.buffers; the `caches` argument only says whether this is a new batch's first call
+        (None) or a later one."""
         if caches is None:                                                # a new batch of images starts
             self.filled = 0
         self.steps[0](self, ids, rope, self.filled, mask)
@@ -787,7 +802,7 @@ class StaticCachePasses:
         return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
 
     def guided(self, target_rope, shared_kv):
-        """ARPG.guided's signature and result (`_guided`)."""
+        """ARPG.guided's signature and result (`_guided`), with `rope_rows` for the RoPE rows."""
         return self.steps[1](self, target_rope, shared_kv)
 
     def _norm(self, x, weight):
@@ -803,7 +818,8 @@ class StaticCachePasses:
         x = F.embedding(ids, self.embeddings)                             # (B, T, C)
         B, T, C = x.shape
         end = start + T
-        cos, sin = rotation_tables(rope[:, :, None, None])                # (1, T, 1, 1, D) each
+        D = self.head_dim
+        cos, sin = rope[:, :, None, None, :D], rope[:, :, None, None, D:2 * D]  # (1, T, 1, 1, D) each
         for (attn_norm, qkv_weight, proj, ffn_norm, w13, w2), cache in zip(self.context_blocks, self.buffers):
             qkv = F.linear(self._norm(x, attn_norm), qkv_weight).view(B, T, 3, self.n_head, -1)  # (B, T, 3, H, D)
             q, k = rotate(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, D) each
@@ -820,10 +836,11 @@ class StaticCachePasses:
         """Pass 2: ARPG.guided on the flat weights, without a mask (decoding never has one)."""
         k, v = shared_kv                                                  # (B, H, N, D) each
         B, K, C = k.shape[0], target_rope.shape[1], self.mask_embedding.shape[0]
-        cos, sin = rotation_tables(target_rope[:, :, None])               # (1, K, 1, D) each
+        D = self.head_dim
+        cos, sin = target_rope[:, :, None, :D], target_rope[:, :, None, D:2 * D]  # (1, K, 1, D) each
         x = self.mask_embedding.expand(B, K, C)                           # (B, K, C)
         if self.query_position is not None:
-            x = x + F.linear(target_rope.flatten(-2).to(x.dtype), self.query_position)  # + (1, K, C), every row
+            x = x + target_rope[:, :, 2 * D:].to(x.dtype)                 # + the slots' offsets (1, K, C), every row
         for attn_norm, q_weight, proj, ffn_norm, w13, w2 in self.guided_blocks:
             q = F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1)  # (B, K, H, D)
             q = rotate(q, cos, sin)
@@ -848,7 +865,7 @@ def compile_for_any_size(step):
     return run
 
 
-# RoPE for the fast path: the rotation as two multiply-adds against tables built once per step.
+# RoPE for the fast path: the rotation as two multiply-adds against tables built once per call.
 
 def rotation_tables(rope):
     """RoPE rows (..., D/2, 2) as two (..., D) tables for `rotate`: cos per channel, and sin with
