@@ -1,6 +1,7 @@
 """bench.py end to end on a small setting (the table it writes), and its refusal of bad input."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,15 @@ def run_bench(*args, env=None):
 
 def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
     """bench.py's table has one row per sampler and step count, the samplers side by side at each step
-    count, raster rows last, all with a speed."""
+    count, raster rows last, all with a speed; then the training throughput of the tiny recipe
+    (forward, backward and its two optimizers' steps) at the first batch size, a positive speed."""
     out = tmp_path / "bench.md"
     result = run_bench("--batch", "2", "--steps", "2", "4", "--tokens", "16", "--repeats", "1", "--no-onnx",
-                       "--no-train", "--out", str(out))
+                       "--out", str(out))
     assert result.returncode == 0, result.stderr
+    training = re.findall(r"^Training \((?:fp32|bf16 autocast), AdamW and Muon\): batch 2, (\S+) img/s"
+                          r"(?:, peak .*)?\.$", out.read_text(), re.MULTILINE)
+    assert len(training) == 1 and float(training[0]) > 0, f"no training line with a speed:\n{out.read_text()}"
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "img/s" not in line]
     # readable and fast at 2 and 4 steps, then both in raster order (one token per step: 16 steps)
     assert [(row[0].lstrip("| "), row[2]) for row in rows] == [

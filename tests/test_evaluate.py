@@ -131,6 +131,31 @@ def test_cli_scores_a_sample_file_and_refuses_one_without_labels(cached_classifi
     assert result.returncode == 2 and len(lines) == 1 and "needs arr_0 (images) and labels" in lines[0], result.stderr
 
 
+def frechet_in_table(output, name):
+    """The Frechet distance of row `name` in evaluate.py's printed table."""
+    [row] = [line for line in output.splitlines() if line.startswith(f"| {name} |")]
+    return float(row.split(" | ")[3])
+
+
+def test_cli_frechet_is_zero_for_the_reference_images_themselves_and_positive_for_others(cached_classifier,
+                                                                                         tmp_path, capsys):
+    """The Frechet distance of a sample file is measured against the real reference set: a file that
+    holds exactly the n reference images (REFERENCE_SEED, as many as the file) scores 0.00, and n
+    real images of another seed score more, as the real-vs-real row does. An independent check of
+    the number the CLI prints: a score that compared the file's features with themselves, or with
+    another set than the reference, fails one of the two."""
+    path, _, _ = cached_classifier
+    scores = {}
+    for name, seed in (("reference.npz", evaluate.REFERENCE_SEED), ("other.npz", 9)):
+        images, labels = make_builtin_dataset(30, seed=seed)
+        np.savez(tmp_path / name, arr_0=images, labels=labels)
+        evaluate.main(["--classifier", path, "--npz", str(tmp_path / name)])
+        output = capsys.readouterr().out
+        scores[name], scores["real images"] = frechet_in_table(output, name), frechet_in_table(output, "real images")
+    assert abs(scores["reference.npz"]) < 0.005, f"the reference images are {scores['reference.npz']} from themselves"
+    assert scores["other.npz"] > 0.05 and scores["real images"] > 0.05, f"other real images score {scores}"
+
+
 def test_arpg_as_a_classifier_names_the_classes_it_learnt_and_not_swapped_labels():
     """A tiny ARPG trained briefly on images whose codes give the class away (class c draws its
     tokens from 4c..4c+3) assigns fresh images to their own class, and none to a wrong label."""
@@ -168,12 +193,15 @@ def test_cli_refuses_a_damaged_sample_file_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["labels (N, 1)", "float labels", "a bare .npy", "8-pixel images", "one image",
-                                  "non-square images"])
+                                  "non-square images", "labels out of range", "no such file", "--n 1"])
 def test_cli_refuses_a_sample_file_it_cannot_score(tmp_path, case):
-    """A sample file whose labels are not integers (N,), that is not an .npz, or whose images are too
-    small or too few to score is refused with a ValueError (one 'error:' line), before any work."""
+    """A sample file whose labels are not integers (N,) or not built-in class ids, that is not an
+    .npz or not there, or whose images are too small or too few to score, and --n below 2 (a
+    covariance needs two images) are refused with a ValueError or FileNotFoundError (one 'error:'
+    line), before any work."""
     images, labels = make_builtin_dataset(4, seed=9)
     path = tmp_path / "samples.npz"
+    extra = []
     if case == "labels (N, 1)":
         np.savez(path, arr_0=images, labels=labels[:, None])
     elif case == "float labels":
@@ -185,9 +213,20 @@ def test_cli_refuses_a_sample_file_it_cannot_score(tmp_path, case):
         np.savez(path, arr_0=images[:, :8, :8], labels=labels)
     elif case == "non-square images":                                    # the real sets are square
         np.savez(path, arr_0=images[:, :, :48], labels=labels)
+    elif case == "labels out of range":                                  # ids past the built-in 0..9
+        np.savez(path, arr_0=images, labels=labels + 10)
+    elif case == "no such file":
+        path = tmp_path / "missing.npz"
+    elif case == "--n 1":
+        np.savez(path, arr_0=images, labels=labels)
+        extra = ["--n", "1"]
     else:
         np.savez(path, arr_0=images[:1], labels=labels[:1])
-    message = "is not an .npz archive" if case == "a bare .npy" else "expected arr_0 uint8 (N, H, H, 3), N >= 2"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])
+    message = {"a bare .npy": "is not an .npz archive",
+               "labels out of range": "labels must be built-in class ids 0..9; this evaluation only applies",
+               "no such file": f"sample file not found: {path}",
+               "--n 1": "--n must be at least 2 (a covariance needs two images), got 1"}.get(
+                   case, "expected arr_0 uint8 (N, H, H, 3), N >= 2")
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+        evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt"), *extra])
     assert not (tmp_path / "never.pt").exists(), "a classifier was trained for a file that cannot be scored"

@@ -3,12 +3,13 @@
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -357,12 +358,17 @@ def test_a_narrow_models_graphs_run_on_one_cpu_thread_and_the_decoder_on_the_def
 
 
 def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
-    """A missing checkpoint, a grid too small to export, a file (or a path under one, or no name) as
-    the export folder, a folder or a .txt name as the PNG, a missing graph, graphs mixed from two
-    exports, a JSON that lacks a key, an export without a decoder, a class the model lacks and an
-    explicit but unavailable CUDA provider each end with one 'error:' line and exit code 2; the
-    sampler's API refuses class ids and codes out of range."""
+    """A tokenizer whose codebook is not ARPG's (export_onnx), a missing checkpoint, a grid too small
+    to export, a file (or a path under one, or no name) as the export folder, a folder or a .txt
+    name as the PNG, a missing graph, graphs mixed from two exports, a JSON that lacks a key, an
+    export without a decoder, a class the model lacks and an explicit but unavailable CUDA provider
+    each end with one 'error:' line and exit code 2; the sampler's API refuses class ids and codes
+    out of range."""
     folder, model, vq = exported
+    other_vq = VQModel(replace(VQ_PRESETS["small"], codebook_size=64))
+    with pytest.raises(ValueError, match="the tokenizer has 64 codes but ARPG was trained on 128; pass the"):
+        export_onnx(model, other_vq, str(tmp_path / "other_codebook"))    # no load_models here to check it first
+    assert not (tmp_path / "other_codebook").exists(), "a refused export left a folder behind"
     with pytest.raises(ValueError, match="at least one row and one column and 12 tokens in all, got 0 x 8"):
         export_onnx(model, vq, str(tmp_path / "no_rows"), grid=(0, 8))
     with pytest.raises(ValueError, match="12 tokens in all, got 2 x 2"):  # too small for the parity check
@@ -436,6 +442,56 @@ def test_bad_inputs_are_refused_with_one_clear_line(exported, tmp_path):
             "CUDAExecutionProvider", "CPUExecutionProvider"]).get_providers():
         code, output = run("onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cuda")
         assert code == 2 and output.strip().startswith("error: the CUDA execution provider is not available"), output
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no JSON", "no arpg_onnx.json in "),
+    ("another format", "is not an ARPG ONNX export (arpg-onnx/1); re-export with python export.py"),
+    (["--steps", "0"], "steps must be between 1 and the 64 tokens to decode, got 0"),
+    (["--steps", "65"], "steps must be between 1 and the 64 tokens to decode, got 65"),
+    (["--per-class", "0"], "--per-class must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+])
+def test_onnx_sampler_command_line_refuses_bad_input_in_one_line(exported, tmp_path, monkeypatch, capsys, case,
+                                                                 message):
+    """A folder without arpg_onnx.json, a JSON of another format, a step count outside 1..64 and
+    --per-class or --batch-size below 1 end onnx_sampler.py with one 'error:' line and exit code 2,
+    and no PNG is written."""
+    folder, _, _ = exported
+    argv = []
+    if case == "no JSON":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    elif case == "another format":
+        metadata = json.loads((folder / "arpg_onnx.json").read_text())
+        shutil.copytree(folder, tmp_path / "other")
+        folder = tmp_path / "other"
+        (folder / "arpg_onnx.json").write_text(json.dumps({**metadata, "format": "arpg-onnx/0"}))
+    else:
+        argv = case
+    png = tmp_path / "never.png"
+    monkeypatch.setattr(sys, "argv", ["onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu",
+                                      "--out", str(png), *argv])
+    with pytest.raises(SystemExit) as stopped:
+        onnx_sampler.run_script(onnx_sampler.main)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message in err, err
+    assert not png.exists(), "a refused run wrote its grid"
+
+
+@pytest.mark.parametrize("labels, settings, message", [
+    ([], {}, "labels must be a non-empty 1-D array of class ids in [0, 10), got []"),
+    ([1], {"order": np.zeros(64, dtype=np.int64)}, "order must be a permutation of the 64 grid positions"),
+    ([1], {"order": np.arange(63)}, "order must be a permutation of the 64 grid positions"),
+])
+def test_onnx_sampler_api_refuses_empty_labels_and_orders_that_are_no_permutation(exported, labels, settings,
+                                                                                   message):
+    """OnnxSampler.generate refuses an empty batch of labels and an order that is not a permutation
+    of the grid's 64 positions (one repeated, or one short), with a ValueError."""
+    folder, _, _ = exported
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OnnxSampler(str(folder), device="cpu").generate(np.array(labels, dtype=np.int64), **settings)
 
 
 def list_providers(monkeypatch, providers):

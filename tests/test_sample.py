@@ -42,10 +42,12 @@ def random_arpg(config, seed=0):
 def ckpts(tmp_path_factory):
     """Paths of a tiny ARPG trained "on the built-in shapes" (train.py's layout), its tokenizer and misfits."""
     folder = tmp_path_factory.mktemp("ckpts")
-    paths = {name: str(folder / f"{name}.pt") for name in ("arpg", "vq", "vq_other", "official", "ema")}
+    paths = {name: str(folder / f"{name}.pt") for name in ("arpg", "vq", "vq_other", "official", "ema", "few_names")}
     model = random_arpg(ARPG_CONFIG)
     save_atomic({"model": model.state_dict(), "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES,
                  "step": 0}, paths["arpg"])
+    save_atomic({"model": model.state_dict(), "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES[:3]},
+                paths["few_names"])                                       # 3 names for 10 classes
     save_atomic({"model": model.state_dict(), "ema": random_arpg(ARPG_CONFIG, seed=1).state_dict(),
                  "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES}, paths["ema"])
     torch.manual_seed(0)
@@ -245,18 +247,25 @@ def test_a_token_is_kept_only_if_all_its_pixels_are_kept():
     assert shifted.sum() == 20, "a box one pixel wider reaches into a fifth token column"
 
 
-@pytest.mark.parametrize("mode, extra, grid, offset, n_known", [
-    ("inpaint", ["--box", "16", "16", "48", "48"], (8, 8), (0, 0), 48),
-    ("class-edit", ["--image-class", "2", "--classes", "5", "6"], (8, 8), (0, 0), 48),
-    ("outpaint", ["--extend", "1", "0", "2", "3"], (9, 13), (1, 2), 64),
-    ("expand", ["--grid", "12", "10"], (12, 10), None, 0),
+@pytest.mark.parametrize("mode, extra, grid, offset, n_known, expected_classes", [
+    ("inpaint", ["--box", "16", "16", "48", "48"], (8, 8), (0, 0), 48, [0]),
+    ("class-edit", ["--image-class", "2", "--classes", "5", "6"], (8, 8), (0, 0), 48, [5, 6]),
+    # no --classes: every class but the image's own; default box: the centre 4x4 tokens
+    ("class-edit", ["--image-class", "2"], (8, 8), (0, 0), 48, [0, 1, 3, 4, 5, 6, 7, 8, 9]),
+    ("outpaint", ["--extend", "1", "0", "2", "3"], (9, 13), (1, 2), 64, [0]),
+    ("outpaint", ["--image-class", "3"], (12, 12), (2, 2), 64, [3]),  # default --extend: 8 // 4 on every side
+    ("expand", ["--grid", "12", "10"], (12, 10), None, 0, list(range(10))),
+    ("expand", ["--classes", "1"], (16, 16), None, 0, [1]),               # default --grid: twice the 8x8 side
 ])
-def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid, offset, n_known):
+def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid, offset, n_known, expected_classes):
     """Every edit puts the input's tokens on the canvas and returns them unchanged, and samples
     every other position: with this random model a sampled position matches the canvas's
     placeholder (the input's old code, or generate's 0) in all of its rows only by a 1-in-64**N
     chance, so a position left unsampled would show. (That generate decodes each position exactly
-    once is tests/test_arpg.py's.)"""
+    once is tests/test_arpg.py's.) Each edit generates under the classes it should: --classes when
+    given, else inpaint / outpaint the image's class (--image-class, default 0), class-edit every
+    class but the image's own, expand the default rows; outpaint's default --extend and expand's
+    default --grid give the canvases their help texts name."""
     args = sample.parse_args(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], "--edit", mode, "--per-class", "3",
                               "--steps", "16", *extra])
     sample.check_flags(args)                                              # as main does: fills in mode defaults
@@ -270,8 +279,7 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
     assert images.shape == (len(labels), rows * 8, cols * 8, 3), f"images {images.shape}"
     assert input_panel.shape == mask_panel.shape == images.shape[1:], "panels and results differ in size"
     assert tokens.min() >= 0 and tokens.max() < VQ_CONFIG.codebook_size, "tokens outside the codebook"
-    if mode == "class-edit":
-        assert classes == [5, 6], f"class-edit labels {classes}"
+    assert classes == expected_classes, f"{mode} {extra}: generated under {classes}, expected {expected_classes}"
     if n_known == 0:
         assert canvas.known_mask is None, "expand from the class alone has no known tokens"
         assert (tokens != 0).any(0).all(), "some positions kept generate's starting 0 in every sample"
@@ -358,22 +366,64 @@ def test_ema_weights_are_used_when_present_unless_no_ema(ckpts):
 
 # --- evaluation ---
 
-def test_eval_writes_a_table_with_real_and_generated_rows(ckpts, tmp_path):
+def test_eval_writes_a_table_with_real_and_generated_rows(ckpts, tmp_path, monkeypatch):
     """--eval scores real images, tokenizer reconstructions and samples at each step count, into one
-    table, followed by ARPG's own classification of the real images."""
+    table, followed by ARPG's own classification of the real images. "inpainting keeps class" is
+    the classifier's accuracy on the inpainted images against their sources' labels: the stand-in
+    classifier's predictions for those images are set to be right for 7 of 20 after 2 steps and 13
+    of 20 after 4, so the table must say 35.0% and 65.0% (a score of the untouched sources would
+    be the same at both). The closing line is likelihood_classification's answer for the tokens
+    and labels of the real images (evaluate.SECOND_REAL_SEED) the tokenizer encoded."""
     classifier = str(tmp_path / "classifier.pt")
     evaluate.load_classifier(classifier, n_train=100, train_steps=5, log=lambda line: None)  # cheap stand-in
+    inpainted = []                                                        # (images, labels) per step count
+    real_generate_images = sample.generate_images
+
+    def generate_images(model, vq, labels, canvas, *args):
+        tokens, images = real_generate_images(model, vq, labels, canvas, *args)
+        if canvas.known_mask is not None:                                 # the inpainting call
+            inpainted.append((images, labels.numpy()))
+        return tokens, images
+    real_classify = evaluate.classify
+
+    def classify(network, images, *args, **kwargs):
+        predictions, features = real_classify(network, images, *args, **kwargs)
+        for n_right, (done, labels) in zip((7, 13), inpainted):
+            if images is done:
+                predictions = np.where(np.arange(len(labels)) < n_right, labels, (labels + 1) % 10)
+        return predictions, features
+    asked = []
+    real_likelihood = evaluate.likelihood_classification
+
+    def likelihood_classification(model, codes, labels, **kwargs):
+        asked.append((codes, labels, real_likelihood(model, codes, labels, **kwargs)))
+        return asked[-1][2]
+    monkeypatch.setattr(sample, "generate_images", generate_images)
+    monkeypatch.setattr(evaluate, "classify", classify)
+    monkeypatch.setattr(evaluate, "likelihood_classification", likelihood_classification)
     path = run(ckpts, tmp_path, "--eval", "2", "4", "--eval-samples", "20", "--classifier", classifier, out="eval.md")
     table = Path(path).read_text()
-    for row in ("real images", "tokenizer reconstructions", "ARPG, 2 steps", "ARPG, 4 steps"):
-        assert f"| {row} | 20 |" in table, f"row {row!r} missing from\n{table}"
-    assert re.search(r"ARPG as a classifier of the 20 real images .*: \d+\.\d%$", table.strip()), table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    for row, keeps in (("real images", "-"), ("tokenizer reconstructions", "-"), ("ARPG, 2 steps", "35.0%"),
+                       ("ARPG, 4 steps", "65.0%")):
+        assert row in rows and rows[row].startswith(f"| {row} | 20 |"), f"row {row!r} missing from\n{table}"
+        assert rows[row].endswith(f" | {keeps} |"), f"row {row!r}: inpainting keeps class should be {keeps}\n{table}"
+    _, source_labels = make_builtin_dataset(20, seed=evaluate.INPAINT_SEED)
+    assert [labels.tolist() for _, labels in inpainted] == [source_labels.tolist()] * 2, \
+        "the inpainted images were not generated under their sources' labels"
+    real_images, real_labels = make_builtin_dataset(20, seed=evaluate.SECOND_REAL_SEED)
+    [(codes, labels, knows)] = asked
+    expected_codes = VQModel.from_checkpoint(ckpts["vq"]).encode_images(real_images).flatten(1)  # (20, 64)
+    assert torch.equal(codes, expected_codes) and np.array_equal(labels, real_labels), \
+        "ARPG classified other images than the real ones of the first two rows"
+    assert re.search(rf"ARPG as a classifier of the 20 real images .*: {re.escape(f'{knows:.1%}')}$", table.strip()), \
+        f"the closing line does not give likelihood_classification's {knows:.1%}:\n{table}"
 
 
 # --- bad input: one clear error, nothing written ---
 
-def write_png(path, height, width):
-    Image.fromarray(np.full((height, width, 3), 255, dtype=np.uint8)).save(path)
+def write_png(path, height, width, value=255):
+    Image.fromarray(np.full((height, width, 3), value, dtype=np.uint8)).save(path)
     return str(path)
 
 
@@ -449,6 +499,21 @@ def test_decoding_settings_are_refused_before_the_evaluation_scores_anything(ckp
     (["--fid", "10", "--classes", "1", "1", "2"], "--fid balances the classes given: list each once"),
     (["--edit", "expand", "--grid", "4", "4", "--steps", "17"], "between 1 and 16 (the tokens of the 4x4 canvas)"),
     (["--edit", "class-edit", "--image", "IMAGE_64x64"], "--edit class-edit on your own image needs --classes"),
+    (["--vq-ckpt", "MISSING"], "tokenizer checkpoint not found: "),
+    (["--ckpt", "FEW_NAMES"], "lists 3 class names for 10 classes"),
+    (["--ckpt", "OFFICIAL", "--edit", "inpaint"], "--edit inpaint needs --image for a model not trained on the"),
+    (["--edit", "inpaint", "--mask", "BLACK_64x64"], "the mask selects no pixel to regenerate: paint the region white"),
+    (["--edit", "inpaint", "--image", "IMAGE_64x64"], "--edit inpaint on your own image needs the class to generate "
+                                                      "under: --classes C (or --image-class C)"),
+    (["--ckpt", "OFFICIAL", "--edit", "class-edit", "--image", "IMAGE_64x64", "--image-class", "207", "--per-class",
+      "1", "--steps", "1"], "--edit class-edit needs --classes: the classes to redraw the region as"),  # 999 rows
+    (["--per-class", "0"], "--per-class must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--fid", "0", "--out", "FID_NPZ"], "--fid must be at least 1, got 0"),
+    (["--edit", "inpaint", "--mask", "MASK_64x64", "--box", "0", "0", "8", "8"], "give --mask or --box, not both"),
+    # (--eval-samples and --classifier: a broken check would fail at once, not score 1000 images for minutes)
+    (["--ckpt", "OFFICIAL", "--eval", "4", "--eval-samples", "2", "--classifier", "NOT_AN_IMAGE"],
+     "--eval measures models trained on the built-in shapes"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, message):
     """Each bad input raises ValueError/FileNotFoundError (one 'error:' line from the CLI) and writes nothing."""
@@ -458,18 +523,23 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
              "MISSING": str(tmp_path / "missing.pt"), "VQ": ckpts["vq"], "ARPG": ckpts["arpg"],
              "VQ_OTHER": ckpts["vq_other"], "NOT_AN_IMAGE": str(tmp_path / "notes.png"), "FOLDER": str(tmp_path),
              "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png"), "GRID_TXT": str(tmp_path / "grid.txt"),
-             "FID_PNG": str(tmp_path / "fid.png")}
+             "FID_PNG": str(tmp_path / "fid.png"), "FID_NPZ": str(tmp_path / "fid.npz"),
+             "MASK_64x64": write_png(tmp_path / "white.png", 64, 64), "BLACK_64x64": write_png(tmp_path / "black.png",
+                                                                                               64, 64, value=0),
+             "FEW_NAMES": ckpts["few_names"], "OFFICIAL": ckpts["official"]}
     (tmp_path / "notes.png").write_text("not a picture")
     argv = [files.get(arg, arg) for arg in case]
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run(ckpts, tmp_path, *argv, out="never.png")
-    assert not any((tmp_path / name).exists() for name in ("never.png", "grid.txt", "fid.png")), \
+    assert not any((tmp_path / name).exists() for name in ("never.png", "grid.txt", "fid.png", "fid.npz")), \
         "a refused command wrote its output"
 
 
 def test_compile_reaches_the_fast_sampler(ckpts, tmp_path, monkeypatch):
     """--compile hands the fast path's two step functions to the compiler (here a stand-in that
-    records them, since compiling takes minutes on a CPU; tests/test_arpg.py compiles for real)."""
+    records them, since compiling takes minutes on a CPU; tests/test_arpg.py has dynamo trace the
+    compiled fast path through a backend that only counts its graphs, and checks it samples the
+    readable path's tokens: no CPU test builds inductor kernels for these steps)."""
     compiled = []
     monkeypatch.setattr(arpg, "compile_for_any_size", lambda step: compiled.append(step.__name__) or step)
     run(ckpts, tmp_path, "--steps", "4", "--per-class", "1", "--classes", "0")
