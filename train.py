@@ -907,6 +907,8 @@ def fill_in_defaults(args, world_size):
     for key, least in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < least:
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
+    if args.seed >= 2 ** 64:                                              # what torch.manual_seed takes
+        raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
     if args.data is not None and args.num_images is not None:  # refused, not silently ignored
         raise ValueError(f"--num-images sizes the built-in shapes dataset, and --data {args.data} brings its own "
                          f"images: drop --num-images")

@@ -898,6 +898,7 @@ BAD_INPUTS = {
     "a floor that is not a number": lambda tmp: (["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
     "an endless time budget": lambda tmp: (["--total-minutes", "inf"], "--total-minutes must be a finite number"),
     "a negative seed": lambda tmp: (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    "a seed beyond 64 bits": lambda tmp: (["--seed", str(2 ** 64)], "--seed must fit in 64 bits, got 18446744073709551616"),
     "a learning rate of 0": lambda tmp: (["--lr", "0"], "--lr must be positive, got 0.0"),
     "an empty batch": lambda tmp: (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     "a negative time budget": lambda tmp: (["--total-minutes", "-1"], "--total-minutes must be at least 0"),
