@@ -193,7 +193,7 @@ def write_table(rows, training=None):
               for name, batch, steps, ips, peak in rows]
     if training:
         batch, ips, peak, optimizer_names = training
-        lines += ["", f"Training ({'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, "
+        lines += ["", f"Training (eager, {'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, "
                       f"{ips:.1f} img/s" + ("" if peak is None else f", peak {memory(peak)}") + "."]
     table = "\n".join(lines)
     with atomic_output(args.out, ".md") as tmp, open(tmp, "w") as f:
@@ -236,8 +236,9 @@ if not args.no_train:
     del model, samplers                              # the sampling copy must not count in training's peak
     if on_gpu:
         torch.cuda.empty_cache()
-    train_model = ARPG(config).to(device).train()
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
+    dropout = dict.fromkeys(("token_dropout_p", "resid_dropout_p", "ffn_dropout_p"), recipe["dropout"])  # train.py's
+    train_model = ARPG(replace(config, **dropout)).to(device).train()
     optimizers = make_optimizers(train_model, 1e-4, 0.05, device, recipe["muon_lr"], "bf16" if on_gpu else "fp32")
     batch = batches[0]
     tokens = torch.randint(0, config.vocab_size, (batch, L), device=device)

@@ -513,6 +513,14 @@ def check_flags(args):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     check_device(args.device)
+    for flag in ("--ckpt", "--vq-ckpt", "--out", "--classifier", "--image", "--mask"):
+        if getattr(args, flag[2:].replace("-", "_")) == "":                # would fall back to a default file
+            raise ValueError(f"{flag} is empty: give a file name, or leave the flag out")
+    if not -2 ** 63 <= args.seed < 2 ** 64:                               # what torch.Generator takes
+        raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
+    if args.eval and args.steps is not None:
+        raise ValueError("--eval with step counts evaluates those: drop --steps (or give --eval alone to "
+                         "evaluate --steps)")
     if args.compile and args.sampler != "fast":
         raise ValueError("--compile compiles the fast sampler's steps; it does not go with --sampler readable")
     applies = {"--eval-samples": args.eval is not None, "--classifier": args.eval is not None,
@@ -552,7 +560,7 @@ def check_against_model(args, config):
     """Refuse step counts and class ids the loaded model cannot take, after filling in --steps'
     default (32, or one per token on a smaller grid). An edit's --steps is checked against its
     canvas instead (`check_steps`), which can be larger than the model's grid."""
-    if args.steps is None:
+    if args.steps is None and not args.edit:                          # an edit's default is its canvas's
         args.steps = min(32, config.block_size)
     for steps in ([] if args.edit else [args.steps]) + (args.eval or []):
         check_steps(steps, config.block_size, "an image")
@@ -607,6 +615,8 @@ def main(argv=None):
         if args.fid is not None and not out.endswith(".npz"):
             raise ValueError(f"--out {out}: --fid writes an .npz archive (what the ADM evaluator reads); end the "
                              f"name with .npz")
+        if args.eval is not None and not out.endswith(".md"):
+            raise ValueError(f"--out {out}: --eval writes a markdown table; end the name with .md")
     model, vq, names, description, sampling = load_models(args)
     config = model.config
     settings = decoding_settings(args, sampling)
@@ -633,14 +643,17 @@ def main(argv=None):
         labels = torch.tensor(classes)[torch.arange(args.fid) % len(classes)]  # (N,) each class N/C times
         batches = generate_batches(model, vq, labels, full, args.steps, settings, generator, args.batch_size)
         write_fid_npz(out, with_progress(batches, args.fid), args.fid, (side, side, 3), labels.numpy())
-        each, left_over = divmod(args.fid, len(classes))                  # the first left_over classes get one more
-        print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {len(classes)} classes, {each}"
-              f"{f'-{each + 1}' if left_over else ''} images each")
+        drawn = min(args.fid, len(classes))                               # classes that got an image
+        each, left_over = divmod(args.fid, drawn)                         # the first left_over classes get one more
+        print(f"wrote {out}: arr_0 uint8 ({args.fid}, {side}, {side}, 3), {drawn} classes, {each}"
+              f"{f'-{each + 1}' if left_over else ''} image{'s' if left_over or each > 1 else ''} each")
 
     elif args.edit is not None:
         canvas, input_panel, mask_panel, classes = plan_edit(args, model, vq, names)
         check_classes(classes, config.num_classes)
         rows, cols = canvas.grid
+        if args.steps is None:                                            # 32, or one per token on a smaller canvas
+            args.steps = min(32, rows * cols)
         check_steps(args.steps, rows * cols, f"the {rows}x{cols} canvas")
         labels = torch.tensor(classes).repeat_interleave(args.per_class)  # (R*P,)
         steps = edit_steps(args.steps, canvas)

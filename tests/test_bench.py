@@ -24,8 +24,8 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
     result = run_bench("--batch", "2", "--steps", "2", "4", "--tokens", "16", "--repeats", "1", "--no-onnx",
                        "--out", str(out))
     assert result.returncode == 0, result.stderr
-    training = re.findall(r"^Training \((?:fp32|bf16 autocast), AdamW and Muon\): batch 2, (\S+) img/s"
-                          r"(?:, peak .*)?\.$", out.read_text(), re.MULTILINE)
+    training = re.findall(r"^Training \((?:.*, )?AdamW and Muon\): batch 2, (\S+) img/s(?:, peak .*)?\.$",
+                          out.read_text(), re.MULTILINE)
     assert len(training) == 1 and float(training[0]) > 0, f"no training line with a speed:\n{out.read_text()}"
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "img/s" not in line]
     # readable and fast at 2 and 4 steps, then both in raster order (one token per step: 16 steps)

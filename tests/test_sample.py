@@ -188,6 +188,13 @@ def test_show_decoding_reveals_the_final_tokens_in_generation_order(ckpts, tmp_p
 
 # --- FID files ---
 
+@pytest.mark.parametrize("n, summary", [(25, "10 classes, 2-3 images each"), (3, "3 classes, 1 image each")])
+def test_fid_says_how_many_images_each_class_got(ckpts, tmp_path, capsys, n, summary):
+    """The --fid summary counts the classes that got an image: with fewer images than classes, only those."""
+    run(ckpts, tmp_path, "--fid", str(n), "--steps", "2", out="samples.npz")
+    assert summary in capsys.readouterr().out
+
+
 def test_fid_npz_has_the_adm_layout_and_balanced_classes(ckpts, tmp_path, monkeypatch):
     """--fid N writes arr_0 uint8 (N, H, W, 3) (what the ADM evaluator reads) and balanced labels, in
     batches: image i is the sample generated for labels[i]."""
@@ -259,10 +266,10 @@ def test_a_token_is_kept_only_if_all_its_pixels_are_kept():
 ])
 def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid, offset, n_known, expected_classes):
     """Every edit puts the input's tokens on the canvas and returns them unchanged, and samples
-    every other position: with this random model a sampled position matches the canvas's
-    placeholder (the input's old code, or generate's 0) in all of its rows only by a 1-in-64**N
-    chance, so a position left unsampled would show. (That generate decodes each position exactly
-    once is tests/test_arpg.py's.) Each edit generates under the classes it should: --classes when
+    every other position: a position left unsampled would keep generate's starting 0 in every row,
+    and (inpaint, class-edit) the canvas's old code is redrawn somewhere, so neither stays in all
+    rows (the seed is fixed: a pass is no accident of sampling). (That generate decodes each
+    position exactly once is tests/test_arpg.py's.) Each edit generates under the classes it should: --classes when
     given, else inpaint / outpaint the image's class (--image-class, default 0), class-edit every
     class but the image's own, expand the default rows; outpaint's default --extend and expand's
     default --grid give the canvases their help texts name."""
@@ -282,9 +289,10 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
     assert classes == expected_classes, f"{mode} {extra}: generated under {classes}, expected {expected_classes}"
     if n_known == 0:
         assert canvas.known_mask is None, "expand from the class alone has no known tokens"
-        assert (tokens != 0).any(0).all(), "some positions kept generate's starting 0 in every sample"
+    known = canvas.known_mask if n_known else torch.zeros(rows * cols, dtype=torch.bool)  # (L,)
+    assert (tokens[:, ~known] != 0).any(0).all(), "some positions kept generate's starting 0 in every sample"
+    if n_known == 0:
         return
-    known = canvas.known_mask                                             # (L,)
     given = canvas.known_tokens.expand(len(labels), -1)                   # (N, L)
     assert int(known.sum()) == n_known, f"{int(known.sum())} known tokens, expected {n_known}"
     assert torch.equal(tokens[:, known], given[:, known]), "known tokens changed"
@@ -296,6 +304,13 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
     placed = given[0].view(rows, cols)[top:top + 8, left:left + 8]
     placed_known = known.view(rows, cols)[top:top + 8, left:left + 8]
     assert torch.equal(placed[placed_known], codes[placed_known]), "the canvas does not hold the input's tokens"
+
+
+def test_an_edit_s_default_steps_fit_its_canvas(ckpts, tmp_path, capsys):
+    """Without --steps, an edit decodes its canvas in 32 steps, or one per token on a canvas of
+    fewer (a 4 x 4 expand: 16), as a grid does on the model's own canvas; not refused for 32."""
+    run(ckpts, tmp_path, "--edit", "expand", "--grid", "4", "4", "--per-class", "1", "--classes", "0")
+    assert "expand: decoding 16 of 16 tokens in 16 steps" in capsys.readouterr().out
 
 
 def test_edit_png_shows_input_mask_and_results(ckpts, tmp_path):
@@ -510,9 +525,15 @@ def test_decoding_settings_are_refused_before_the_evaluation_scores_anything(ckp
     (["--per-class", "0"], "--per-class must be at least 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--fid", "0", "--out", "FID_NPZ"], "--fid must be at least 1, got 0"),
+    (["--out", ""], "--out is empty: give a file name, or leave the flag out"),            # not out/sample_grid.png
+    (["--vq-ckpt", ""], "--vq-ckpt is empty"),                                           # not the checkpoint's
+    (["--eval", "4", "--classifier", "", "--out", "EVAL_MD"], "--classifier is empty"),  # not out/classifier.pt
+    (["--seed", str(2 ** 64)], "--seed must fit in 64 bits, got 18446744073709551616"),
+    (["--eval", "4", "--steps", "8", "--out", "EVAL_MD"], "--eval with step counts evaluates those: drop --steps"),
+    (["--eval", "4", "--eval-samples", "2"], "--eval writes a markdown table; end the name with .md"),  # never.png
     (["--edit", "inpaint", "--mask", "MASK_64x64", "--box", "0", "0", "8", "8"], "give --mask or --box, not both"),
     # (--eval-samples and --classifier: a broken check would fail at once, not score 1000 images for minutes)
-    (["--ckpt", "OFFICIAL", "--eval", "4", "--eval-samples", "2", "--classifier", "NOT_AN_IMAGE"],
+    (["--ckpt", "OFFICIAL", "--eval", "4", "--eval-samples", "2", "--classifier", "NOT_AN_IMAGE", "--out", "EVAL_MD"],
      "--eval measures models trained on the built-in shapes"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, message):
@@ -524,14 +545,14 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
              "VQ_OTHER": ckpts["vq_other"], "NOT_AN_IMAGE": str(tmp_path / "notes.png"), "FOLDER": str(tmp_path),
              "UNDER_A_FILE": str(tmp_path / "notes.png" / "grid.png"), "GRID_TXT": str(tmp_path / "grid.txt"),
              "FID_PNG": str(tmp_path / "fid.png"), "FID_NPZ": str(tmp_path / "fid.npz"),
-             "MASK_64x64": write_png(tmp_path / "white.png", 64, 64), "BLACK_64x64": write_png(tmp_path / "black.png",
-                                                                                               64, 64, value=0),
+             "EVAL_MD": str(tmp_path / "eval.md"), "MASK_64x64": write_png(tmp_path / "white.png", 64, 64),
+             "BLACK_64x64": write_png(tmp_path / "black.png", 64, 64, value=0),
              "FEW_NAMES": ckpts["few_names"], "OFFICIAL": ckpts["official"]}
     (tmp_path / "notes.png").write_text("not a picture")
     argv = [files.get(arg, arg) for arg in case]
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         run(ckpts, tmp_path, *argv, out="never.png")
-    assert not any((tmp_path / name).exists() for name in ("never.png", "grid.txt", "fid.png", "fid.npz")), \
+    assert not any((tmp_path / name).exists() for name in ("never.png", "grid.txt", "fid.png", "fid.npz", "eval.md")), \
         "a refused command wrote its output"
 
 
