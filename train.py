@@ -1032,6 +1032,12 @@ def main(argv=None):
     if args.precision == "bf16" and device.type == "cpu" and default_precision("cpu") == "fp32":
         log("warning: --precision bf16 on a CPU without bf16 matrix instructions (AVX-512 BF16, AMX): emulated, "
             "and many times slower than fp32, the default here (3.5 s against 0.14 s a batch-8 step on an AVX2 EPYC)")
+    # The recipe, said before minutes of tokenizer, data and compiling (the model and its step count
+    # follow them).
+    log(f"{args.size} on {world_size} process(es) ({device.type}): " + ", ".join(
+        f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "muon_lr", "min_lr", "warmup", "decay",
+                                            "weight_decay", "grad_clip", "ema", "dropout", "precision", "compile",
+                                            "seed")))
     preset = ARPG_PRESETS[args.size]
     checkpoint, saved_config = read_run_checkpoint(args.out) if args.resume else (None, None)  # before the data
     if checkpoint is not None:
@@ -1133,11 +1139,7 @@ def main(argv=None):
     if args.resume and args.max_steps != saved_max_steps:                 # trained longer: --decay of the new count
         resumed_decay_steps = None
     log(f"model: {config}")
-    log(f"{sum(p.numel() for p in model.parameters()):,} parameters; training: " + ", ".join(
-        f"{k}={getattr(args, k)}" for k in ("batch_size", "grad_accum", "lr", "muon_lr", "min_lr", "warmup", "decay",
-                                            "max_steps", "weight_decay", "grad_clip", "ema", "dropout", "precision",
-                                            "seed")) +
-        f"; {world_size} process(es) on {device.type}")
+    log(f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.max_steps} steps")
     if start_step:
         log(f"resuming {args.out} at step {start_step}")
 
