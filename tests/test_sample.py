@@ -306,6 +306,36 @@ def test_edits_keep_the_known_tokens_and_fill_the_rest(ckpts, mode, extra, grid,
     assert torch.equal(placed[placed_known], codes[placed_known]), "the canvas does not hold the input's tokens"
 
 
+def test_inpainting_your_own_image_redraws_the_white_of_its_mask(ckpts, tmp_path):
+    """--image with --mask (the README's command): the tokens under the mask's white pixels (grey
+    128 and up) are redrawn and every other token is the image's own code; the mask panel is
+    white exactly over the redrawn tokens; the command writes its grid."""
+    image = make_builtin_dataset(1, seed=5)[0][0]                         # (64, 64, 3)
+    Image.fromarray(image).save(tmp_path / "mine.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[0:16, 0:24] = 255                                                # token rows 0-1, columns 0-2
+    mask[40, 40] = 128                                                    # one pixel at the threshold: token (5, 5)
+    mask[56, 8] = 127                                                     # one just below it: token (7, 1) kept
+    Image.fromarray(mask).save(tmp_path / "hole.png")
+    flags = ["--edit", "inpaint", "--image", str(tmp_path / "mine.png"), "--mask", str(tmp_path / "hole.png"),
+             "--classes", "1"]
+    args = sample.parse_args(["--ckpt", ckpts["arpg"], "--vq-ckpt", ckpts["vq"], *flags])
+    sample.check_flags(args)
+    model, vq, names, _, _ = sample.load_models(args)
+    canvas, input_panel, mask_panel, _ = sample.plan_edit(args, model, vq, names)
+    redrawn = np.zeros((8, 8), dtype=bool)
+    redrawn[0:2, 0:3] = redrawn[5, 5] = True
+    assert torch.equal(canvas.known_mask, torch.from_numpy(~redrawn).flatten()), "not the mask's tokens"
+    kept = canvas.known_mask
+    assert torch.equal(canvas.known_tokens[0, kept], vq.encode_images(image[None])[0].flatten()[kept]), \
+        "the kept tokens are not the image's codes"
+    assert np.array_equal(input_panel, image), "the input panel is not the image"
+    white = (mask_panel == 255).all(-1)                                   # (64, 64); its 1-pixel frame is grey
+    assert np.array_equal(white[1:-1, 1:-1], np.kron(redrawn, np.ones((8, 8), dtype=bool))[1:-1, 1:-1]), \
+        "the mask panel is not white exactly over the redrawn tokens"
+    assert os.path.isfile(run(ckpts, tmp_path, *flags, "--per-class", "2", "--steps", "4"))
+
+
 def test_an_edit_s_default_steps_fit_its_canvas(ckpts, tmp_path, capsys):
     """Without --steps, an edit decodes its canvas in 32 steps, or one per token on a canvas of
     fewer (a 4 x 4 expand: 16), as a grid does on the model's own canvas; not refused for 32."""
