@@ -430,11 +430,12 @@ def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
 
 
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo on CPU) trains, checks both ranks hold identical weights,
-    and writes one checkpoint."""
+    """torchrun --nproc_per_node 2 (gloo on CPU) trains, with 2 accumulation steps (DDP's all-reduce
+    on the second micro-batch only), checks both ranks hold identical weights, and writes one
+    checkpoint."""
     data = write_codes(tmp_path / "codes")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", "--data", str(data), *FAST, "--max-steps", "4", "--out",
+                             "train.py", "--data", str(data), *FAST, "--grad-accum", "2", "--max-steps", "4", "--out",
                              str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical on all 2 processes" in result.stdout, result.stdout
