@@ -2,6 +2,7 @@
 layouts load, the data order is a pure function of the step, and bad input is refused cleanly."""
 
 import copy
+import json
 import math
 import os
 import re
@@ -429,18 +430,47 @@ def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
     assert load(tmp_path / "arpg.pt")["step"] == 4, "the resumed run should end at step 4"
 
 
-def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+RECORDS_ITS_BATCHES = """
+import json, os, sys
+import train
+
+class RecordedSampler(train.StepSampler):  # writes each micro-batch it hands this process to a file
+    def __iter__(self):
+        with open(os.path.join(os.environ["BATCH_LOG"], "rank" + os.environ["RANK"] + ".jsonl"), "a") as log:
+            for batch in super().__iter__():
+                log.write(json.dumps(batch) + "\\n")
+                log.flush()
+                yield batch
+
+train.StepSampler = RecordedSampler
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_two_processes_share_each_batch_and_keep_identical_weights(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) trains, with 2 accumulation steps (DDP's all-reduce
-    on the second micro-batch only), checks both ranks hold identical weights, and writes one
-    checkpoint."""
-    data = write_codes(tmp_path / "codes")
+    on the second micro-batch only): the two processes read disjoint halves that make up each
+    step's global batch (the micro-batches they were handed, recorded), end with identical
+    weights, and one writes the checkpoint."""
+    script, batch_log = tmp_path / "train_recording_batches.py", tmp_path / "batches"
+    script.write_text(RECORDS_ITS_BATCHES)
+    batch_log.mkdir()
+    data = write_codes(tmp_path / "codes")                                # 3 classes x 5 images
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "train.py", "--data", str(data), *FAST, "--grad-accum", "2", "--max-steps", "4", "--out",
-                             str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=180)
+                             str(script), "--data", str(data), *FAST, "--grad-accum", "2", "--max-steps", "4", "--out",
+                             str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "BATCH_LOG": str(batch_log)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical on all 2 processes" in result.stdout, result.stdout
     assert result.stdout.count("no --tokenizer: no sample grids") == 1, "rank 0 alone says it draws no grids"
     assert load(tmp_path / "arpg.pt")["step"] == 4, "rank 0 saved the final step"
+    handed = [[json.loads(line) for line in open(batch_log / f"rank{rank}.jsonl")] for rank in range(2)]
+    whole = iter(StepSampler(15, 8, seed=0, start_step=0))               # the global batches, one process
+    for step in range(4):  # rank r's micro-batches 2 step and 2 step + 1 are its half of the global batch
+        halves = [handed[rank][2 * step] + handed[rank][2 * step + 1] for rank in range(2)]
+        assert len(halves[0]) == len(halves[1]) == 4, f"step {step}: halves of {[len(h) for h in halves]} items"
+        assert halves[0] + halves[1] == [list(item) for item in next(whole)], \
+            f"step {step}: the processes' halves do not make up the global batch: {halves}"
 
 
 FAILS_TO_COMPILE_ON_RANK_1 = """
