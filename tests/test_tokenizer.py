@@ -341,6 +341,8 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path, capsys):
     metrics = evaluate_tokenizer(vq, images)
     assert set(metrics) == {"psnr", "code_usage"}, f"metrics {metrics}"
     assert np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1, f"metrics {metrics}"
+    distinct = len(vq.encode(images_to_tensor(images)).unique())
+    assert metrics["code_usage"] == distinct / TINY.codebook_size, f"{metrics} for {distinct} distinct codes"
 
 
 def test_a_tokenizer_run_stopped_halfway_leaves_no_checkpoint(tmp_path, monkeypatch):
