@@ -610,7 +610,7 @@ class ARPG(nn.Module):
         caches, decoded = None, 0
         for n_reveal in reveal_counts(U, steps, schedule):  # tokens per step, by the schedule (schedules.py)
             # 3. Pass 1 reads only what is new; no mask (after the prefill): tokens fed together see each other.
-            feed_rope = rope[feed_slots][None]                            # (1, T, D/2, 2)
+            feed_rope = rope[feed_slots][None]                            # (1, T, D/2, 2); fast: (1, T, 2D (+ C))
             caches = passes.context(feed_ids, feed_rope, mask=prefill_mask, caches=caches)
             prefill_mask = None
             # 4. Pass 2: one [MASK] query per target, rotated by the target's position.

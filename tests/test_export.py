@@ -178,8 +178,10 @@ def test_the_dynamo_exporter_gives_the_same_tokens(exported, tmp_path):
     assert np.array_equal(tokens, expected), f"{(tokens != expected).sum()} of {tokens.size} tokens differ"
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                       reason="needs onnxruntime-gpu (this onnxruntime has no CUDA provider)")])])
 @pytest.mark.parametrize("steps", [8, 32])
 def test_onnx_runtime_loop_gives_the_official_greedy_tokens(tmp_path, steps, device):
     """Exported from the official implementation's tiny model (16x16 grid), the ONNX Runtime loop

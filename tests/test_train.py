@@ -492,9 +492,10 @@ train.main(sys.argv[1:])
 
 
 def test_torchrun_processes_agree_to_train_eagerly_when_one_fails_to_compile(tmp_path):
-    """Under torchrun, a compile that fails on one process only (faked: process 0's "compiled"
-    model is the model itself) leaves every process eager, rather than hanging in a collective
-    that the failed one skipped: the run ends, with identical weights and two warnings."""
+    """Under torchrun, a compile that fails on one process only (faked: process 1's fails at its
+    first call, process 0's "compiled" model is the model itself) leaves every process eager,
+    rather than hanging in a collective that the failed one skipped (the code before this test
+    hung until its timeout): the run ends, with identical weights and two warnings."""
     script = tmp_path / "train_failing_compile.py"
     script.write_text(FAILS_TO_COMPILE_ON_RANK_1)
     data = write_codes(tmp_path / "codes")
