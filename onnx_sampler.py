@@ -44,7 +44,8 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (Fail, InvalidArgument, 
                                                          NoSuchFile, RuntimeException)
 
 from data import check_classes, check_image_path, run_script, save_image_grid
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts, sampling_settings
+from schedules import (CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, default_steps, reveal_counts,
+                       sampling_settings)
 
 METADATA_FILE = "arpg_onnx.json"
 METADATA_FORMAT = "arpg-onnx/1"
@@ -405,7 +406,7 @@ def main():
     labels = np.repeat(np.asarray(classes, dtype=np.int64), args.per_class)   # class-major: row r = classes[r]
     stored = {**SAMPLING_DEFAULTS, **sampler.metadata.get("sampling", {})}  # older exports store fewer
     settings = sampling_settings(args, stored)
-    steps = min(32, sampler.rows * sampler.cols) if args.steps is None else args.steps
+    steps = default_steps(sampler.rows * sampler.cols) if args.steps is None else args.steps
     rng = np.random.default_rng(args.seed)                                # one stream through every batch
     batches = []
     for start in range(0, len(labels), args.batch_size):

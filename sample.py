@@ -37,8 +37,8 @@ import evaluate
 from arpg import ARPG, check_device, read_checkpoint
 from data import (CLASS_NAMES, atomic_output, check_classes, check_image_path, check_output_path, default_classes,
                   make_builtin_dataset, read_image, run_script, save_image_grid)
-from schedules import (CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, reveal_counts,
-                       sampling_settings)
+from schedules import (CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, default_steps,
+                       reveal_counts, sampling_settings)
 from tokenizer import VQModel, tensor_to_images
 
 EDIT_MODES = ["inpaint", "class-edit", "outpaint", "expand"]
@@ -558,10 +558,10 @@ def check_flags(args):
 
 def check_against_model(args, config):
     """Refuse step counts and class ids the loaded model cannot take, after filling in --steps'
-    default (32, or one per token on a smaller grid). An edit's --steps is checked against its
-    canvas instead (`check_steps`), which can be larger than the model's grid."""
-    if args.steps is None and not args.edit:                          # an edit's default is its canvas's
-        args.steps = min(32, config.block_size)
+    default (`default_steps` of the model's grid). An edit's --steps, and its default, go by its
+    canvas instead (main), which can be larger or smaller than the model's grid."""
+    if args.steps is None and not args.edit:
+        args.steps = default_steps(config.block_size)
     for steps in ([] if args.edit else [args.steps]) + (args.eval or []):
         check_steps(steps, config.block_size, "an image")
     if args.classes is not None:
@@ -652,8 +652,8 @@ def main(argv=None):
         canvas, input_panel, mask_panel, classes = plan_edit(args, model, vq, names)
         check_classes(classes, config.num_classes)
         rows, cols = canvas.grid
-        if args.steps is None:                                            # 32, or one per token on a smaller canvas
-            args.steps = min(32, rows * cols)
+        if args.steps is None:
+            args.steps = default_steps(rows * cols)
         check_steps(args.steps, rows * cols, f"the {rows}x{cols} canvas")
         labels = torch.tensor(classes).repeat_interleave(args.per_class)  # (R*P,)
         steps = edit_steps(args.steps, canvas)

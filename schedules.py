@@ -40,6 +40,11 @@ def reveal_counts(length: int, steps: int, schedule: str = "arccos") -> list:
     return counts
 
 
+def default_steps(tokens: int) -> int:
+    """The samplers' step count when none is given: 32, or one per token on a canvas of fewer."""
+    return min(32, tokens)
+
+
 CFG_SCHEDULES = {
     # Guidance g_s for a step after which a fraction `filled` of the canvas is known.
     "linear": lambda scale, filled: 1.0 + (scale - 1.0) * filled,

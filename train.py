@@ -909,19 +909,18 @@ def fill_in_defaults(args, world_size):
             raise ValueError(f"--{key.replace('_', '-')} must be at least {least}, got {getattr(args, key)}")
     if args.seed >= 2 ** 64:                                              # what torch.manual_seed takes
         raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
-    if args.data is not None and args.num_images is not None:  # refused, not silently ignored
+    if args.data is None:  # the built-in shapes' own flags: their defaults
+        args.num_images = BUILTIN_IMAGES if args.num_images is None else args.num_images
+        args.tokenizer_steps = TOKENIZER_STEPS if args.tokenizer_steps is None else args.tokenizer_steps
+        if args.num_images < len(CLASS_NAMES):  # labels cycle through the classes
+            raise ValueError(f"--num-images {args.num_images} leaves classes of the built-in shapes without an "
+                             f"image: give at least {len(CLASS_NAMES)}")
+    elif args.num_images is not None:  # with --data: refused, not silently ignored
         raise ValueError(f"--num-images sizes the built-in shapes dataset, and --data {args.data} brings its own "
                          f"images: drop --num-images")
-    if args.data is not None and args.tokenizer_steps is not None:
+    elif args.tokenizer_steps is not None:
         raise ValueError(f"--tokenizer-steps trains the built-in shapes' tokenizer; for --data {args.data}, train "
                          f"one with tokenizer.py --train and pass it with --tokenizer")
-    if args.data is None and args.num_images is None:
-        args.num_images = BUILTIN_IMAGES
-    if args.data is None and args.tokenizer_steps is None:
-        args.tokenizer_steps = TOKENIZER_STEPS
-    if args.data is None and args.num_images < len(CLASS_NAMES):  # labels cycle through the classes
-        raise ValueError(f"--num-images {args.num_images} leaves classes of the built-in shapes without an image: "
-                         f"give at least {len(CLASS_NAMES)}")
     if args.layers is not None:
         check_layers(args.layers, args.size)
     for key in ("minutes", "lr"):

@@ -430,6 +430,13 @@ def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
     assert load(tmp_path / "arpg.pt")["step"] == 4, "the resumed run should end at step 4"
 
 
+def torchrun(script, *args, env, timeout=180):
+    """Run a wrapper of train.py (`script`: it patches train, then calls train.main) in 2 processes."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**env, "PYTHONPATH": str(REPO)})
+
+
 RECORDS_ITS_BATCHES = """
 import json, os, sys
 import train
@@ -456,10 +463,8 @@ def test_torchrun_two_processes_share_each_batch_and_keep_identical_weights(tmp_
     script.write_text(RECORDS_ITS_BATCHES)
     batch_log.mkdir()
     data = write_codes(tmp_path / "codes")                                # 3 classes x 5 images
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), "--data", str(data), *FAST, "--grad-accum", "2", "--max-steps", "4", "--out",
-                             str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "BATCH_LOG": str(batch_log)})
+    result = torchrun(script, "--data", str(data), *FAST, "--grad-accum", "2", "--max-steps", "4", "--out",
+                      str(tmp_path / "arpg.pt"), env={**os.environ, "BATCH_LOG": str(batch_log)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical on all 2 processes" in result.stdout, result.stdout
     assert result.stdout.count("no --tokenizer: no sample grids") == 1, "rank 0 alone says it draws no grids"
@@ -500,10 +505,8 @@ def test_torchrun_processes_agree_to_train_eagerly_when_one_fails_to_compile(tmp
     script.write_text(FAILS_TO_COMPILE_ON_RANK_1)
     data = write_codes(tmp_path / "codes")
     flags = [flag for flag in FAST if flag != "--no-compile"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), "--data", str(data), *flags, "--compile", "--max-steps", "3", "--out",
-                             str(tmp_path / "arpg.pt")], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**ONE_THREAD, "PYTHONPATH": str(REPO)})
+    result = torchrun(script, "--data", str(data), *flags, "--compile", "--max-steps", "3", "--out",
+                      str(tmp_path / "arpg.pt"), env=ONE_THREAD, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.compile failed on process 1 (RuntimeError: no C++ compiler" in result.stdout, result.stdout
     assert "torch.compile failed on another process" in result.stdout, result.stdout
