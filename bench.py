@@ -28,85 +28,62 @@ from dataclasses import replace
 import torch
 
 from arpg import ARPG, ARPG_PRESETS, check_device
-from data import atomic_output, check_output_path
+from data import atomic_output, check_output_path, run_script
 from train import RECIPES, make_optimizers
 
 # -----------------------------------------------------------------------------
 # Arguments
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--size", default="tiny", choices=list(ARPG_PRESETS), help="model preset (random weights)")
-parser.add_argument("--batch", type=int, nargs="+", default=None,
-                    help="images per batch (default: 64 on GPU as in the paper, 16 and 64 on CPU)")
-parser.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64], help="parallel decoding step counts")
-parser.add_argument("--tokens", type=int, default=None,
-                    help="image tokens per sample (a square number; default: the preset's, 64 for tiny, 256 for L)")
-parser.add_argument("--cfg", type=float, default=4.0,
-                    help="guidance scale (default 4: rows doubled as in the paper's protocol; 1: no guidance, "
-                         "half the rows)")
-parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (after one warm-up call)")
-parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime sampler")
-parser.add_argument("--no-train", action="store_true", help="skip the training-throughput row")
-parser.add_argument("--no-compile", action="store_true",
-                    help="run the fast path eagerly on a GPU too (compiling its two step functions for ARPG-L "
-                         "takes minutes the first time)")
-parser.add_argument("--profile", action="store_true",
-                    help="only print a profile of one fast decoding call (eager, at the first --steps and --batch)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-parser.add_argument("--out", default="out/bench.md", help="where to write the markdown table")
-args = parser.parse_args()
 
-
-def refuse(message):
-    """Bad input: one 'error:' line and exit code 2, as the other scripts give (data.run_script)."""
-    parser.exit(2, f"error: {message}\n")
-
-
-tokens_per_image = ARPG_PRESETS[args.size].block_size if args.tokens is None else args.tokens
-if tokens_per_image < 16 or math.isqrt(tokens_per_image) ** 2 != tokens_per_image:
-    refuse(f"--tokens must be a square number of at least 16 (the tokens of an n x n grid; the ONNX export "
-           f"checks itself on 12), got {tokens_per_image}")
-if not all(1 <= steps <= tokens_per_image for steps in args.steps):
-    refuse(f"--steps must be between 1 and the {tokens_per_image} tokens of an image, got {args.steps}")
-if not math.isfinite(args.cfg):
-    refuse(f"--cfg must be a finite number, got {args.cfg}")
-if min(args.batch or [1]) < 1 or args.repeats < 1:
-    refuse(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
-try:
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny", choices=list(ARPG_PRESETS), help="model preset (random weights)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="images per batch (default: 64 on GPU as in the paper, 16 and 64 on CPU)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64], help="parallel decoding step counts")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="image tokens per sample (a square number; default: the preset's, 64 for tiny, 256 "
+                             "for L)")
+    parser.add_argument("--cfg", type=float, default=4.0,
+                        help="guidance scale (default 4: rows doubled as in the paper's protocol; 1: no guidance, "
+                             "half the rows)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row (after one warm-up call)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime sampler")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-throughput row")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="run the fast path eagerly on a GPU too (compiling its two step functions for ARPG-L "
+                             "takes minutes the first time)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only print a profile of one fast decoding call (eager, at the first --steps and "
+                             "--batch)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--out", default="out/bench.md", help="where to write the markdown table")
+    args = parser.parse_args()
+    # Bad input: a ValueError, which run_script turns into one "error:" line and exit code 2.
+    if args.tokens is None:
+        args.tokens = ARPG_PRESETS[args.size].block_size
+    if args.tokens < 16 or math.isqrt(args.tokens) ** 2 != args.tokens:
+        raise ValueError(f"--tokens must be a square number of at least 16 (the tokens of an n x n grid; the ONNX "
+                         f"export checks itself on 12), got {args.tokens}")
+    if not all(1 <= steps <= args.tokens for steps in args.steps):
+        raise ValueError(f"--steps must be between 1 and the {args.tokens} tokens of an image, got {args.steps}")
+    if not math.isfinite(args.cfg):
+        raise ValueError(f"--cfg must be a finite number, got {args.cfg}")
+    if min(args.batch or [1]) < 1 or args.repeats < 1:
+        raise ValueError(f"--batch and --repeats must be at least 1, got {args.batch} and {args.repeats}")
     check_device(args.device)
     check_output_path(args.out)
-except ValueError as error:
-    refuse(str(error))
-
-device = torch.device(args.device)
-on_gpu = device.type == "cuda"
-if on_gpu:
-    device = torch.device("cuda", device.index or 0)  # set_device refuses a bare "cuda" (as train.py does)
-    torch.cuda.set_device(device)   # so that synchronize and the memory counters watch this GPU
-dtype = torch.bfloat16 if on_gpu else torch.float32   # the paper's bf16 on GPU; fp32 on CPU
-batches = args.batch or ([64] if on_gpu else [16, 64])
-torch.manual_seed(0)
-config = replace(ARPG_PRESETS[args.size], block_size=tokens_per_image)
-model = ARPG(config).eval()
-torch.nn.init.normal_(model.head.weight, std=0.02)   # a zero head: uniform logits, and the export's parity check
-                                                     # of its logits would compare zeros with zeros
-if not args.no_onnx and not args.profile:
-    from export import export_onnx                   # only when asked: exporting needs onnx
-    from onnx_sampler import OnnxSampler
-    # The sessions hold the graphs once made, so the export folder is removed right after.
-    with tempfile.TemporaryDirectory(prefix="arpg-bench-onnx-") as onnx_dir:
-        export_onnx(model, None, onnx_dir, fp16=on_gpu)  # from the fp32 weights, as a deployer would
-        try:
-            onnx_sampler = OnnxSampler(onnx_dir, device=str(device))      # cpu, or torch's GPU: cuda:N
-        except ValueError as error:                  # no working CUDA provider: the other rows still run
-            print(f"ONNX Runtime rows skipped: {error}")
-            args.no_onnx = True
-model = model.to(device, dtype)
+    return args
 
 
-def synchronize():
-    if on_gpu:
-        torch.cuda.synchronize()
+# -----------------------------------------------------------------------------
+# Timing
+
+def synchronize(device):
+    """Wait for the GPU's queued work (CPU work is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def memory(peak):
@@ -114,55 +91,47 @@ def memory(peak):
     return "n/a" if peak is None else f"{peak:.2f} GB"
 
 
-def timed(fns, repeats):
+def timed(fns, repeats, device):
     """{name: (median seconds per call, peak GPU memory in GB, None on a CPU)} of the callables in `fns`.
 
     One warm-up call each, then `repeats` rounds that call every function once in turn. Taking
     turns matters on shared machines: when the machine slows down for a while (other tenants,
     frequency changes), every function is slowed alike instead of whichever ran at that time.
     """
+    on_gpu = device.type == "cuda"
     times = {name: [] for name in fns}
     peaks = dict.fromkeys(fns, 0.0 if on_gpu else None)
     for fn in fns.values():
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            synchronize()
+            synchronize(device)
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             fn()
-            synchronize()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
             if on_gpu:
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 1e9)
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
-# -----------------------------------------------------------------------------
-# Profile mode: where does one decoding call spend its time?
-
-if args.profile:
-    labels = torch.arange(batches[0], device=device) % config.num_classes
+def print_profile(model, labels, args, device):
+    """Profile mode: where does one fast decoding call spend its time?"""
     model.generate(labels, steps=args.steps[0], cfg_scale=args.cfg, fast=True)    # warm-up
+    on_gpu = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as profile:
         model.generate(labels, steps=args.steps[0], cfg_scale=args.cfg, fast=True)
-        synchronize()
+        synchronize(device)
     sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(profile.key_averages().table(sort_by=sort_key, row_limit=15))
-    raise SystemExit
+
 
 # -----------------------------------------------------------------------------
-# The table, rewritten as each group of rows is measured: a run cut short (a time limit) keeps
-# what it measured
-
-try:
-    import onnxruntime
-    ort_version = onnxruntime.__version__
-except ImportError:
-    ort_version = "not installed"
-
+# The table, rewritten as each group of rows is measured: a run cut short (a time limit, Ctrl-C)
+# keeps what it measured
 
 def cpu_name():
     """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
@@ -173,47 +142,54 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-device_name = torch.cuda.get_device_name(device) if on_gpu else f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
+def describe_setting(args, device):
+    """The table's first line: the device, the versions, and what was timed."""
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
+    on_gpu = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if on_gpu else \
+        f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
+    return (f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
+            f"with {args.tokens} tokens per image (random weights), "
+            f"{'bf16 (ONNX Runtime: fp16 graphs)' if on_gpu else 'fp32'}, guidance {args.cfg}"
+            f"{' (rows doubled)' if args.cfg != 1 else ''}, token generation only"
+            f"{'; the fast path eager' if on_gpu and args.no_compile else ''}.")
 
 
-def write_table(rows, training=None):
+def write_table(path, setting, rows, training=None):
     """Write the markdown table of `rows` [(sampler, batch, steps, img/s, peak GB)] and the training
-    row (batch, img/s, peak GB, optimizers), if any, to --out; returns it."""
-    lines = [
-        f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
-        f"with {config.block_size} tokens per image "
-        f"(random weights), {'bf16 (ONNX Runtime: fp16 graphs)' if on_gpu else 'fp32'}, guidance {args.cfg}"
-        f"{' (rows doubled)' if args.cfg != 1 else ''}, token generation only"
-        f"{'; the fast path eager' if on_gpu and args.no_compile else ''}.",
-        "",
-        "| sampler | batch | steps | img/s | peak GPU memory |",
-        "|---|---|---|---|---|",
-    ]
+    row (batch, img/s, peak GB, what it ran), if any, to `path` under the `setting` line; returns it."""
+    lines = [setting, "", "| sampler | batch | steps | img/s | peak GPU memory |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {batch} | {steps} | {ips:.1f} | {memory(peak)} |"
               for name, batch, steps, ips, peak in rows]
     if training:
-        batch, ips, peak, optimizer_names = training
-        lines += ["", f"Training (eager, {'bf16 autocast' if on_gpu else 'fp32'}, {optimizer_names}): batch {batch}, "
-                      f"{ips:.1f} img/s" + ("" if peak is None else f", peak {memory(peak)}") + "."]
+        batch, ips, peak, how = training
+        lines += ["", f"Training ({how}): batch {batch}, {ips:.1f} img/s"
+                      + ("" if peak is None else f", peak {memory(peak)}") + "."]
     table = "\n".join(lines)
-    with atomic_output(args.out, ".md") as tmp, open(tmp, "w") as f:
+    with atomic_output(path, ".md") as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     return table
 
 
 # -----------------------------------------------------------------------------
-# Token generation: the samplers take turns at each step count (`timed`), then in raster order
+# What is measured
 
-rows = []   # (sampler, batch, steps, img/s, peak GB)
-L = config.block_size
-for batch in batches:
-    labels = torch.arange(batch, device=device) % config.num_classes
+def sampling_rows(model, onnx_sampler, batch, args, device, record):
+    """Token generation at one batch size: the samplers take turns at each step count (`timed`),
+    then in raster order. Each group's rows go to record(rows) as soon as they are measured."""
+    L = args.tokens
+    labels = torch.arange(batch, device=device) % model.config.num_classes
+    compile_fast = device.type == "cuda" and not args.no_compile
     samplers = {
         "readable": lambda steps, order=None: model.generate(labels, steps=steps, cfg_scale=args.cfg, order=order),
         "fast": lambda steps, order=None: model.generate(labels, steps=steps, cfg_scale=args.cfg, order=order,
-                                                         fast=True, compile=on_gpu and not args.no_compile),
+                                                         fast=True, compile=compile_fast),
     }
-    if not args.no_onnx:
+    if onnx_sampler is not None:
         samplers["onnx runtime"] = lambda steps, order=None: onnx_sampler.generate(
             labels.cpu().numpy(), steps=steps, cfg_scale=args.cfg, order=None if order is None else order.cpu().numpy())
     raster = torch.arange(L, device=device)   # one token per step, left to right, top to bottom
@@ -221,27 +197,24 @@ for batch in batches:
               for steps in args.steps]
     groups.append({(f"{name}, raster", L): functools.partial(sample, L, raster) for name, sample in samplers.items()})
     for runs in groups:
-        for (name, steps), (seconds, peak) in timed(runs, args.repeats).items():
+        rows = []
+        for (name, steps), (seconds, peak) in timed(runs, args.repeats, device).items():
             if name.startswith("onnx runtime"):
                 peak = None      # torch's counter does not see ONNX Runtime's own GPU memory
             rows.append((name, batch, steps, batch / seconds, peak))
             print(f"{name:>20}  batch {batch:3d}  {steps:3d} steps  {batch / seconds:8.1f} img/s  peak {memory(peak)}")
-        write_table(rows)
+        record(rows)
 
-# -----------------------------------------------------------------------------
-# Training throughput: forward + backward + optimizer step, with the optimizers of train.py's recipe
 
-training = None
-if not args.no_train:
-    del model, samplers                              # the sampling copy must not count in training's peak
-    if on_gpu:
-        torch.cuda.empty_cache()
+def training_row(config, batch, args, device):
+    """Training throughput at `batch`: forward + backward + optimizer step, eager, with the
+    optimizers and dropout of train.py's recipe for this size. Returns (batch, img/s, peak GB, how)."""
+    on_gpu = device.type == "cuda"
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
     dropout = dict.fromkeys(("token_dropout_p", "resid_dropout_p", "ffn_dropout_p"), recipe["dropout"])  # train.py's
     train_model = ARPG(replace(config, **dropout)).to(device).train()
     optimizers = make_optimizers(train_model, 1e-4, 0.05, device, recipe["muon_lr"], "bf16" if on_gpu else "fp32")
-    batch = batches[0]
-    tokens = torch.randint(0, config.vocab_size, (batch, L), device=device)
+    tokens = torch.randint(0, config.vocab_size, (batch, args.tokens), device=device)
     labels = torch.arange(batch, device=device) % config.num_classes
 
     def train_step():
@@ -252,9 +225,63 @@ if not args.no_train:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    seconds, peak = timed({"train": train_step}, args.repeats)["train"]
-    training = (batch, batch / seconds, peak, "AdamW and Muon" if recipe["muon_lr"] > 0 else "AdamW")
+    seconds, peak = timed({"train": train_step}, args.repeats, device)["train"]
+    how = f"eager, {'bf16 autocast' if on_gpu else 'fp32'}, {'AdamW and Muon' if recipe['muon_lr'] > 0 else 'AdamW'}"
     print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {memory(peak)}")
+    return batch, batch / seconds, peak, how
 
-print("\n" + write_table(rows, training))
-print(f"\nwrote {args.out}")
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        device = torch.device("cuda", device.index or 0)  # set_device refuses a bare "cuda" (as train.py does)
+        torch.cuda.set_device(device)   # so that synchronize and the memory counters watch this GPU
+    dtype = torch.bfloat16 if on_gpu else torch.float32   # the paper's bf16 on GPU; fp32 on CPU
+    batches = args.batch or ([64] if on_gpu else [16, 64])
+    torch.manual_seed(0)
+    config = replace(ARPG_PRESETS[args.size], block_size=args.tokens)
+    model = ARPG(config).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)   # a zero head: uniform logits, and the export's parity
+                                                         # check of its logits would compare zeros with zeros
+    if args.profile:
+        labels = torch.arange(batches[0], device=device) % config.num_classes
+        print_profile(model.to(device, dtype), labels, args, device)
+        return 0
+
+    onnx_sampler = None
+    if not args.no_onnx:
+        from export import export_onnx                   # only when asked: exporting needs onnx
+        from onnx_sampler import OnnxSampler
+        # The sessions hold the graphs once made, so the export folder is removed right after.
+        with tempfile.TemporaryDirectory(prefix="arpg-bench-onnx-") as onnx_dir:
+            export_onnx(model, None, onnx_dir, fp16=on_gpu)  # from the fp32 weights, as a deployer would
+            try:
+                onnx_sampler = OnnxSampler(onnx_dir, device=str(device))  # cpu, or torch's GPU: cuda:N
+            except ValueError as error:                  # no working CUDA provider: the other rows still run
+                print(f"ONNX Runtime rows skipped: {error}")
+    model = model.to(device, dtype)
+
+    setting = describe_setting(args, device)
+    rows = []   # (sampler, batch, steps, img/s, peak GB)
+
+    def record(new_rows):
+        rows.extend(new_rows)
+        write_table(args.out, setting, rows)
+
+    for batch in batches:
+        sampling_rows(model, onnx_sampler, batch, args, device, record)
+    training = None
+    if not args.no_train:
+        del model, onnx_sampler                          # the sampling copies must not count in training's peak
+        if on_gpu:
+            torch.cuda.empty_cache()
+        training = training_row(config, batches[0], args, device)
+    print("\n" + write_table(args.out, setting, rows, training))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)

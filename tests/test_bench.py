@@ -2,8 +2,10 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,24 @@ def test_bench_refuses_bad_input_in_one_line(args, message):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr, result.stderr
+
+
+def test_bench_interrupted_says_so_in_one_line_and_keeps_its_rows(tmp_path):
+    """Ctrl-C (or SIGTERM, as a time limit sends) during the timing: exit code 130, the one line
+    "interrupted" instead of a traceback, and --out holds the whole table of the rows measured so far."""
+    out = tmp_path / "bench.md"
+    bench = subprocess.Popen([sys.executable, "bench.py", "--batch", "2", "--steps", "2", "4", "--tokens", "16",
+                              "--repeats", "200", "--no-onnx", "--no-train", "--out", str(out)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not out.exists() and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)                                             # until the 2-step rows are written
+        assert bench.poll() is None, "bench.py ended before it could be interrupted"
+        bench.send_signal(signal.SIGINT)                                 # while it times the 4-step rows
+        _, stderr = bench.communicate(timeout=120)
+    finally:
+        bench.kill()
+    assert bench.returncode == 130 and stderr == "interrupted\n", (bench.returncode, stderr)
+    rows = [line.split(" | ")[:3] for line in out.read_text().splitlines() if line.startswith("| ") and "img/s" not in line]
+    assert rows == [["| readable", "2", "2"], ["| fast", "2", "2"]], out.read_text()
