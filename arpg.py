@@ -604,11 +604,14 @@ class ARPG(nn.Module):
             feed_ids = torch.cat([feed_ids, feed_ids], dim=0)             # (2B, T)
             feed_ids[B:, 0] = self.null_class_id
 
-        passes = StaticCachePasses(self, len(feed_ids), feed_ids.shape[1] + U, compile) if fast else self
-        if fast:  # its RoPE rows: made once here, then gathered by slot each step as the table's are
-            rope = passes.rope_rows(rope)                                 # (1 + L, 2 * D (+ C))
+        counts = reveal_counts(U, steps, schedule)                        # tokens per step (schedules.py)
+        if fast:  # caches for every token Pass 1 reads: all but the last step's, which are never fed back
+            passes = StaticCachePasses(self, len(feed_ids), feed_ids.shape[1] + U - counts[-1], compile)
+            rope = passes.rope_rows(rope)  # its RoPE rows: made once, then gathered by slot as the table's are
+        else:
+            passes = self
         caches, decoded = None, 0
-        for n_reveal in reveal_counts(U, steps, schedule):  # tokens per step, by the schedule (schedules.py)
+        for n_reveal in counts:
             # 3. Pass 1 reads only what is new; no mask (after the prefill): tokens fed together see each other.
             feed_rope = rope[feed_slots][None]                            # (1, T, D/2, 2); fast: (1, T, 2D (+ C))
             caches = passes.context(feed_ids, feed_rope, mask=prefill_mask, caches=caches)
@@ -620,9 +623,8 @@ class ARPG(nn.Module):
             # 5. Classifier-free guidance, scaled by how much of the canvas is known after this step
             #    (the official loop uses decoded / L; known tokens count as filled when editing).
             if use_cfg:
-                cond, uncond = logits[:B], logits[B:]
                 filled = (L - U + decoded) / L
-                logits = uncond + (cond - uncond) * CFG_SCHEDULES[cfg_schedule](cfg_scale, filled)
+                logits = guide(logits, CFG_SCHEDULES[cfg_schedule](cfg_scale, filled))  # (B, K, V)
             # 6. Sample, and write the new tokens to their grid positions.
             new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K)
             tokens[:, target_pos] = new_tokens                          # (B, K) written
@@ -712,9 +714,20 @@ class ARPG(nn.Module):
 # and CFG_SCHEDULES, are in schedules.py: torch-free, so onnx_sampler.py uses the same ones.
 
 
+def guide(logits, scale):
+    """Classifier-free guidance: doubled logits (2B, K, V), the conditional half first, ->
+    uncond + (cond - uncond) * scale (B, K, V), the official formula to the last bit. It is
+    computed in place in one new tensor, and holds no view of the doubled logits, which are freed
+    once the caller drops them: at ARPG-L's size a step's logits take up to 0.34 GB (fp32, 64
+    images, 40 targets), and every copy counts in the sampler's peak memory."""
+    cond, uncond = logits.chunk(2)                                        # (B, K, V) each
+    return (cond - uncond).mul_(scale).add_(uncond)
+
+
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering."""
-    logits = logits / max(temperature, 1e-5)
+    if temperature != 1.0:                                                # (dividing by 1 would only copy them)
+        logits = logits / max(temperature, 1e-5)
     if top_k > 0:  # keep the k most likely
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -740,7 +753,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # attention keeps them wider, so such near ties are wider too), with changes that only save time:
 #   1. Preallocated caches. Every cache is one (2, batch, H, capacity, D) buffer allocated once;
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
-#      the official sampler does) copies the whole cache every step.
+#      the official sampler does) copies the whole cache every step, and holds the old and the new
+#      copy at once. The capacity leaves out the last step's tokens, which Pass 1 never reads.
 #   2. Fewer, larger operations. Each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's
 #      w1/w3 run as one matrix multiply each; RoPE is x * cos + swap(x) * sin with tables built
 #      once per call (`rope_rows`, `rotate`), as is each target slot's query-position offset;
