@@ -627,6 +627,7 @@ class ARPG(nn.Module):
                 logits = guide(logits, CFG_SCHEDULES[cfg_schedule](cfg_scale, filled))  # (B, K, V)
             # 6. Sample, and write the new tokens to their grid positions.
             new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K)
+            del logits  # not held through the next step's passes (0.05-0.07 GB at ARPG-L's size)
             tokens[:, target_pos] = new_tokens                          # (B, K) written
             # 7. They are next step's Pass-1 input (both halves with guidance).
             feed_ids = torch.cat([new_tokens, new_tokens]) if use_cfg else new_tokens  # (2B or B, K)
@@ -755,20 +756,28 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
 #      the official sampler does) copies the whole cache every step, and holds the old and the new
 #      copy at once. The capacity leaves out the last step's tokens, which Pass 1 never reads.
-#   2. Fewer, larger operations. Each Pass-1 layer's q/k/v, the shared k/v and each SwiGLU's
-#      w1/w3 run as one matrix multiply each; RoPE is x * cos + swap(x) * sin with tables built
-#      once per call (`rope_rows`, `rotate`), as is each target slot's query-position offset;
-#      attention is two batched matrix multiplies (`attend_unfused`);
-#      and the code is plain functions of weight tensors, not module calls. At the `tiny` size on
-#      a CPU, a decoding call is ~30,000 small operations whose Python and dispatch overhead costs
-#      about as much as the arithmetic, so their number is what this path cuts.
+#   2. Fewer, larger operations. On a CPU, each Pass-1 layer's q/k/v, the shared k/v and each
+#      SwiGLU's w1/w3 run as one matrix multiply each (`FUSED_WEIGHTS_ON`); RoPE is
+#      x * cos + swap(x) * sin with tables built once per call (`rope_rows`, `rotate`), as is each
+#      target slot's query-position offset; attention is two batched matrix multiplies
+#      (`attend_unfused`); and the code is plain functions of weight tensors, not module calls.
+#      At the `tiny` size on a CPU, a decoding call is ~30,000 small operations whose Python and
+#      dispatch overhead costs about as much as the arithmetic, so their number is what this path cuts.
 #   3. Optionally compiled steps (torch.compile with dynamic shapes, one graph for every step
 #      size): fewer kernel launches, which is what limits small batches on GPUs. Compiling takes
 #      minutes, so it pays off for long runs (FID), not for one grid.
 # `context` returns views of the filled part of each buffer: exactly what the readable caches hold.
-# The fused weights are concatenated anew for each call (~0.36 GB in bf16 for ARPG-L), so a
-# call's peak memory includes them; keeping them between calls would need their invalidation
-# whenever the model's weights change, which a GPU session should weigh first.
+
+# Where the fast path multiplies by q|k|v, k|v and w1|w3 concatenated, one matrix each, rather
+# than by their parts. The concatenated copies are made for each call (keeping them between calls
+# would need their invalidation whenever the model's weights change), so they count in its peak
+# memory. On a CPU they pay: at `tiny` a fast call took 158 ms with them, 180 ms without (medians of
+# 30 alternating calls, 16 images, 32 steps). On a GPU they would add 0.36 GB to ARPG-L's bf16
+# peak (weights 0.64 GB, caches 1.48 GB at 32 steps, batch 64) against a 2.6 GB target (the paper
+# measured 2.64-2.78 GB), to save kernel launches that compiled steps make cheap: there the parts
+# stay apart (what that does to a GPU's speed is not measured yet).
+FUSED_WEIGHTS_ON = ("cpu",)
+
 
 class StaticCachePasses:
     def __init__(self, model: "ARPG", batch: int, capacity: int, compile: bool = False):
@@ -778,13 +787,15 @@ class StaticCachePasses:
         self.embeddings = model.embeddings.weight                         # (V + classes + 3, C)
         self.mask_embedding = model.embeddings.weight[model.mask_id]     # (C,): every Pass-2 query starts here
         self.query_position = None if model.query_position is None else model.query_position.weight  # (C, D)
+        # Projections that share an input: one concatenated matrix, or a tuple of the parts (`project`).
+        join = torch.cat if self.embeddings.device.type in FUSED_WEIGHTS_ON else tuple
         # Per block: (attention norm, q|k|v or q projection, output projection, FFN norm, w1|w3, w2)
-        self.context_blocks = [(b.attn_norm.weight, torch.cat([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight]),
-                                b.attn.proj.weight, b.ffn_norm.weight, torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]),
+        self.context_blocks = [(b.attn_norm.weight, join([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight]),
+                                b.attn.proj.weight, b.ffn_norm.weight, join([b.ffn.w1.weight, b.ffn.w3.weight]),
                                 b.ffn.w2.weight) for b in layers.self_dec]  # q|k|v: (3C, C)
         self.guided_blocks = [(b.attn_norm.weight, b.attn.to_q.weight, b.attn.proj.weight, b.ffn_norm.weight,
-                               torch.cat([b.ffn.w1.weight, b.ffn.w3.weight]), b.ffn.w2.weight) for b in layers.cross_dec]
-        self.shared_kv = (layers.norm.weight, torch.cat([layers.to_k.weight, layers.to_v.weight]))  # k|v: (2C, C)
+                               join([b.ffn.w1.weight, b.ffn.w3.weight]), b.ffn.w2.weight) for b in layers.cross_dec]
+        self.shared_kv = (layers.norm.weight, join([layers.to_k.weight, layers.to_v.weight]))  # k|v: (2C, C)
         self.head = (model.norm.weight, model.head.weight)
         shape = (2, batch, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
         self.buffers = [self.embeddings.new_empty(shape) for _ in range(len(layers.self_dec) + 1)]  # + shared KV
@@ -823,7 +834,7 @@ class StaticCachePasses:
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def _feed_forward(self, x, norm_weight, w13, w2):
-        gate, up = F.linear(self._norm(x, norm_weight), w13).chunk(2, dim=-1)  # (.., hidden) each
+        gate, up = project(self._norm(x, norm_weight), w13).chunk(2, dim=-1)  # (.., hidden) each
         return x + F.linear(F.silu(gate) * up, w2)
 
     def _context_step(self, ids, rope, start, mask=None):
@@ -835,13 +846,13 @@ class StaticCachePasses:
         D = self.head_dim
         cos, sin = rope[:, :, None, None, :D], rope[:, :, None, None, D:2 * D]  # (1, T, 1, 1, D) each
         for (attn_norm, qkv_weight, proj, ffn_norm, w13, w2), cache in zip(self.context_blocks, self.buffers):
-            qkv = F.linear(self._norm(x, attn_norm), qkv_weight).view(B, T, 3, self.n_head, -1)  # (B, T, 3, H, D)
+            qkv = project(self._norm(x, attn_norm), qkv_weight).view(B, T, 3, self.n_head, -1)  # (B, T, 3, H, D)
             q, k = rotate(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, D) each
             cache[0, :, :, start:end] = k                                # (B, H, T, D) into (B, H, N, D)
             cache[1, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
             out = attend_unfused(q, cache[0, :, :, :end], cache[1, :, :, :end], mask)  # (B, T, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
-        k, v = F.linear(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
+        k, v = project(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
         # k, v (B, T, H, D) each, written as (B, H, T, D) into the shared cache
         self.buffers[-1][0, :, :, start:end] = rotate(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)
         self.buffers[-1][1, :, :, start:end] = v.transpose(1, 2)
@@ -861,6 +872,14 @@ class StaticCachePasses:
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
+
+
+def project(x, weight):
+    """F.linear(x, weight) for a weight `StaticCachePasses` joined: one matrix, or a tuple of its
+    parts, multiplied one by one and their outputs put side by side as the matrix would give them."""
+    if isinstance(weight, tuple):
+        return torch.cat([F.linear(x, part) for part in weight], dim=-1)
+    return F.linear(x, weight)
 
 
 def compile_for_any_size(step):

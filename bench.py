@@ -117,16 +117,33 @@ def timed(fns, repeats, device):
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
+def peak_cpu_bytes(profile):
+    """The most bytes of CPU tensors held at once by the operations a torch.profiler profile (made
+    with profile_memory=True) recorded: each allocation is charged to the operation that made it,
+    each free is an event of its own. Tensors made before the profile (the weights) do not count."""
+    live = peak = 0
+    for event in sorted((e for e in profile.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
 def print_profile(model, labels, args, device):
-    """Profile mode: where does one fast decoding call spend its time?"""
+    """Profile mode: where does one fast decoding call spend its time, and on a CPU, how much
+    memory does it hold at most (torch counts GPU memory itself: the table's rows)?"""
     model.generate(labels, steps=args.steps[0], cfg_scale=args.cfg, fast=True)    # warm-up
     on_gpu = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-    with torch.profiler.profile(activities=activities) as profile:
+    with torch.profiler.profile(activities=activities, profile_memory=not on_gpu) as profile:
         model.generate(labels, steps=args.steps[0], cfg_scale=args.cfg, fast=True)
         synchronize(device)
     sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(profile.key_averages().table(sort_by=sort_key, row_limit=15))
+    if not on_gpu:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        call = peak_cpu_bytes(profile)
+        print(f"peak memory of the call: {(weights + call) / 1e6:.1f} MB (weights {weights / 1e6:.1f} MB, the "
+              f"call's own tensors {call / 1e6:.1f} MB at most, as torch.profiler tracks them)")
 
 
 # -----------------------------------------------------------------------------

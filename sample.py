@@ -102,7 +102,7 @@ def parse_args(argv=None):
                           help="nucleus sampling threshold (default: the checkpoint's, 0.8 for the tiny recipe; "
                                "1: off, the paper's and official checkpoints')")
     decoding.add_argument("--sampler", default="fast", choices=["fast", "readable"],
-                          help="fast: preallocated caches and fused weights (arpg.StaticCachePasses), 0.9-1.3x "
+                          help="fast: preallocated caches and flat code (arpg.StaticCachePasses), 0.9-1.3x "
                                "on a 2-core CPU (bench.py); readable: the reference loop. In float32 both give the "
                                "same tokens but for rare near ties")
     decoding.add_argument("--compile", action="store_true",

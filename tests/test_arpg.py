@@ -16,6 +16,7 @@ import torch
 import arpg
 from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, apply_rope, build_rope_table, infer_config, reveal_counts,
                   rotate, rotation_tables, sample_tokens, save_atomic)
+from bench import peak_cpu_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REF = np.load(FIXTURES / "arpg_tiny_reference.npz")
@@ -648,11 +649,14 @@ def test_a_checkpoint_loads_its_argparse_arguments_but_no_other_pickled_object(t
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("cfg_scale, known", [(1.0, False), (3.0, False), (3.0, True)])
-def test_fast_path_gives_the_readable_path_tokens(cfg_scale, known, device):
-    """generate(fast=True) (preallocated caches, fused projections) samples exactly the readable
-    tokens in fp32, on the CPU and, where there is one, on a CUDA GPU (labels and known tokens
-    are given on the CPU there: generate moves them)."""
+def test_fast_path_gives_the_readable_path_tokens(cfg_scale, known, fused, device, monkeypatch):
+    """generate(fast=True) (preallocated caches, projections fused or kept apart, as the CPU and a
+    GPU have them by default: both are tried on each device) samples exactly the readable tokens in
+    fp32, on the CPU and, where there is one, on a CUDA GPU (labels and known tokens are given on
+    the CPU there: generate moves them)."""
+    monkeypatch.setattr(arpg, "FUSED_WEIGHTS_ON", (device,) if fused else ())
     model = small_model().to(device)
     known_tokens = torch.randint(0, 64, (4, 16))
     known_mask = (torch.arange(16) % 3 == 0).repeat(4, 1) if known else None
@@ -735,26 +739,24 @@ def test_the_fast_path_caches_hold_every_token_pass_1_reads_and_no_more(monkeypa
 
 
 def profiled_peak_bytes(fn):
-    """The most bytes of CPU tensors that fn's own operations held at once (torch.profiler's memory
-    events: each allocation charged to the operation that made it, each free an event of its own)."""
+    """The most bytes of CPU tensors that fn's own operations held at once (bench.py's measure)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
         fn()
-    live = peak = 0
-    for event in sorted((e for e in profile.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return peak_cpu_bytes(profile)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fast", [False, True])
-def test_guidance_and_sampling_hold_the_doubled_logits_and_one_copy_at_most(fast):
+def test_guidance_and_sampling_hold_the_doubled_logits_and_one_copy_at_most(fast, dtype):
     """With a vocabulary large enough that a step's logits outweigh everything else, a decoding
-    call's peak is the doubled (2B, K, V) logits of its largest step and one (B, K, V) tensor
-    more: guidance frees the doubled logits as it combines them, and sampling at temperature 1
-    adds only its probabilities. Before, the doubled logits stayed alive through sampling, beside
-    the guided logits, a copy divided by the temperature and the probabilities: 2.5x, not 1.5x."""
+    call's peak is the doubled (2B, K, V) fp32 logits of its largest step and half as much more:
+    guidance frees the doubled logits as it combines them, sampling at temperature 1 adds only its
+    probabilities, and in bf16 the logits' bf16 copy lives only while they are made, after the
+    previous step's are freed. Before, the doubled logits stayed alive through sampling, beside the
+    guided logits, a copy divided by the temperature and the probabilities (2.5x, not 1.5x), and
+    a step's guided logits lived on through the next step's (bf16: 1.8x)."""
     torch.manual_seed(0)
-    model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=8192, block_size=16, dim=32)).eval()
+    model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=8192, block_size=16, dim=32)).eval().to(dtype)
     torch.nn.init.normal_(model.head.weight, std=0.5)
     doubled = 2 * 8 * max(reveal_counts(16, 2, "arccos")) * 8192 * 4          # (2B, K, V) fp32 bytes: 5.2 MB
     peak = profiled_peak_bytes(lambda: model.generate(torch.arange(8), steps=2, cfg_scale=3.0, fast=fast))

@@ -6,9 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from arpg import ARPG, ARPG_PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +41,21 @@ def test_bench_writes_a_row_per_sampler_and_step_count(tmp_path):
     memory = [row[4].rstrip(" |") for row in rows]                       # "n/a" on a CPU, "1.23 GB" on a GPU
     assert all(peak == "n/a" or peak.endswith(" GB") for peak in memory), memory
     assert "nan" not in result.stdout, result.stdout
+
+
+def test_bench_profile_names_the_operations_and_the_peak_memory_of_a_call(tmp_path):
+    """--profile prints the operations of one fast call by time and, on a CPU, the call's peak
+    memory: the weights, plus at least the preallocated caches it held (class token and 15 of the
+    16 tokens: the last step's token is never fed back) for 2 images doubled by guidance."""
+    result = run_bench("--profile", "--batch", "2", "--steps", "16", "--tokens", "16", "--out", str(tmp_path / "b.md"))
+    assert result.returncode == 0, result.stderr
+    assert "aten::mm" in result.stdout and "Self CPU time total" in result.stdout, result.stdout
+    total, weights, call = map(float, re.search(r"peak memory of the call: (\S+) MB \(weights (\S+) MB, the call's "
+                                                r"own tensors (\S+) MB at most", result.stdout).groups())
+    config = ARPG_PRESETS["tiny"]
+    caches = (config.pass1_layers + 1) * 2 * (2 * 2) * config.dim * (1 + 15) * 4        # k|v, rows, C, positions, fp32
+    assert abs(weights - sum(p.numel() for p in ARPG(replace(config, block_size=16)).parameters()) * 4 / 1e6) < 0.1
+    assert call >= caches / 1e6 and abs(total - weights - call) < 0.2, result.stdout
 
 
 def test_bench_removes_its_onnx_export_folder(tmp_path):
