@@ -624,10 +624,9 @@ class ARPG(nn.Module):
             #    (the official loop uses decoded / L; known tokens count as filled when editing).
             if use_cfg:
                 filled = (L - U + decoded) / L
-                logits = guide(logits, CFG_SCHEDULES[cfg_schedule](cfg_scale, filled))  # (B, K, V) fp32
-            # 6. Sample in fp32 (the fast path's logits come in the model's dtype), and write the new
-            #    tokens to their grid positions.
-            new_tokens = sample_tokens(logits.float(), temperature, top_k, top_p, generator)  # (B, K)
+                logits = guide(logits, CFG_SCHEDULES[cfg_schedule](cfg_scale, filled))  # (B, K, V)
+            # 6. Sample, and write the new tokens to their grid positions.
+            new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K)
             del logits  # not held through the next step's passes (0.05-0.07 GB at ARPG-L's size)
             tokens[:, target_pos] = new_tokens                          # (B, K) written
             # 7. They are next step's Pass-1 input (both halves with guidance).
@@ -718,14 +717,12 @@ class ARPG(nn.Module):
 
 def guide(logits, scale):
     """Classifier-free guidance: doubled logits (2B, K, V), the conditional half first, ->
-    uncond + (cond - uncond) * scale (B, K, V) in fp32, the official formula on fp32 logits to the
-    last bit (bf16 logits are made fp32 exactly as they are read). It is computed in place in one
-    new tensor, and holds no view of the doubled logits, which are freed once the caller drops
-    them: at ARPG-L's size a step's logits take up to 0.34 GB (fp32, 64 images, 40 targets), and
-    every copy counts in the sampler's peak memory."""
+    uncond + (cond - uncond) * scale (B, K, V), the official formula to the last bit. It is
+    computed in place in one new tensor, and holds no view of the doubled logits, which are freed
+    once the caller drops them: at ARPG-L's size a step's logits take up to 0.34 GB (fp32, 64
+    images, 40 targets), and every copy counts in the sampler's peak memory."""
     cond, uncond = logits.chunk(2)                                        # (B, K, V) each
-    guided = cond.to(torch.float32, copy=True)                            # a new tensor, even from fp32
-    return guided.sub_(uncond).mul_(scale).add_(uncond)
+    return (cond - uncond).mul_(scale).add_(uncond)
 
 
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -830,8 +827,7 @@ class StaticCachePasses:
         return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
 
     def guided(self, target_rope, shared_kv):
-        """ARPG.guided's signature and result (`_guided`), with `rope_rows` for the RoPE rows, but
-        the logits in the model's dtype rather than fp32."""
+        """ARPG.guided's signature and result (`_guided`), with `rope_rows` for the RoPE rows."""
         return self.steps[1](self, target_rope, shared_kv)
 
     def _norm(self, x, weight):
@@ -875,8 +871,7 @@ class StaticCachePasses:
             q = rotate(q, cos, sin)
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
-        # In the model's dtype: generate makes them fp32 as it guides them, without a doubled fp32 copy.
-        return F.linear(self._norm(x, self.head[0]), self.head[1])          # (B, K, V)
+        return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
 
 
 def project(x, weight):

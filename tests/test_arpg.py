@@ -751,32 +751,25 @@ def test_guidance_and_sampling_hold_the_doubled_logits_and_one_copy_at_most(fast
     """With a vocabulary large enough that a step's logits outweigh everything else, a decoding
     call's peak is the doubled (2B, K, V) fp32 logits of its largest step and half as much more:
     guidance frees the doubled logits as it combines them, sampling at temperature 1 adds only its
-    probabilities, and in bf16 the readable path's bf16 logits live only while they are made,
-    after the previous step's are freed. The fast path's bf16 logits are guided as they are, with
-    no doubled fp32 copy: 1x. Before, the doubled logits stayed alive through sampling, beside the
+    probabilities, and in bf16 the logits' bf16 copy lives only while they are made, after the
+    previous step's are freed. Before, the doubled logits stayed alive through sampling, beside the
     guided logits, a copy divided by the temperature and the probabilities (2.5x, not 1.5x), and
     a step's guided logits lived on through the next step's (bf16: 1.8x)."""
     torch.manual_seed(0)
     model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=8192, block_size=16, dim=32)).eval().to(dtype)
     torch.nn.init.normal_(model.head.weight, std=0.5)
     doubled = 2 * 8 * max(reveal_counts(16, 2, "arccos")) * 8192 * 4          # (2B, K, V) fp32 bytes: 5.2 MB
-    expected = 1.0 if fast and dtype == torch.bfloat16 else 1.5
     peak = profiled_peak_bytes(lambda: model.generate(torch.arange(8), steps=2, cfg_scale=3.0, fast=fast))
-    assert expected * doubled <= peak < (expected + 0.25) * doubled, \
-        f"peak {peak / 1e6:.2f} MB, doubled logits {doubled / 1e6:.2f} MB"
+    assert 1.5 * doubled <= peak < 1.75 * doubled, f"peak {peak / 1e6:.2f} MB, doubled logits {doubled / 1e6:.2f} MB"
 
 
 def test_guidance_is_the_official_formula_to_the_last_bit():
-    """guide(logits, g) = uncond + (cond - uncond) * g on the fp32 logits, as the official loop
-    writes it, from fp32 or bf16 logits, and leaves the logits it reads as they were."""
+    """guide(logits, g) = uncond + (cond - uncond) * g, as the official loop writes it, in fp32 and bf16."""
     for dtype in (torch.float32, torch.bfloat16):
         logits = torch.randn(6, 5, 300).to(dtype)
-        before = logits.clone()
-        cond, uncond = logits.float()[:3], logits.float()[3:]
+        cond, uncond = logits[:3], logits[3:]
         for scale in (1.0, 2.5, 4.0, 0.3):
-            guided = arpg.guide(logits, scale)
-            assert guided.dtype == torch.float32 and torch.equal(guided, uncond + (cond - uncond) * scale), (dtype, scale)
-        assert torch.equal(logits, before), dtype
+            assert torch.equal(arpg.guide(logits, scale), uncond + (cond - uncond) * scale), (dtype, scale)
 
 
 def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypatch):
