@@ -779,6 +779,14 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 FUSED_WEIGHTS_ON = ("cpu",)
 
 
+def project(x, weight):
+    """F.linear(x, weight) for a weight of `StaticCachePasses`: one matrix, or a tuple of its parts
+    (FUSED_WEIGHTS_ON), multiplied one by one and their outputs put side by side as the matrix's."""
+    if isinstance(weight, tuple):
+        return torch.cat([F.linear(x, part) for part in weight], dim=-1)
+    return F.linear(x, weight)
+
+
 class StaticCachePasses:
     def __init__(self, model: "ARPG", batch: int, capacity: int, compile: bool = False):
         config, layers = model.config, model.layers
@@ -787,12 +795,16 @@ class StaticCachePasses:
         self.embeddings = model.embeddings.weight                         # (V + classes + 3, C)
         self.mask_embedding = model.embeddings.weight[model.mask_id]     # (C,): every Pass-2 query starts here
         self.query_position = None if model.query_position is None else model.query_position.weight  # (C, D)
-        # Projections that share an input: one concatenated matrix, or a tuple of the parts (`project`).
-        join = torch.cat if self.embeddings.device.type in FUSED_WEIGHTS_ON else tuple
+        # Projections that share an input are joined: one concatenated matrix, or a tuple of the
+        # parts (FUSED_WEIGHTS_ON; `project` multiplies by either).
+        if self.embeddings.device.type in FUSED_WEIGHTS_ON:
+            join = torch.cat
+        else:
+            join = tuple
         # Per block: (attention norm, q|k|v or q projection, output projection, FFN norm, w1|w3, w2)
         self.context_blocks = [(b.attn_norm.weight, join([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight]),
                                 b.attn.proj.weight, b.ffn_norm.weight, join([b.ffn.w1.weight, b.ffn.w3.weight]),
-                                b.ffn.w2.weight) for b in layers.self_dec]  # q|k|v: (3C, C)
+                                b.ffn.w2.weight) for b in layers.self_dec]  # q|k|v: (3C, C), or its three (C, C) parts
         self.guided_blocks = [(b.attn_norm.weight, b.attn.to_q.weight, b.attn.proj.weight, b.ffn_norm.weight,
                                join([b.ffn.w1.weight, b.ffn.w3.weight]), b.ffn.w2.weight) for b in layers.cross_dec]
         self.shared_kv = (layers.norm.weight, join([layers.to_k.weight, layers.to_v.weight]))  # k|v: (2C, C)
@@ -872,14 +884,6 @@ class StaticCachePasses:
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
-
-
-def project(x, weight):
-    """F.linear(x, weight) for a weight `StaticCachePasses` joined: one matrix, or a tuple of its
-    parts, multiplied one by one and their outputs put side by side as the matrix would give them."""
-    if isinstance(weight, tuple):
-        return torch.cat([F.linear(x, part) for part in weight], dim=-1)
-    return F.linear(x, weight)
 
 
 def compile_for_any_size(step):

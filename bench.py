@@ -118,12 +118,21 @@ def timed(fns, repeats, device):
 
 
 def peak_cpu_bytes(profile):
-    """The most bytes of CPU tensors held at once by the operations a torch.profiler profile (made
-    with profile_memory=True) recorded: each allocation is charged to the operation that made it,
-    each free is an event of its own. Tensors made before the profile (the weights) do not count."""
+    """The most bytes of CPU tensors held at once during a torch.profiler profile made with
+    profile_memory=True, from its allocation events (+size, or -size for a free) in time order.
+    The operations' own memory columns are net per operation, and would miss the scratch tensors
+    an operation frees before it returns (torch.multinomial's is as large as its probabilities):
+    hence the raw events, read through an interface torch still calls experimental. Tensors made
+    before the profile (the weights) do not count."""
+    allocations, nodes = [], list(profile.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.tag == torch._C._profiler._EventType.Allocation and node.extra_fields.device.type == "cpu":
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
     live = peak = 0
-    for event in sorted((e for e in profile.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    for _, size in sorted(allocations, key=lambda allocation: allocation[0]):
+        live += size
         peak = max(peak, live)
     return peak
 

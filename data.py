@@ -348,7 +348,7 @@ def run_script(main):
             raise
         size = re.search(r"(?:tried to|unable to) allocate ([\d.]+ \w+)", str(error), re.IGNORECASE)
         print(f"error: out of memory{f' (tried to allocate {size[1]})' if size else ''}: ask for less at once "
-              f"(a smaller --batch-size, grid or image count)", file=sys.stderr)
+              f"(a smaller batch, grid or image count)", file=sys.stderr)
         sys.exit(1)
 
 

@@ -747,14 +747,15 @@ def profiled_peak_bytes(fn):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fast", [False, True])
-def test_guidance_and_sampling_hold_the_doubled_logits_and_one_copy_at_most(fast, dtype):
+def test_guidance_and_sampling_hold_the_doubled_logits_and_half_as_much_at_most(fast, dtype):
     """With a vocabulary large enough that a step's logits outweigh everything else, a decoding
-    call's peak is the doubled (2B, K, V) fp32 logits of its largest step and half as much more:
-    guidance frees the doubled logits as it combines them, sampling at temperature 1 adds only its
-    probabilities, and in bf16 the logits' bf16 copy lives only while they are made, after the
-    previous step's are freed. Before, the doubled logits stayed alive through sampling, beside the
-    guided logits, a copy divided by the temperature and the probabilities (2.5x, not 1.5x), and
-    a step's guided logits lived on through the next step's (bf16: 1.8x)."""
+    call's peak is 1.5x the doubled (2B, K, V) fp32 logits of its largest step: the doubled logits
+    with their bf16 copy (bf16 only) or with the guided half, and then, once guidance has freed
+    them, the guided logits, their probabilities and torch.multinomial's scratch of the same size.
+    Sampling at temperature 1 makes no copy, and a step's logits are freed before the next step's
+    passes. Before, the doubled logits stayed alive through sampling, beside the guided logits, a
+    copy divided by the temperature, the probabilities and the scratch (3x), and a step's logits
+    lived on through the next step's (bf16: 1.8x)."""
     torch.manual_seed(0)
     model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=8192, block_size=16, dim=32)).eval().to(dtype)
     torch.nn.init.normal_(model.head.weight, std=0.5)
@@ -772,11 +773,13 @@ def test_guidance_is_the_official_formula_to_the_last_bit():
             assert torch.equal(arpg.guide(logits, scale), uncond + (cond - uncond) * scale), (dtype, scale)
 
 
-def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(fused, monkeypatch):
     """generate(fast=True, compile=True) samples the readable tokens, and once its steps are traced
-    a new batch size or step count reuses the graphs. The first call has 2 x 32 = 64 rows with
-    guidance, the model's width: the case where dynamo once tied the batch to the weights' shapes
-    and traced everything again for each new batch. Compiled with a backend that only counts
+    a new batch size or step count reuses the graphs, with the projections fused (as on a CPU) or
+    kept apart (as on a GPU, where the compiled path is meant to run). The first call has 2 x 32 =
+    64 rows with guidance, the model's width: the case where dynamo once tied the batch to the
+    weights' shapes and traced everything again for each new batch. Compiled with a backend that only counts
     graphs (tracing is what is tested; kernels are inductor's business). The first call's steps
     reveal 1 token and several, so every size the later calls meet has been seen (dynamo traces
     sizes 0 and 1 apart from the rest)."""
@@ -788,6 +791,7 @@ def test_compiled_fast_path_traces_its_steps_once_for_every_batch_size(monkeypat
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counting_backend, **kwargs))
+    monkeypatch.setattr(arpg, "FUSED_WEIGHTS_ON", ("cpu",) if fused else ())
     torch._dynamo.reset()
     model = small_model(n_layer=3)                                        # 2 + 1 blocks: quicker to trace
     try:

@@ -294,7 +294,7 @@ def test_onnx_runtime_out_of_memory_is_one_line(exported, tmp_path, monkeypatch,
         onnx_sampler.run_script(onnx_sampler.main)
     err = capsys.readouterr().err
     assert stopped.value.code == 1 and err.strip().splitlines() == [
-        "error: out of memory: ask for less at once (a smaller --batch-size, grid or image count)"], err
+        "error: out of memory: ask for less at once (a smaller batch, grid or image count)"], err
     assert not (tmp_path / "grid.png").exists()
     with pytest.raises(RuntimeException, match="shape mismatch"), onnx_sampler.memory_error_when_full():
         raise RuntimeException("shape mismatch")
