@@ -13,7 +13,7 @@ It prints a markdown table and writes it to --out.
 
     python bench.py                               # tiny on this machine (CPU here: ~2 minutes)
     python bench.py --size L --batch 64           # the paper's setting, on a GPU (bf16)
-    python bench.py --profile                     # where one decoding call spends its time
+    python bench.py --profile                     # where one decoding call spends its time (and, on a CPU, its memory)
 """
 
 import argparse
@@ -56,7 +56,7 @@ def parse_args():
                              "takes minutes the first time)")
     parser.add_argument("--profile", action="store_true",
                         help="only print a profile of one fast decoding call (eager, at the first --steps and "
-                             "--batch)")
+                             "--batch), and on a CPU its peak memory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--out", default="out/bench.md", help="where to write the markdown table")
     args = parser.parse_args()
