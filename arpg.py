@@ -807,9 +807,9 @@ class StaticCachePasses:
                                 b.ffn.w2.weight) for b in layers.self_dec]  # q|k|v: (3C, C), or its three (C, C) parts
         self.guided_blocks = [(b.attn_norm.weight, b.attn.to_q.weight, b.attn.proj.weight, b.ffn_norm.weight,
                                join([b.ffn.w1.weight, b.ffn.w3.weight]), b.ffn.w2.weight) for b in layers.cross_dec]
-        self.shared_kv = (layers.norm.weight, join([layers.to_k.weight, layers.to_v.weight]))  # k|v: (2C, C)
+        self.shared_kv = (layers.norm.weight, join([layers.to_k.weight, layers.to_v.weight]))  # k|v: (2C, C), or parts
         self.head = (model.norm.weight, model.head.weight)
-        shape = (2, batch, config.n_head, capacity, config.dim // config.n_head)  # (k|v, B, H, N, D)
+        shape = (2, batch, config.n_head, capacity, self.head_dim)        # (k|v, B, H, N, D)
         self.buffers = [self.embeddings.new_empty(shape) for _ in range(len(layers.self_dec) + 1)]  # + shared KV
         self.filled = 0                                                   # cache positions written so far
         # The steps are kept as plain functions, called with self: a bound method stored on self
