@@ -717,28 +717,36 @@ class ARPG(nn.Module):
 
 def guide(logits, scale):
     """Classifier-free guidance: doubled logits (2B, K, V), the conditional half first, ->
-    uncond + (cond - uncond) * scale (B, K, V), the official formula to the last bit. It is
-    computed in place in one new tensor, and holds no view of the doubled logits, which are freed
-    once the caller drops them: at ARPG-L's size a step's logits take up to 0.34 GB (fp32, 64
-    images, 40 targets), and every copy counts in the sampler's peak memory."""
+    uncond + (cond - uncond) * scale (B, K, V) in float32, the official formula to the last bit
+    (it computes in float32 after the head). The halves may be bf16, as the fast path's head
+    leaves them: each is then widened as it is read, exactly, so no float32 copy of the doubled
+    logits is made. The result is one new tensor, computed in place, holding no view of the
+    doubled logits, which are freed once the caller drops them: at ARPG-L's size a step's doubled
+    logits take up to 0.34 GB in float32 (64 images, 40 targets), and every copy counts in the
+    sampler's peak memory."""
     cond, uncond = logits.chunk(2)                                        # (B, K, V) each
-    return (cond - uncond).mul_(scale).add_(uncond)
+    return cond.to(torch.float32, copy=True).sub_(uncond).mul_(scale).add_(uncond)
 
 
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering."""
-    if temperature != 1.0:                                                # (dividing by 1 would only copy them)
-        logits = logits / max(temperature, 1e-5)
+    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering.
+
+    Sampling is in float32, as in the official loop; other logits are widened first. Float32
+    logits are overwritten (with the probabilities, in the end): the sampler holds no copy of
+    them, only torch.multinomial's scratch of the same size."""
+    logits = logits.float()                                               # (no copy if float32)
+    if temperature != 1.0:
+        logits.div_(max(temperature, 1e-5))
     if top_k > 0:  # keep the k most likely
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits.masked_fill_(logits < kth, float("-inf"))
     if top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always the top token)
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
         mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
         drop_sorted = mass_before >= top_p                                # (..., V) in sorted order
         drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+        logits.masked_fill_(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1, out=logits)                     # in place, the same numbers
     flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)  # (B*K, 1), as the official loop
     return flat.view(probs.shape[:-1])                                    # (B, K)
 
@@ -839,7 +847,8 @@ class StaticCachePasses:
         return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
 
     def guided(self, target_rope, shared_kv):
-        """ARPG.guided's signature and result (`_guided`), with `rope_rows` for the RoPE rows."""
+        """ARPG.guided's signature and result (`_guided`), with `rope_rows` for the RoPE rows, in the
+        head's dtype (ARPG.guided returns float32)."""
         return self.steps[1](self, target_rope, shared_kv)
 
     def _norm(self, x, weight):
@@ -883,7 +892,8 @@ class StaticCachePasses:
             q = rotate(q, cos, sin)
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
-        return F.linear(self._norm(x, self.head[0]), self.head[1]).float()  # (B, K, V)
+        return F.linear(self._norm(x, self.head[0]), self.head[1])        # (B, K, V); not widened here:
+        # guide and sample_tokens widen bf16 logits as they read them, with no float32 copy of them
 
 
 def compile_for_any_size(step):

@@ -46,7 +46,8 @@ def generate_settings(steps):
 
 def record_guided_calls(model, rope=None):
     """Wrap model.guided to record (target positions, batch rows, logits) of every call; `rope` is
-    the RoPE table of the grid sampled (default: the training grid's, model.rope)."""
+    the RoPE table of the grid sampled (default: the training grid's, model.rope). The logits are
+    copied, since sampling overwrites them with their probabilities."""
     calls, guided = [], model.guided
     rope = model.rope if rope is None else rope
 
@@ -54,7 +55,7 @@ def record_guided_calls(model, rope=None):
         logits = guided(target_rope, shared_kv, mask)
         # Each grid position has its own RoPE row: find it to recover the target positions.
         slot = (rope[1:, None] == target_rope[0][None]).flatten(2).all(-1).float().argmax(0)  # (K,)
-        calls.append((slot, shared_kv[0].shape[0], logits))
+        calls.append((slot, shared_kv[0].shape[0], logits.clone()))
         return logits
 
     model.guided = recording
@@ -677,13 +678,14 @@ def test_fast_path_rotation_is_apply_rope_bit_for_bit():
 
 
 def test_fast_path_logits_match_the_readable_path_on_a_larger_grid():
-    """Every Pass-2 call of the fast path gives the readable logits (<= 1e-5), also on a 4 x 6 canvas."""
+    """Every Pass-2 call of the fast path gives the readable logits (<= 1e-5), also on a 4 x 6 canvas
+    (copied as sample_tokens receives them, since it overwrites them with their probabilities)."""
     model = small_model()
     runs = []
     for fast in (False, True):
         calls = []
         real_sample = arpg.sample_tokens
-        arpg.sample_tokens = lambda logits, *args, **kwargs: calls.append(logits) or real_sample(logits, *args, **kwargs)
+        arpg.sample_tokens = lambda logits, *args, **kwargs: calls.append(logits.clone()) or real_sample(logits, *args, **kwargs)
         try:
             model.generate(torch.tensor([1, 2]), steps=6, cfg_scale=2.0, grid=(4, 6),
                            generator=torch.Generator().manual_seed(0), fast=fast)
@@ -749,13 +751,15 @@ def profiled_peak_bytes(fn):
 @pytest.mark.parametrize("fast", [False, True])
 def test_guidance_and_sampling_hold_the_doubled_logits_and_half_as_much_at_most(fast, dtype):
     """With a vocabulary large enough that a step's logits outweigh everything else, a decoding
-    call's peak is 1.5x the doubled (2B, K, V) fp32 logits of its largest step: the doubled logits
-    with their bf16 copy (bf16 only) or with the guided half, and then, once guidance has freed
-    them, the guided logits, their probabilities and torch.multinomial's scratch of the same size.
-    Sampling at temperature 1 makes no copy, and a step's logits are freed before the next step's
-    passes. Before, the doubled logits stayed alive through sampling, beside the guided logits, a
-    copy divided by the temperature, the probabilities and the scratch (3x), and a step's logits
-    lived on through the next step's (bf16: 1.8x)."""
+    call's peak on the CPU is 1.5x the doubled (2B, K, V) fp32 logits of its largest step. In
+    float32: the doubled logits beside the guided half. In bf16: the doubled logits in bf16 (the
+    readable path also widens them all to float32), the guided half, and a float32 copy of each
+    bf16 half that the CPU's elementwise kernels make to read it (CUDA's widen it as they read it,
+    so there the fast path holds 1.0x). Sampling then holds the guided half and torch.multinomial's
+    scratch, and a step's logits are freed before the next step's passes. Before session 21 the
+    doubled logits stayed alive through sampling, beside the guided logits, a copy divided by the
+    temperature, the probabilities and the scratch (3x), and a step's logits lived on through the
+    next step's (bf16: 1.8x)."""
     torch.manual_seed(0)
     model = ARPG(replace(ARPG_PRESETS["tiny"], vocab_size=8192, block_size=16, dim=32)).eval().to(dtype)
     torch.nn.init.normal_(model.head.weight, std=0.5)
@@ -764,13 +768,50 @@ def test_guidance_and_sampling_hold_the_doubled_logits_and_half_as_much_at_most(
     assert 1.5 * doubled <= peak < 1.75 * doubled, f"peak {peak / 1e6:.2f} MB, doubled logits {doubled / 1e6:.2f} MB"
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.0, 50)])
+def test_sampling_overwrites_its_logits_and_holds_only_multinomials_scratch(temperature, top_k):
+    """sample_tokens turns float32 logits into their probabilities in place, filters included,
+    so the most it holds at once is torch.multinomial's scratch (its exponential noise, one tensor
+    of the logits' size). Before, it also held the probabilities and, at a temperature other than
+    1 or with top-k, a filtered copy."""
+    logits = torch.randn(64, 8192) * 3
+    size = logits.numel() * logits.element_size()
+    reference = logits / temperature
+    if top_k:
+        reference = reference.masked_fill(reference < reference.topk(top_k).values[:, -1:], float("-inf"))
+    expected = torch.multinomial(reference.softmax(-1), 1, generator=torch.Generator().manual_seed(0))[:, 0]
+    tokens = []
+    peak = profiled_peak_bytes(lambda: tokens.append(sample_tokens(logits, temperature, top_k,
+                                                                   generator=torch.Generator().manual_seed(0))))
+    assert torch.equal(tokens[0], expected), "not the tokens of the out-of-place formula"
+    assert size <= peak < 1.1 * size, f"peak {peak / 1e6:.2f} MB, logits {size / 1e6:.2f} MB"
+    assert torch.equal(logits, reference.softmax(-1)), "the logits were not overwritten by their probabilities"
+
+
+def test_the_fast_path_leaves_bf16_logits_for_guidance_to_widen():
+    """In bf16 the fast path's Pass 2 returns the head's bf16 logits, not a float32 copy of them
+    (0.34 GB at ARPG-L's largest step): guide and sample_tokens widen them as they read them. The
+    readable Pass 2 returns float32 logits in every dtype (training's loss and the ONNX graphs)."""
+    model = small_model().to(torch.bfloat16)
+    passes = arpg.StaticCachePasses(model, batch=2, capacity=5)
+    rope = passes.rope_rows(model.rope_table(4, 4))
+    caches = passes.context(torch.tensor([[3], [4]]), rope[[0]][None])
+    fast = passes.guided(rope[[2, 5]][None], caches[-1])
+    readable = model.guided(model.rope_table(4, 4)[[2, 5]][None], caches[-1])
+    assert fast.dtype == torch.bfloat16 and readable.dtype == torch.float32, (fast.dtype, readable.dtype)
+    torch.testing.assert_close(fast.float(), readable, atol=0.05, rtol=0)
+
+
 def test_guidance_is_the_official_formula_to_the_last_bit():
-    """guide(logits, g) = uncond + (cond - uncond) * g, as the official loop writes it, in fp32 and bf16."""
+    """guide(logits, g) = uncond + (cond - uncond) * g in float32, as the official loop writes it
+    after widening the head's logits: the same bits from float32 logits and from bf16 ones (the
+    fast path's head), which guide widens as it reads them."""
     for dtype in (torch.float32, torch.bfloat16):
         logits = torch.randn(6, 5, 300).to(dtype)
-        cond, uncond = logits[:3], logits[3:]
+        cond, uncond = logits.float()[:3], logits.float()[3:]
         for scale in (1.0, 2.5, 4.0, 0.3):
-            assert torch.equal(arpg.guide(logits, scale), uncond + (cond - uncond) * scale), (dtype, scale)
+            guided = arpg.guide(logits, scale)
+            assert guided.dtype == torch.float32 and torch.equal(guided, uncond + (cond - uncond) * scale), (dtype, scale)
 
 
 @pytest.mark.parametrize("fused", [True, False])
