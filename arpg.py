@@ -626,8 +626,8 @@ class ARPG(nn.Module):
                 filled = (L - U + decoded) / L
                 logits = guide(logits, CFG_SCHEDULES[cfg_schedule](cfg_scale, filled))  # (B, K, V)
             # 6. Sample, and write the new tokens to their grid positions.
-            new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K)
-            del logits  # not held through the next step's passes (0.05-0.07 GB at ARPG-L's size)
+            new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K); float32
+            del logits  # not held through the next step's passes
             tokens[:, target_pos] = new_tokens                          # (B, K) written
             # 7. They are next step's Pass-1 input (both halves with guidance).
             feed_ids = torch.cat([new_tokens, new_tokens]) if use_cfg else new_tokens  # (2B or B, K)
@@ -717,23 +717,24 @@ class ARPG(nn.Module):
 
 def guide(logits, scale):
     """Classifier-free guidance: doubled logits (2B, K, V), the conditional half first, ->
-    uncond + (cond - uncond) * scale (B, K, V) in float32, the official formula to the last bit
-    (it computes in float32 after the head). The halves may be bf16, as the fast path's head
-    leaves them: each is then widened as it is read, exactly, so no float32 copy of the doubled
-    logits is made. The result is one new tensor, computed in place, holding no view of the
-    doubled logits, which are freed once the caller drops them: at ARPG-L's size a step's doubled
-    logits take up to 0.34 GB in float32 (64 images, 40 targets), and every copy counts in the
-    sampler's peak memory."""
+    uncond + (cond - uncond) * scale (B, K, V) in float32, the official formula to the last bit.
+
+    The halves may be bf16 (the fast path's head output): a GPU's kernels widen them exactly as
+    they read them, with no float32 copy of the doubled logits (a CPU's copy each bf16 operand
+    first). The result is a new tensor (copy=True: the doubled logits are left as they were), and
+    no view of them, so they are freed once the caller drops them. Every copy counts: at ARPG-L's
+    size a step's doubled logits take up to 0.34 GB in float32 (64 images, 40 targets)."""
     cond, uncond = logits.chunk(2)                                        # (B, K, V) each
     return cond.to(torch.float32, copy=True).sub_(uncond).mul_(scale).add_(uncond)
 
 
 def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering.
+    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering,
+    overwriting float32 logits with their probabilities.
 
-    Sampling is in float32, as in the official loop; other logits are widened first. Float32
-    logits are overwritten (with the probabilities, in the end): the sampler holds no copy of
-    them, only torch.multinomial's scratch of the same size."""
+    Sampling is in float32, as in the official loop: other logits are widened into a new float32
+    tensor first, and are left as they were. Working in place, sampling holds only
+    torch.multinomial's scratch beside the logits (top-p also sorts a copy)."""
     logits = logits.float()                                               # (no copy if float32)
     if temperature != 1.0:
         logits.div_(max(temperature, 1e-5))
@@ -742,8 +743,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits.masked_fill_(logits < kth, float("-inf"))
     if top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always the top token)
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        drop_sorted = mass_before >= top_p                                # (..., V) in sorted order
+        sorted_probs = sorted_logits.softmax(-1)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p    # mass before each (..., V), sorted
         drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
         logits.masked_fill_(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1, out=logits)                     # in place, the same numbers
@@ -893,7 +894,7 @@ class StaticCachePasses:
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         return F.linear(self._norm(x, self.head[0]), self.head[1])        # (B, K, V); not widened here:
-        # guide and sample_tokens widen bf16 logits as they read them, with no float32 copy of them
+        # guide widens bf16 logits as it reads them (on a GPU), with no float32 copy of both halves
 
 
 def compile_for_any_size(step):
