@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +331,14 @@ def test_a_timed_fp32_cpu_run_trains_a_shallower_tiny(flags, device, layers):
     assert got == layers, f"{flags} on {device}: {got} blocks, expected {layers}"
 
 
+# torch.compile's CPU backend builds C++ kernels with the compiler inductor looks for ($CXX, else
+# g++; clang++ on macOS). Training without one falls back to eager (tested below where there is one).
+CPP_COMPILER = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+needs_cpp_compiler = pytest.mark.skipif(shutil.which(CPP_COMPILER) is None,
+                                        reason=f"needs a C++ compiler for torch.compile ({CPP_COMPILER} not found)")
+
+
+@needs_cpp_compiler
 def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_path):
     """--compile (the tiny recipe's default) trains the weights --no-compile trains, up to float
     rounding, and the same ones every time (what an exact --resume needs); where compiling fails
@@ -360,6 +369,7 @@ def test_compiled_training_matches_eager_and_falls_back_without_a_compiler(tmp_p
             f"compiled training differs at {key}: {(weights['compiled'][key] - value).abs().max():.2e}"
 
 
+@needs_cpp_compiler
 def test_a_bad_code_file_met_while_compiling_is_not_taken_for_a_compiler_failure(tmp_path):
     """Only the first code file of each class is checked at start; one that the compiling step
     reads (here read by a DataLoader worker) ends the run with its own one-line error, not a
