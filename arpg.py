@@ -720,10 +720,11 @@ def guide(logits, scale):
     uncond + (cond - uncond) * scale (B, K, V) in float32, the official formula to the last bit.
 
     The halves may be bf16 (the fast path's head output): a GPU's kernels widen them exactly as
-    they read them, with no float32 copy of the doubled logits (a CPU's copy each bf16 operand
-    first). The result is a new tensor (copy=True: the doubled logits are left as they were), and
-    no view of them, so they are freed once the caller drops them. Every copy counts: at ARPG-L's
-    size a step's doubled logits take up to 0.34 GB in float32 (64 images, 40 targets)."""
+    they read them, with no float32 copy of the doubled logits (a CPU's kernels first copy each
+    bf16 operand to float32). The result is a new tensor (copy=True leaves the doubled logits as
+    they were) holding no view of them, so they are freed once the caller drops them. Every copy
+    counts: at ARPG-L's size a step's doubled logits take up to 0.34 GB in float32 (64 images,
+    40 targets)."""
     cond, uncond = logits.chunk(2)                                        # (B, K, V) each
     return cond.to(torch.float32, copy=True).sub_(uncond).mul_(scale).add_(uncond)
 
