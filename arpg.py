@@ -626,7 +626,7 @@ class ARPG(nn.Module):
                 filled = (L - U + decoded) / L
                 logits = guide(logits, CFG_SCHEDULES[cfg_schedule](cfg_scale, filled))  # (B, K, V)
             # 6. Sample, and write the new tokens to their grid positions.
-            new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K); float32
+            new_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)  # (B, K), drawn in float32
             del logits  # not held through the next step's passes
             tokens[:, target_pos] = new_tokens                          # (B, K) written
             # 7. They are next step's Pass-1 input (both halves with guidance).
@@ -807,10 +807,7 @@ class StaticCachePasses:
         self.query_position = None if model.query_position is None else model.query_position.weight  # (C, D)
         # Projections that share an input are joined: one concatenated matrix, or a tuple of the
         # parts (FUSED_WEIGHTS_ON; `project` multiplies by either).
-        if self.embeddings.device.type in FUSED_WEIGHTS_ON:
-            join = torch.cat
-        else:
-            join = tuple
+        join = torch.cat if self.embeddings.device.type in FUSED_WEIGHTS_ON else tuple
         # Per block: (attention norm, q|k|v or q projection, output projection, FFN norm, w1|w3, w2)
         self.context_blocks = [(b.attn_norm.weight, join([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight]),
                                 b.attn.proj.weight, b.ffn_norm.weight, join([b.ffn.w1.weight, b.ffn.w3.weight]),
