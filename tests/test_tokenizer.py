@@ -170,8 +170,9 @@ def test_encode_images_in_batches_equals_one_encode():
 
 
 def test_local_codes_are_encoded_once_per_distinct_patch_and_equal_one_encode():
-    """With local codes, encode_images encodes each distinct patch once; the codes are those of one
-    encode() of all the images (built-in shapes, whose flat backgrounds repeat patch for patch)."""
+    """With local codes, encode_images encodes each distinct patch of the data once (plus at most 7
+    fillers a batch, `encode_latents`); the codes are those of one encode() of all the images
+    (built-in shapes, whose flat backgrounds repeat patch for patch)."""
     torch.manual_seed(0)
     vq = VQModel(replace(TINY, local_codes=True)).eval()
     images, _ = make_builtin_dataset(12, seed=0, image_size=32)
@@ -179,9 +180,37 @@ def test_local_codes_are_encoded_once_per_distinct_patch_and_equal_one_encode():
     vq.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(inputs[0])))
     codes = vq.encode_images(images, batch_size=5)
     distinct = len(np.unique(rearrange(images, "n (h p) (w q) c -> (n h w) (p q c)", p=4, q=4), axis=0))
-    assert sum(encoded) == distinct < 12 * 8 * 8, f"encoded {sum(encoded)} patches, {distinct} distinct"
+    assert distinct <= sum(encoded) <= distinct + 7 * len(encoded) and distinct < 12 * 8 * 8, \
+        f"encoded {sum(encoded)} patches in {len(encoded)} batches, {distinct} distinct"
     expected = vq.encode(images_to_tensor(images))                        # (12, 8, 8)
     assert torch.equal(codes, expected), "codes of distinct patches differ from one encode"
+
+
+def test_local_latents_and_their_gradients_equal_every_patch_encoded_on_its_own():
+    """encode_latents runs each distinct patch of a batch through the encoder once and copies its
+    latent; the latents and the weights' gradients are those of encoding every patch separately."""
+    torch.manual_seed(0)
+    vq = VQModel(replace(TINY, local_codes=True)).train()
+    images = images_to_tensor(make_builtin_dataset(3, seed=0, image_size=32)[0])  # (3, 3, 32, 32)
+    encoded = []
+    hook = vq.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(inputs[0])))
+    latents = vq.encode_latents(images)                                   # (3, d, 8, 8)
+    hook.remove()
+    patches = rearrange(images, "b c (h p) (w q) -> (b h w) c p q", p=4, q=4)
+    distinct = len(patches.flatten(1).unique(dim=0))
+    assert distinct < len(patches) and encoded == [distinct + -distinct % 8], \
+        f"the encoder saw {encoded} patches; {distinct} of {len(patches)} are distinct"
+    each = rearrange(vq.quant_conv(vq.encoder(patches)), "(b h w) d 1 1 -> b d h w", b=3, h=8)
+    torch.testing.assert_close(latents, each, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(each)                                      # any loss of the latents
+    shared = torch.autograd.grad((latents * weights).sum(), list(vq.parameters()), allow_unused=True)
+    separate = torch.autograd.grad((each * weights).sum(), list(vq.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(vq.named_parameters(), shared, separate):
+        if b is None:                                                     # the decoder and the codebook
+            assert a is None, f"{name} got a gradient from the encoder"
+            continue
+        atol = max(1e-5 * b.abs().max().item(), 1e-6)                     # sums in another order
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def test_bad_inputs_give_clear_errors():
