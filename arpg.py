@@ -891,8 +891,9 @@ class StaticCachePasses:
             q = rotate(q, cos, sin)
             out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
-        return F.linear(self._norm(x, self.head[0]), self.head[1])        # (B, K, V); not widened here:
-        # guide widens bf16 logits as it reads them (on a GPU), with no float32 copy of both halves
+        # Not widened here: guide widens bf16 logits as it reads them (on a GPU), with no float32
+        # copy of both halves.
+        return F.linear(self._norm(x, self.head[0]), self.head[1])        # (B, K, V) in the head's dtype
 
 
 def compile_for_any_size(step):
