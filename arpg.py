@@ -517,8 +517,9 @@ class ARPG(nn.Module):
 
         targets = tokens.gather(1, order)                                 # (B, L) tokens in generation order
         inputs = torch.cat([class_ids[:, None], targets[:, :-1]], dim=1)  # (B, L) class token, then all but the last
-        input_slots = torch.cat([torch.zeros_like(order[:, :1]), order[:, :-1] + 1], dim=1)  # (B, L): class slot 0,
-        input_rope = self.rope[input_slots]                               # then the inputs' positions: (B, L, D/2, 2)
+        # Slot 0 for the class token, then each input's position + 1 (slot p + 1 is position p).
+        input_slots = torch.cat([torch.zeros_like(order[:, :1]), order[:, :-1] + 1], dim=1)  # (B, L)
+        input_rope = self.rope[input_slots]                               # (B, L, D/2, 2)
         target_rope = self.rope[order + 1]                                # (B, L, D/2, 2)
         causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()  # (L, L): i sees 0..i
 
@@ -773,9 +774,10 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 #      (`attend_unfused`); and the code is plain functions of weight tensors, not module calls.
 #      At the `tiny` size on a CPU, a decoding call is ~30,000 small operations whose Python and
 #      dispatch overhead costs about as much as the arithmetic, so their number is what this path cuts.
-#   3. Optionally compiled steps (torch.compile with dynamic shapes, one graph for every step
-#      size): fewer kernel launches, which is what limits small batches on GPUs. Compiling takes
-#      minutes, so it pays off for long runs (FID), not for one grid.
+#   3. Optionally compiled steps (torch.compile with dynamic shapes: one set of graphs serves
+#      every step size, `compile_for_any_size`): fewer kernel launches, which is what limits
+#      small batches on GPUs. Compiling takes minutes, so it pays off for long runs (FID), not
+#      for one grid.
 # `context` returns views of the filled part of each buffer: exactly what the readable caches hold.
 
 # Where the fast path multiplies by q|k|v, k|v and w1|w3 concatenated, one matrix each, rather
@@ -790,14 +792,18 @@ FUSED_WEIGHTS_ON = ("cpu",)
 
 
 def project(x, weight):
-    """F.linear(x, weight) for a weight of `StaticCachePasses`: one matrix, or a tuple of its parts
-    (FUSED_WEIGHTS_ON), multiplied one by one and their outputs put side by side as the matrix's."""
+    """F.linear(x, weight) for a weight of `StaticCachePasses`: one concatenated matrix (on the
+    devices of FUSED_WEIGHTS_ON), or a tuple of its parts (elsewhere), multiplied one by one and
+    their outputs put side by side as the matrix's."""
     if isinstance(weight, tuple):
         return torch.cat([F.linear(x, part) for part in weight], dim=-1)
     return F.linear(x, weight)
 
 
 class StaticCachePasses:
+    """The fast path's `context` and `guided` for one decoding call: preallocated caches, joined
+    weights and plain-function (optionally compiled) steps, as the comment above describes."""
+
     def __init__(self, model: "ARPG", batch: int, capacity: int, compile: bool = False):
         config, layers = model.config, model.layers
         self.n_head, self.eps = config.n_head, config.norm_eps
@@ -805,8 +811,8 @@ class StaticCachePasses:
         self.embeddings = model.embeddings.weight                         # (V + classes + 3, C)
         self.mask_embedding = model.embeddings.weight[model.mask_id]     # (C,): every Pass-2 query starts here
         self.query_position = None if model.query_position is None else model.query_position.weight  # (C, D)
-        # Projections that share an input are joined: one concatenated matrix, or a tuple of the
-        # parts (FUSED_WEIGHTS_ON; `project` multiplies by either).
+        # Projections that share an input are joined: one concatenated matrix on the devices of
+        # FUSED_WEIGHTS_ON, a tuple of the parts elsewhere (`project` multiplies by either).
         join = torch.cat if self.embeddings.device.type in FUSED_WEIGHTS_ON else tuple
         # Per block: (attention norm, q|k|v or q projection, output projection, FFN norm, w1|w3, w2)
         self.context_blocks = [(b.attn_norm.weight, join([b.attn.to_q.weight, b.attn.to_k.weight, b.attn.to_v.weight]),
@@ -846,8 +852,9 @@ class StaticCachePasses:
         return [(buffer[0, :, :, :self.filled], buffer[1, :, :, :self.filled]) for buffer in self.buffers]
 
     def guided(self, target_rope, shared_kv):
-        """ARPG.guided's signature and result (`_guided`), with `rope_rows` for the RoPE rows, in the
-        head's dtype (ARPG.guided returns float32)."""
+        """ARPG.guided's result (`_guided`) for ARPG.guided's arguments less `mask` (decoding never
+        passes one), with `rope_rows` for the RoPE rows, in the head's dtype (ARPG.guided returns
+        float32)."""
         return self.steps[1](self, target_rope, shared_kv)
 
     def _norm(self, x, weight):

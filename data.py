@@ -115,8 +115,8 @@ _CIRCLE = _regular_polygon(96)
 # shape colour, "bg" cuts a hole by painting the background colour back.
 _SHAPES = {
     "circle": [(_CIRCLE, "fg")],
-    "square": [(_regular_polygon(4) * 1.0, "fg")],
-    "triangle": [(_regular_polygon(3) * 1.0 + [0, 0.2], "fg")],  # roughly centres its bounding box
+    "square": [(_regular_polygon(4), "fg")],
+    "triangle": [(_regular_polygon(3) + [0, 0.2], "fg")],  # roughly centres its bounding box
     "star": [(_star(), "fg")],
     "cross": [(_cross(), "fg")],
     "ring": [(_CIRCLE, "fg"), (_CIRCLE * 0.55, "bg")],

@@ -4,8 +4,8 @@ How good are the samples? A built-in stand-in for FID, for models trained on the
 The paper scores ImageNet samples with FID (SPEC 6 and 9): the Frechet distance between
 Inception-v3 features of 50,000 samples and of the real images. Inception's weights cannot be
 downloaded here, and they know nothing about ten classes of flat shapes anyway. So this file
-trains a small CNN on real built-in images (data.py; under a minute on 2 CPU cores, then
-cached in out/classifier.pt) and uses it the way FID uses Inception:
+trains a small CNN on real built-in images (data.py; 16 s to under a minute on 2 CPU cores,
+then cached in out/classifier.pt) and uses it the way FID uses Inception:
 
   (a) class accuracy: how often the classifier sees the class a sample was generated for (the
       built-in analogue of the Inception Score's "is it recognisably that class");
@@ -44,7 +44,7 @@ from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_scrip
 DEFAULT_CLASSIFIER = "out/classifier.pt"
 
 # Seeds of the real image sets. Training (train.py) draws its images with its --seed (0 by
-# default; the runs in README.md used 0-11); every set here has a seed of its own, so the classifier
+# default; the runs in README.md used 0-28); every set here has a seed of its own, so the classifier
 # is never tested on what it, or ARPG, was trained on (unless a run picks one of these as --seed).
 CLASSIFIER_TRAIN_SEED = 1001   # the classifier's training images
 HELDOUT_SEED = 1002            # its test images: the accuracy reported for real images

@@ -13,8 +13,8 @@ does the rest: order, schedule, guidance, sampling.
     guided.onnx      target_slots (K,) int64, shared_kv (2, B, H, N, D) -> logits (B, K, V) float32
     vq_decoder.onnx  codes (B, h, w) int64 -> images (B, 3, h*f, w*f) float32 in [-1, 1]
     arpg_onnx.json   config, token ids ([MASK], classes, null class), grid, dtype, class names,
-                     sample.py's default rows, guidance and top-p, parity figures, and the export id stamped
-                     into every graph
+                     sample.py's default rows and sampling settings (guidance, its schedule, the decoding
+                     schedule, top-p), parity figures, and the export id stamped into every graph
 
 B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
 of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's slot,
@@ -55,7 +55,8 @@ import torch.nn as nn
 from arpg import ARPG
 from data import default_classes, run_script
 from onnx_sampler import EXPORT_ID_KEY, METADATA_FILE, METADATA_FORMAT
-from sample import SAMPLING_DEFAULTS, add_checkpoint_arguments, load_models
+from sample import add_checkpoint_arguments, load_models
+from schedules import SAMPLING_DEFAULTS
 from tokenizer import VQModel
 
 OPSET = 18              # supported by every onnxruntime since 1.14
@@ -212,17 +213,18 @@ def first_missing_folder(path):
 
 
 def remove_made_folders(out_dir, first_made):
-    """After a failed export: out_dir, which it made, and then each folder above it up to
-    first_made while it is empty. A folder that holds something else by then (another export
-    writing beside this one) stays, with what it holds."""
-    shutil.rmtree(out_dir, ignore_errors=True)
+    """After a failed export, once its work folder is gone: out_dir, which it made, and then each
+    folder above it up to first_made, while they are empty. A folder that holds something else by
+    then (another export writing into or beside this one) stays, with what it holds."""
     folder = os.path.abspath(out_dir)
-    while folder != first_made:
-        folder = os.path.dirname(folder)
+    while True:
         try:
             os.rmdir(folder)                                              # only if empty
         except OSError:
             return
+        if folder == first_made:
+            return
+        folder = os.path.dirname(folder)
 
 
 def check_export_folder(out_dir):
@@ -290,7 +292,9 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
         except PermissionError:
             raise ValueError(f"cannot export to {out_dir}: it is not writable; choose another path") from None
         # Example inputs for tracing: sizes that differ from each other and from 0 and 1, so no
-        # dimension is mistaken for a constant.
+        # dimension is mistaken for a constant. (The VQ decoder's codes come at the export grid,
+        # square by default, so --dynamo may tie its rows to its columns: the sampler decodes
+        # nothing but that grid.)
         B, T, N, K = 2, 3, 4, 5
         layers, heads, head_dim = config.context_depth, config.n_head, config.dim // config.n_head
         ids = torch.randint(0, config.vocab_size, (B, T), device=device)
@@ -342,7 +346,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
             "class_names": list(class_names) if class_names is not None else None,
             # The rows sample.py draws by default, so `python onnx_sampler.py` draws the same ones.
             "default_classes": default_classes(class_names or range(config.num_classes)),
-            "sampling": dict(sampling),                                    # and its default guidance and top-p
+            "sampling": dict(sampling),                                    # and its guidance, schedules and top-p
             "dtype": "float16" if fp16 else "float32",                     # of the caches and the ARPG weights
             "cache": {"pass1_layers": layers, "heads": heads, "head_dim": head_dim},
             "graphs": {name: os.path.basename(path) for name, path in graphs.items()},

@@ -9,6 +9,7 @@ Sample ARPG images with ONNX Runtime, without PyTorch: numpy, onnxruntime and pi
     guided.onnx      Pass 2: [MASK] queries at the target positions read the shared K/V -> logits
     vq_decoder.onnx  codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]
     arpg_onnx.json   what a runner needs: config, token ids, grid, dtype, class names, default rows
+                     and sampling settings
 
 This file is the runner: the randomized parallel decoding loop of `ARPG.generate` (Sec. 3.1,
 Alg. 1; SPEC 6) rewritten in numpy around those graphs. It imports no torch, so a deployment
@@ -178,8 +179,9 @@ def start_sessions(folder, graphs, device, single_threaded=()):
         options = ort.SessionOptions()
         # ORT's CPU threads spin-wait after each run by default, for the next one. Here the next run
         # waits for numpy's sampling, which the spinning threads slow down: off, the loop ran 2.7x
-        # faster on 2 cores busy with other work (tiny model, batch 16, 32 steps; session 4). On
-        # quiet cores it makes no difference (session 13, AVX2 EPYC: 250.3 against 246.7 ms a call).
+        # faster on 2 cores busy with other work (tiny model, batch 16, 32 steps; EXPERIMENTS.md's
+        # session 4). On quiet cores it makes no difference (its session 13, AVX2 EPYC: 250.3 against
+        # 246.7 ms a call).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if name in single_threaded:
             options.intra_op_num_threads = 1
@@ -236,10 +238,10 @@ class OnnxSampler:
         # A narrow model's steps are too small to share between CPU threads: handing work to ORT's
         # thread pool costs more than it saves. At width 128 (tiny) on 2 cores, one thread per ARPG
         # graph took a 16-image 32-step call from 61.1 to 48.8 ms, and 64 images at 64 steps from
-        # 376 to 354 ms (64 images at 32 steps: 190 and 193; session 8's 6-block tiny, AVX-512
-        # EPYC); session 13's 7-block tiny on an AVX2 EPYC: 259.0 -> 236.6 and 269.1 -> 250.3 ms
-        # (16 images, 32 steps, guidance 4). Wider models keep ORT's default; the VQ decoder's
-        # convolutions always do.
+        # 376 to 354 ms (64 images at 32 steps: 190 and 193; EXPERIMENTS.md's session 8, a 6-block
+        # tiny, AVX-512 EPYC); its session 13's 7-block tiny on an AVX2 EPYC: 259.0 -> 236.6 and
+        # 269.1 -> 250.3 ms (16 images, 32 steps, guidance 4). Wider models keep ORT's default; the
+        # VQ decoder's convolutions always do.
         narrow = self.metadata["arpg_config"]["dim"] <= 256
         self.sessions, (self.device, self.device_id) = start_sessions(
             folder, self.metadata["graphs"], device, single_threaded=("context", "guided") if narrow else ())

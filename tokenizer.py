@@ -73,7 +73,7 @@ class VQConfig:
     local_codes: bool = False         # encode every f x f patch on its own, so a code depends on its patch only
 
     def __post_init__(self):
-        # JSON gives lists; a tuple keeps the config hashable-looking and equal after a round trip.
+        # JSON gives lists; a tuple keeps the config equal to itself after a round trip.
         self.ch_mult = tuple(self.ch_mult)
 
     @property
@@ -590,10 +590,12 @@ def infer_vq_config(state) -> VQConfig:
     LlamaGen's: the l2-normalised search, 32 GroupNorm groups, whole-image codes."""
     def count(prefix):                                                    # distinct block numbers after prefix
         return len({key[len(prefix):].split(".")[0] for key in state if key.startswith(prefix)})
-    if "encoder.conv_in.weight" not in state or "quantize.embedding.weight" not in state:
-        return VQ_PRESETS["VQ-16"]  # no tokenizer's weights: loading names what is missing
-    ch = state["encoder.conv_in.weight"].shape[0]
     levels = count("encoder.conv_blocks.")
+    read = ["encoder.conv_in.weight", "quantize.embedding.weight", "quant_conv.weight",
+            *(f"encoder.conv_blocks.{i}.res.0.conv1.weight" for i in range(levels))]
+    if any(key not in state for key in read):
+        return VQ_PRESETS["VQ-16"]  # not a whole tokenizer's weights: loading names what is missing
+    ch = state["encoder.conv_in.weight"].shape[0]
     codebook_size, code_dim = state["quantize.embedding.weight"].shape
     ch_mult = tuple(state[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(levels))
     if any(ch * m % VQConfig.norm_groups for m in ch_mult):
@@ -718,7 +720,7 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
         return images_to_tensor(images_uint8[rng.integers(len(images_uint8), size=n)]).to(device)
 
     optimizers = make_tokenizer_optimizers(vq, lr, muon_lr)
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     preview = images_uint8[:8]
     log_every, grid_every = 25, 200
 
@@ -874,7 +876,7 @@ class ImageFolderCrops(torch.utils.data.Dataset):
 
 
 def check_code_folder(out_dir, batch_size):
-    """Refuse a batch size under 1, or an `out_dir` that is empty or exists already (main checks
+    """Refuse a batch size under 1, or an `out_dir` that is an empty name or exists already (main checks
     before loading the tokenizer, tokenize_folder before encoding anything). An existing folder is
     refused rather than merged into: codes of another image size, tokenizer or image folder would be
     mixed in unnoticed (and a rename cannot merge anyway). An empty name would be the current folder."""
@@ -975,7 +977,8 @@ def main(argv=None):
                       help="folder with one subfolder per class; sorted subfolder names give class ids 0, 1, ...")
     mode.add_argument("--train", metavar="IMAGE_DIR",
                       help=f"train the small tokenizer (8x downsampling, 128 codes) on this folder's images (at most "
-                           f"{TRAINING_IMAGES}, picked at random); reconstructions go beside it, in <out>_recon.png")
+                           f"{TRAINING_IMAGES}, picked at random); reconstructions go beside the checkpoint, in "
+                           f"<out without its extension>_recon.png")
     parser.add_argument("--out", required=True,
                         help="--tokenize: the folder to write the .npy code files to; --train: the checkpoint file")
     parser.add_argument("--vq-ckpt", default=None,

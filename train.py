@@ -129,13 +129,13 @@ BUILTIN_TOKENIZER = "out/tokenizer.pt"  # the small tokenizer the default run tr
 # with 20,000 the held-out loss fell to 0.786 and class accuracy rose 84.7% -> 89.5% (seed 0, same
 # budget).
 BUILTIN_IMAGES = 20000
-# ... on the first tokenizer.TRAINING_IMAGES (5000) built-in images
+# The small tokenizer trains on the first tokenizer.TRAINING_IMAGES (5000) of them,
 # ... for 900 steps rather than tokenizer.py's 1200: ~40 s (~180 steps) more for the ARPG, which
 # gained more than the tokenizer lost (held-out PSNR ~1 dB lower; class accuracy 89.5% -> 89.5% and
 # 88.3% -> 90.5%, seeds 0 and 1, with an earlier 6-block recipe; EXPERIMENTS.md).
 TOKENIZER_STEPS = 900
 # ... or for 2.5 minutes, whichever ends first, when the run has a time budget. Where bf16 runs, 900
-# steps take about 2 minutes and the cap binds only in slow spells; on a CPU without bf16 matrix
+# steps take 1.6-1.9 minutes and the cap binds only in slow spells; on a CPU without bf16 matrix
 # instructions each step costs twice as much, and the budget's minutes do more for the ARPG than
 # the tokenizer's last steps (AVX2 EPYC, fp32: 478 -> 597 ARPG steps, 69.1% -> 73.2% for seed 0;
 # 386 -> 567 steps, 72.7% -> 74.4% for seed 1; EXPERIMENTS.md). A smaller --total-minutes shrinks
@@ -145,7 +145,7 @@ TOKENIZER_MINUTES = 2.5
 # steps cost ~35% less, so the budget holds ~800 steps instead of ~500, and 5 blocks learn more
 # from so few (default runs on an AVX2 EPYC: 77.8% class accuracy, the mean of thirteen seeds,
 # against 73.4% for five 7-block runs; 4 and 6 blocks did worse: EXPERIMENTS.md). Where bf16 runs,
-# the budget holds ~1400 steps of the 7-block model, which beat 6 blocks there. A run with
+# the budget holds ~1500-1800 steps of the 7-block model, which beat 6 blocks there. A run with
 # --max-steps keeps the preset on every CPU.
 FP32_CPU_TINY_LAYERS = 5
 
@@ -360,8 +360,8 @@ def build_dataset(args, vq, preset, device):
                              f"codes with --tokenizer (to train a small one on them first: python tokenizer.py "
                              f"--train {args.data} --out out/my_tokenizer.pt"
                              + (f" --image-size {args.image_size})" if args.image_size else ")"))
-        # Read and crop with tokenizer.py's loader, so the codes equal `tokenizer.py --tokenize`'s
-        # (the same class ids too), and keep them in memory: fine for small folders; pre-tokenize
+        # Read and crop with tokenizer.py's loader, so the codes equal `tokenizer.py --tokenize`'s at
+        # the same --image-size (the same class ids too), and keep them in memory: fine for small folders; pre-tokenize
         # large ones once with tokenizer.py instead of at every start.
         size = args.image_size or preset.grid_size * vq.downsample  # tiny: 8 x 8 tokens * 8 = 64 pixels
         vq.check_image_size(size)
@@ -381,9 +381,8 @@ def build_dataset(args, vq, preset, device):
     vocab_size = args.vocab_size or (vq.config.codebook_size if vq is not None else preset.vocab_size)
     dataset = TokenGrids(paths, labels, names, vocab_size, first.shape[-1] if first.ndim else 0)
     first_of_class = np.cumsum([0] + [len(class_files) for class_files in files[:-1]])
-    for index, class_files in zip(first_of_class, files):  # check one file per class now, not hours into a run
-        if class_files:
-            dataset[(int(index), 0)]
+    for index in first_of_class:  # check one file per class now, not hours into a run
+        dataset[(int(index), 0)]
     return dataset
 
 
@@ -859,8 +858,8 @@ def tokenizer_precision(args, device):
     """The ARPG's precision for the small tokenizer too, except on CPUs with AMX. Its convolutions
     in bf16 (quantizer in fp32, `train_tokenizer`) made its step 10-15% faster on a 2-core AMD EPYC
     with AVX-512 BF16 (1200 steps in 166 s instead of 185 s, seed 0) for the same held-out PSNR
-    (27.92 / 28.07 dB against 27.77 / 28.01, seeds 0 / 1), but slower on an earlier session's Xeon
-    with AMX, where the fp32 tokenizer was already the faster one (2 min 24 s against AMD's ~3 min)."""
+    (27.92 / 28.07 dB against 27.77 / 28.01, seeds 0 / 1), but slower than fp32 on an earlier
+    session's 2-core Xeon with AMX (EXPERIMENTS.md, *Tried and not kept*)."""
     return "fp32" if device.type == "cpu" and cpu_has("amx_tile") else args.precision
 
 
@@ -1043,7 +1042,7 @@ def main(argv=None):
         check_same_run(args, checkpoint["args"])
         if args.tokenizer and not os.path.isfile(args.tokenizer):  # a new one's codes would mean nothing to the model
             raise FileNotFoundError(f"the tokenizer {args.tokenizer} that {args.out} was trained with is missing: "
-                                    f"put it back, or pass it with --tokenizer (a new one would give other codes)")
+                                    f"put it back there (a new one would give other codes)")
         planned = checkpoint["args"]["max_steps"] if args.max_steps is None else args.max_steps
         if checkpoint["step"] >= planned:  # refused before any work, and nothing rewritten
             raise ValueError(f"{args.out} is already trained for {checkpoint['step']} steps, and --resume would "

@@ -590,15 +590,17 @@ def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tm
             export_onnx(model, None, str(tmp_path / "made" / "on_the_way" / "not_finite"), fp16=fp16)
     assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
 
-    def parity_while_another_export_writes_beside(*args):                 # into a folder this export made
+    def parity_while_another_export_writes_there(*args):                 # into folders this export made
         (tmp_path / "made" / "beside").mkdir()
         (tmp_path / "made" / "beside" / "context.onnx").write_text("another export's graph")
+        (tmp_path / "made" / "on_the_way" / "not_finite" / "guided.onnx").write_text("another export's graph")
         return {**real_parity(*args), "guided": float("nan")}
-    monkeypatch.setattr(export, "measure_parity", parity_while_another_export_writes_beside)
+    monkeypatch.setattr(export, "measure_parity", parity_while_another_export_writes_there)
     with pytest.raises(ValueError, match="differ from PyTorch"):
         export_onnx(model, None, str(tmp_path / "made" / "on_the_way" / "not_finite"))
     left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
-    assert left == ["made", "made/beside", "made/beside/context.onnx"], left
+    assert left == ["made", "made/beside", "made/beside/context.onnx", "made/on_the_way",
+                    "made/on_the_way/not_finite", "made/on_the_way/not_finite/guided.onnx"], left
 
 
 def test_export_installs_each_graph_before_its_weights_and_the_json_last(exported, tmp_path, monkeypatch):

@@ -122,6 +122,10 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
         VQModel.from_checkpoint({"model": tiny_model().state_dict()})  # no config, and not LlamaGen's norms
     with pytest.raises(FileNotFoundError, match="not found"):
         VQModel.from_checkpoint(str(tmp_path / "absent.pt"))
+    for dropped in ("quant_conv.weight", "encoder.conv_blocks.1.res.0.conv1.weight"):  # keys the inference reads
+        partial = {key: value for key, value in tiny_model().state_dict().items() if key != dropped}
+        with pytest.raises(ValueError, match="does not match the model; missing"):  # not a bare KeyError
+            VQModel.from_checkpoint({"model": partial})
     arpg_state = {"embeddings.weight": torch.zeros(4, 8), "head.weight": torch.zeros(2, 8)}  # ARPG's keys
     with pytest.raises(ValueError, match="is an ARPG checkpoint, not a tokenizer"):
         VQModel.from_checkpoint({"model": arpg_state, "config": {"dim": 8}})
