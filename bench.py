@@ -18,18 +18,20 @@ It prints a markdown table and writes it to --out.
 
 import argparse
 import functools
+import itertools
 import math
 import platform
 import statistics
 import tempfile
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
 from arpg import ARPG, ARPG_PRESETS, check_device
 from data import atomic_output, check_output_path, run_script
-from train import RECIPES, make_optimizers
+from train import RECIPES, make_optimizers, optimizer_step, parse_args as parse_train_args, wait_for_device
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -43,8 +45,8 @@ def parse_args():
                         help="images per batch (default: 64 on GPU as in the paper, 16 and 64 on CPU)")
     parser.add_argument("--steps", type=int, nargs="+", default=[16, 32, 64], help="parallel decoding step counts")
     parser.add_argument("--tokens", type=int, default=None,
-                        help="image tokens per sample (a square number; default: the preset's, 64 for tiny, 256 "
-                             "for L)")
+                        help="image tokens per sample (a square number, at least 16; default: the preset's, 64 "
+                             "for tiny, 256 for L)")
     parser.add_argument("--cfg", type=float, default=4.0,
                         help="guidance scale (default 4: rows doubled as in the paper's protocol; 1: no guidance, "
                              "half the rows)")
@@ -65,7 +67,8 @@ def parse_args():
         args.tokens = ARPG_PRESETS[args.size].block_size
     if args.tokens < 16 or math.isqrt(args.tokens) ** 2 != args.tokens:
         raise ValueError(f"--tokens must be a square number of at least 16 (the tokens of an n x n grid; the ONNX "
-                         f"export checks itself on 12), got {args.tokens}")
+                         f"export's parity check decodes 12 of them, and 16 is the first square above), got "
+                         f"{args.tokens}")
     if not all(1 <= steps <= args.tokens for steps in args.steps):
         raise ValueError(f"--steps must be between 1 and the {args.tokens} tokens of an image, got {args.steps}")
     if not math.isfinite(args.cfg):
@@ -80,19 +83,13 @@ def parse_args():
 # -----------------------------------------------------------------------------
 # Timing
 
-def synchronize(device):
-    """Wait for the GPU's queued work (CPU work is done when the call returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def memory(peak):
     """A peak from `timed` as text: "1.23 GB", or "n/a" on a CPU (torch tracks GPU memory only)."""
     return "n/a" if peak is None else f"{peak:.2f} GB"
 
 
 def timed(fns, repeats, device):
-    """{name: (median seconds per call, peak GPU memory in GB, None on a CPU)} of the callables in `fns`.
+    """{name: (median seconds per call, peak GPU memory in GB or None on a CPU)} of the callables in `fns`.
 
     One warm-up call each, then `repeats` rounds that call every function once in turn. Taking
     turns matters on shared machines: when the machine slows down for a while (other tenants,
@@ -105,12 +102,12 @@ def timed(fns, repeats, device):
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            synchronize(device)
+            wait_for_device(device)
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             fn()
-            synchronize(device)
+            wait_for_device(device)
             times[name].append(time.perf_counter() - start)
             if on_gpu:
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 1e9)
@@ -145,7 +142,7 @@ def print_profile(model, labels, args, device):
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities, profile_memory=not on_gpu) as profile:
         model.generate(labels, steps=args.steps[0], cfg_scale=args.cfg, fast=True)
-        synchronize(device)
+        wait_for_device(device)
     sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(profile.key_averages().table(sort_by=sort_key, row_limit=15))
     if not on_gpu:
@@ -168,8 +165,9 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def describe_setting(args, device):
-    """The table's first line: the device, the versions, and what was timed."""
+def describe_setting(args, device, with_onnx):
+    """The table's first line: the device, the versions, and what was timed (with_onnx: the table
+    has ONNX Runtime rows)."""
     try:
         import onnxruntime
         ort_version = onnxruntime.__version__
@@ -180,7 +178,8 @@ def describe_setting(args, device):
         f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
     return (f"Device: {device_name}; torch {torch.__version__}; onnxruntime {ort_version}; ARPG-{args.size} "
             f"with {args.tokens} tokens per image (random weights), "
-            f"{'bf16 (ONNX Runtime: fp16 graphs)' if on_gpu else 'fp32'}, guidance {args.cfg}"
+            f"{'bf16' if on_gpu else 'fp32'}{' (ONNX Runtime: fp16 graphs)' if on_gpu and with_onnx else ''}, "
+            f"guidance {args.cfg}"
             f"{' (rows doubled)' if args.cfg != 1 else ''}, token generation only"
             f"{'; the fast path eager' if on_gpu and args.no_compile else ''}.")
 
@@ -233,8 +232,9 @@ def sampling_rows(model, onnx_sampler, batch, args, device, record):
 
 
 def training_row(config, batch, args, device):
-    """Training throughput at `batch`: forward + backward + optimizer step, eager, with the
-    optimizers and dropout of train.py's recipe for this size. Returns (batch, img/s, peak GB, how)."""
+    """Training throughput at `batch`: train.py's optimizer step (forward, backward, gradient
+    clipping, optimizers), eager, with the optimizers and dropout of train.py's recipe for this size.
+    Returns (batch, img/s, peak GB, how)."""
     on_gpu = device.type == "cuda"
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
     dropout = dict.fromkeys(("token_dropout_p", "resid_dropout_p", "ffn_dropout_p"), recipe["dropout"])  # train.py's
@@ -242,14 +242,12 @@ def training_row(config, batch, args, device):
     optimizers = make_optimizers(train_model, 1e-4, 0.05, device, recipe["muon_lr"], "bf16" if on_gpu else "fp32")
     tokens = torch.randint(0, config.vocab_size, (batch, args.tokens), device=device)
     labels = torch.arange(batch, device=device) % config.num_classes
+    batches = itertools.repeat((tokens, labels))                         # the same batch every step
+    step_args = SimpleNamespace(precision="bf16" if on_gpu else "fp32", grad_accum=1,
+                                grad_clip=parse_train_args([]).grad_clip)  # train.py's default
 
     def train_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            _, loss = train_model(tokens, labels)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer_step(train_model, train_model, optimizers, batches, step_args, device)
 
     seconds, peak = timed({"train": train_step}, args.repeats, device)["train"]
     how = f"eager, {'bf16 autocast' if on_gpu else 'fp32'}, {'AdamW and Muon' if recipe['muon_lr'] > 0 else 'AdamW'}"
@@ -263,7 +261,7 @@ def main():
     on_gpu = device.type == "cuda"
     if on_gpu:
         device = torch.device("cuda", device.index or 0)  # set_device refuses a bare "cuda" (as train.py does)
-        torch.cuda.set_device(device)   # so that synchronize and the memory counters watch this GPU
+        torch.cuda.set_device(device)   # so that the memory counters watch this GPU
     dtype = torch.bfloat16 if on_gpu else torch.float32   # the paper's bf16 on GPU; fp32 on CPU
     batches = args.batch or ([64] if on_gpu else [16, 64])
     torch.manual_seed(0)
@@ -278,8 +276,12 @@ def main():
 
     onnx_sampler = None
     if not args.no_onnx:
-        from export import export_onnx                   # only when asked: exporting needs onnx
-        from onnx_sampler import OnnxSampler
+        try:
+            from export import export_onnx               # only when asked: exporting needs onnx
+            from onnx_sampler import OnnxSampler
+        except ImportError as error:
+            raise ValueError(f"the ONNX Runtime rows need {error.name} (pip install -r requirements.txt), or "
+                             f"pass --no-onnx") from None
         # The sessions hold the graphs once made, so the export folder is removed right after.
         with tempfile.TemporaryDirectory(prefix="arpg-bench-onnx-") as onnx_dir:
             export_onnx(model, None, onnx_dir, fp16=on_gpu)  # from the fp32 weights, as a deployer would
@@ -289,7 +291,7 @@ def main():
                 print(f"ONNX Runtime rows skipped: {error}")
     model = model.to(device, dtype)
 
-    setting = describe_setting(args, device)
+    setting = describe_setting(args, device, onnx_sampler is not None)
     rows = []   # (sampler, batch, steps, img/s, peak GB)
 
     def record(new_rows):
