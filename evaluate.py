@@ -44,7 +44,7 @@ from data import CLASS_NAMES, check_output_path, make_builtin_dataset, run_scrip
 DEFAULT_CLASSIFIER = "out/classifier.pt"
 
 # Seeds of the real image sets. Training (train.py) draws its images with its --seed (0 by
-# default; the runs in README.md used 0-28); every set here has a seed of its own, so the classifier
+# default; the runs in README.md used 0-34); every set here has a seed of its own, so the classifier
 # is never tested on what it, or ARPG, was trained on (unless a run picks one of these as --seed).
 CLASSIFIER_TRAIN_SEED = 1001   # the classifier's training images
 HELDOUT_SEED = 1002            # its test images: the accuracy reported for real images
