@@ -361,8 +361,8 @@ def build_dataset(args, vq, preset, device):
                              f"--train {args.data} --out out/my_tokenizer.pt"
                              + (f" --image-size {args.image_size})" if args.image_size else ")"))
         # Read and crop with tokenizer.py's loader, so the codes equal `tokenizer.py --tokenize`'s at
-        # the same --image-size (the same class ids too), and keep them in memory: fine for small folders; pre-tokenize
-        # large ones once with tokenizer.py instead of at every start.
+        # the same --image-size (the same class ids too), and keep them in memory: fine for small
+        # folders; pre-tokenize large ones once with tokenizer.py instead of at every start.
         size = args.image_size or preset.grid_size * vq.downsample  # tiny: 8 x 8 tokens * 8 = 64 pixels
         vq.check_image_size(size)
         items = list_image_folder(args.data)                              # [(path, class_id, index)]

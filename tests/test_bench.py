@@ -74,7 +74,8 @@ def test_bench_without_onnxruntime_says_what_to_do_in_one_line():
     """Without onnxruntime, the ONNX Runtime rows (on by default) end in one line that names the
     package and --no-onnx, not in an ImportError's traceback."""
     blocked = ("import runpy, sys; sys.modules['onnxruntime'] = None; "    # None in sys.modules: ImportError
-               "sys.argv = ['bench.py', '--tokens', '16', '--steps', '2']; runpy.run_path('bench.py', run_name='__main__')")
+               "sys.argv = ['bench.py', '--tokens', '16', '--steps', '2']; "
+               "runpy.run_path('bench.py', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr == ("error: the ONNX Runtime rows need onnxruntime (pip install -r requirements.txt), or "
