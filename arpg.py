@@ -241,12 +241,12 @@ def attend(q, k, v, mask, dropout_p):
     return rearrange(out, "b h k d -> b k (h d)")
 
 
-def attend_unfused(q, k, v, mask=None, dropout_p=0.0):
+def attend_unfused(q, k, v, mask, dropout_p):
     """attend() spelled out as softmax(q k^T / sqrt(D)) v, the softmax in fp32; mask (K, N) or None.
 
-    Same result, to float rounding. Besides bf16 training on a CPU (above), it serves the fast
-    decoding path (`StaticCachePasses`): there each call has only a few queries, and the fused
-    CPU kernel spends more time setting up than computing (about 2x slower per call at `tiny` size).
+    Same result, to float rounding. Only bf16 training on a CPU uses it (above): in fp32 on a CPU the
+    fused kernel is faster, decoding's few queries included (torch 2.13, 2-core AMD EPYC, fp32,
+    32 rows of 4 heads: 28-428 against 54-464 us a call, from 1 query and 3 keys to 8 and 257).
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B, H, K, N)
     if mask is not None:
@@ -760,9 +760,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # The readable loop above stays the reference. This class gives it a drop-in replacement for
 # `context` and `guided` that computes the same numbers, up to float rounding (in float32 the
 # logits agree to ~1e-6 and the sampled tokens are the same (tests/test_arpg.py) except where a
-# draw falls that close to the edge between two codes, a rare event over millions of draws; in
-# bf16 its attention scores are rounded before the softmax where the readable path's fused
-# attention keeps them wider, so such near ties are wider too), with changes that only save time:
+# draw falls that close to the edge between two codes, a rare event over millions of draws), with
+# changes that only save time:
 #   1. Preallocated caches. Every cache is one (2, batch, H, capacity, D) buffer allocated once;
 #      each step writes its new keys/values in place by index. Growing caches with torch.cat (as
 #      the official sampler does) copies the whole cache every step, and holds the old and the new
@@ -770,8 +769,8 @@ def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 #   2. Fewer, larger operations. On a CPU, each Pass-1 layer's q/k/v, the shared k/v and each
 #      SwiGLU's w1/w3 run as one matrix multiply each (`FUSED_WEIGHTS_ON`); RoPE is
 #      x * cos + swap(x) * sin with tables built once per call (`rope_rows`, `rotate`), as is each
-#      target slot's query-position offset; attention is two batched matrix multiplies
-#      (`attend_unfused`); and the code is plain functions of weight tensors, not module calls.
+#      target slot's query-position offset; attention is the readable path's (`attend`); and
+#      the code is plain functions of weight tensors, not module calls.
 #      At the `tiny` size on a CPU, a decoding call is ~30,000 small operations whose Python and
 #      dispatch overhead costs about as much as the arithmetic, so their number is what this path cuts.
 #   3. Optionally compiled steps (torch.compile with dynamic shapes: one set of graphs serves
@@ -877,7 +876,7 @@ class StaticCachePasses:
             q, k = rotate(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, D) each
             cache[0, :, :, start:end] = k                                # (B, H, T, D) into (B, H, N, D)
             cache[1, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
-            out = attend_unfused(q, cache[0, :, :, :end], cache[1, :, :, :end], mask)  # (B, T, C)
+            out = attend(q, cache[0, :, :, :end], cache[1, :, :, :end], mask, 0.0)  # (B, T, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         k, v = project(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
         # k, v (B, T, H, D) each, written as (B, H, T, D) into the shared cache
@@ -896,7 +895,7 @@ class StaticCachePasses:
         for attn_norm, q_weight, proj, ffn_norm, w13, w2 in self.guided_blocks:
             q = F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1)  # (B, K, H, D)
             q = rotate(q, cos, sin)
-            out = attend_unfused(q.transpose(1, 2), k, v)                 # (B, K, C)
+            out = attend(q.transpose(1, 2), k, v, None, 0.0)             # (B, K, C)
             x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
         # Not widened here: guide widens bf16 logits as it reads them (on a GPU), with no float32
         # copy of both halves.
