@@ -135,10 +135,10 @@ BUILTIN_IMAGES = 20000
 # 88.3% -> 90.5%, seeds 0 and 1, with an earlier 6-block recipe; EXPERIMENTS.md).
 TOKENIZER_STEPS = 900
 # ... or for 2.5 minutes, whichever ends first, when the run has a time budget. Where bf16 runs, 900
-# steps take 1.6-1.9 minutes and the cap binds only in slow spells; on a CPU without bf16 matrix
-# instructions each step costs twice as much, and the budget's minutes do more for the ARPG than
-# the tokenizer's last steps (AVX2 EPYC, fp32: 478 -> 597 ARPG steps, 69.1% -> 73.2% for seed 0;
-# 386 -> 567 steps, 72.7% -> 74.4% for seed 1; EXPERIMENTS.md). A smaller --total-minutes shrinks
+# steps take 1.4-1.9 minutes and the cap binds only in slow spells; on the AVX2 EPYC, without bf16
+# matrix instructions, each step cost twice as much, and the budget's minutes did more for the ARPG
+# than the tokenizer's last steps (fp32: 478 -> 597 ARPG steps, 69.1% -> 73.2% for seed 0; 386 -> 567
+# steps, 72.7% -> 74.4% for seed 1; EXPERIMENTS.md). A smaller --total-minutes shrinks
 # the cap in proportion (`tokenizer_minutes`), or --total-minutes 3 would leave the ARPG no time.
 TOKENIZER_MINUTES = 2.5
 # On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
