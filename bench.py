@@ -235,22 +235,22 @@ def training_row(config, batch, args, device):
     """Training throughput at `batch`: train.py's optimizer step (forward, backward, gradient
     clipping, optimizers), eager, with the optimizers and dropout of train.py's recipe for this size.
     Returns (batch, img/s, peak GB, how)."""
-    on_gpu = device.type == "cuda"
+    precision = "bf16" if device.type == "cuda" else "fp32"              # train.py's: bf16 autocast on a GPU
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
     dropout = dict.fromkeys(("token_dropout_p", "resid_dropout_p", "ffn_dropout_p"), recipe["dropout"])  # train.py's
     train_model = ARPG(replace(config, **dropout)).to(device).train()
-    optimizers = make_optimizers(train_model, 1e-4, 0.05, device, recipe["muon_lr"], "bf16" if on_gpu else "fp32")
+    optimizers = make_optimizers(train_model, 1e-4, 0.05, device, recipe["muon_lr"], precision)
     tokens = torch.randint(0, config.vocab_size, (batch, args.tokens), device=device)
     labels = torch.arange(batch, device=device) % config.num_classes
     batches = itertools.repeat((tokens, labels))                         # the same batch every step
-    step_args = SimpleNamespace(precision="bf16" if on_gpu else "fp32", grad_accum=1,
+    step_args = SimpleNamespace(precision=precision, grad_accum=1,
                                 grad_clip=parse_train_args([]).grad_clip)  # train.py's default
 
     def train_step():
         optimizer_step(train_model, train_model, optimizers, batches, step_args, device)
 
     seconds, peak = timed({"train": train_step}, args.repeats, device)["train"]
-    how = f"eager, {'bf16 autocast' if on_gpu else 'fp32'}, {'AdamW and Muon' if recipe['muon_lr'] > 0 else 'AdamW'}"
+    how = f"eager, {'bf16 autocast' if precision == 'bf16' else 'fp32'}, {'AdamW and Muon' if recipe['muon_lr'] > 0 else 'AdamW'}"
     print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {memory(peak)}")
     return batch, batch / seconds, peak, how
 

@@ -138,8 +138,8 @@ TOKENIZER_STEPS = 900
 # steps take 1.4-1.9 minutes and the cap binds only in slow spells; on the AVX2 EPYC, without bf16
 # matrix instructions, each step cost twice as much, and the budget's minutes did more for the ARPG
 # than the tokenizer's last steps (fp32: 478 -> 597 ARPG steps, 69.1% -> 73.2% for seed 0; 386 -> 567
-# steps, 72.7% -> 74.4% for seed 1; EXPERIMENTS.md). A smaller --total-minutes shrinks
-# the cap in proportion (`tokenizer_minutes`), or --total-minutes 3 would leave the ARPG no time.
+# steps, 72.7% -> 74.4% for seed 1; EXPERIMENTS.md). A smaller --total-minutes shrinks the cap in
+# proportion (`tokenizer_minutes`), or --total-minutes 3 would leave the ARPG no time.
 TOKENIZER_MINUTES = 2.5
 # On such a CPU a timed run also trains a shallower tiny ARPG: 5 blocks (2 + 3) instead of 7, whose
 # steps cost ~35% less, so the budget holds ~800 steps instead of ~500, and 5 blocks learn more
