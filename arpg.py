@@ -20,10 +20,10 @@ Names. The two passes keep the official checkpoint's names, since those are its 
 This file is the model, written to be read top to bottom:
 
     shape legend -> 2-D RoPE (with the class-token quirk) -> attention -> Pass-1 and Pass-2
-    blocks -> the model: training forward (random-order teacher forcing, paper Sec. 3.1),
-    then `generate` (randomized parallel decoding, Sec. 3.1 and Alg. 1) with zero-shot
-    editing (known tokens, Sec. 3.2) -> token sampling -> the fast decoding path (the same
-    tokens, less overhead) -> checkpoint loading (official files and ours) -> the device check.
+    blocks -> token sampling -> the model: training forward (random-order teacher forcing,
+    paper Sec. 3.1), then `generate` (randomized parallel decoding, Sec. 3.1 and Alg. 1) with
+    zero-shot editing (known tokens, Sec. 3.2) -> the fast decoding path (the same tokens, less
+    overhead) -> checkpoint loading (official files and ours) -> the device check.
 
 With the official presets (L, XL, XXL) it computes exactly what the official implementation
 computes (tests/test_arpg.py checks logits and generations against fixtures made by running
@@ -31,6 +31,7 @@ it) and loads the released weights; the CPU-sized `tiny` preset departs in three
 (the class token's RoPE slot, Pass-2 queries that carry their position, a 2 + 5 block split).
 
 Quick use:
+    import torch
     from arpg import ARPG
     model = ARPG.from_checkpoint("arpg_300m.pt").eval()        # official ARPG-L
     tokens = model.generate(torch.tensor([207, 360]), steps=64, cfg_scale=5.0)  # (2, 256)
@@ -52,14 +53,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from data import atomic_output
-from schedules import CFG_SCHEDULES, check_decoding, reveal_counts
+from schedules import CFG_SCHEDULES, SAMPLING_DEFAULTS, check_decoding, default_steps, reveal_counts
 
 # -----------------------------------------------------------------------------
 # Shape legend (used in every shape comment below)
 #   B  batch (rows; doubled to 2B when classifier-free guidance is on)
 #   L  image tokens in the grid (rows * cols; 256 for 256x256 ImageNet with VQ-16)
 #   S  decoding steps
-#   T  tokens fed to Pass 1 in one call (L in training, the tokens revealed last step at inference)
+#   T  tokens fed to Pass 1 in one call (L in training; at inference first the class token and any
+#      known tokens, then the tokens revealed last step)
 #   N  keys in a cache (everything Pass 1 has seen so far)
 #   K  [MASK] queries in one call (L in training, the tokens to reveal this step at inference)
 #   U  tokens still unknown when decoding starts (L, or fewer when editing keeps some)
@@ -165,7 +167,7 @@ def build_rope_table(rows: int, cols: int, head_dim: int, base: float = 10000.0,
                      class_rope: str = "zero") -> torch.Tensor:
     """(cos, sin) of every grid position, after the class token's slot: (1 + rows*cols, D/2, 2)."""
     n_freq = head_dim // 4                                                # frequencies per half
-    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2)[:n_freq].float() / (head_dim // 2))
+    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))
     row_angle = torch.outer(torch.arange(rows).float(), freqs)           # (rows, D/4)
     col_angle = torch.outer(torch.arange(cols).float(), freqs)           # (cols, D/4)
     angle = torch.cat([row_angle[:, None, :].expand(rows, cols, n_freq),
@@ -274,7 +276,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, mask=None, cache=None):
         # x (B, T, C); rope (B or 1, T, D/2, 2): each token is rotated by its own grid position
-        q, k, v = (rearrange(f(x), "b t (h d) -> b t h d", h=self.n_head) for f in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (rearrange(f(x), "b t (h d) -> b t h d", h=self.n_head) for f in (self.to_q, self.to_k, self.to_v))  # (B, T, H, D) each
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, T, D)
         if cache is not None:
@@ -287,7 +289,7 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Pass-2 attention: [MASK] queries attend to the shared keys/values of Pass 1.
 
-    Only the query projection lives here; keys and values come from the one shared projection
+    Only the query and output projections live here; keys and values come from the one shared projection
     after Pass 1 (SPEC 3), already rotated by the position of the token they came from.
     "Target-aware": the query is rotated by the position it must predict (see `ARPG.forward`).
     """
@@ -302,7 +304,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, target_rope, k, v, mask=None):
         # x (B, K, C); target_rope (B or 1, K, D/2, 2); k, v (B, H, N, D)
-        q = apply_rope(rearrange(self.to_q(x), "b k (h d) -> b k h d", h=self.n_head), target_rope)
+        q = rearrange(self.to_q(x), "b k (h d) -> b k h d", h=self.n_head)  # (B, K, H, D)
+        q = apply_rope(q, target_rope)
         out = attend(q.transpose(1, 2), k, v, mask, self.dropout_p if self.training else 0.0)  # (B, K, C)
         return self.proj_dropout(self.proj(out))
 
@@ -356,6 +359,49 @@ class TwoPassDecoder(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.to_k = nn.Linear(config.dim, config.dim, bias=False)
         self.to_v = nn.Linear(config.dim, config.dim, bias=False)
+
+
+# -----------------------------------------------------------------------------
+# Sampling a token from logits (SPEC 6). The decoding schedules, MASK_SCHEDULES, reveal_counts
+# and CFG_SCHEDULES, are in schedules.py: torch-free, so onnx_sampler.py uses the same ones.
+
+
+def guide(logits, scale):
+    """Classifier-free guidance: doubled logits (2B, K, V), the conditional half first, ->
+    uncond + (cond - uncond) * scale (B, K, V) in float32, the official formula to the last bit.
+
+    The halves may be bf16 (the fast path's head output): a GPU's kernels widen them exactly as
+    they read them, with no float32 copy of the doubled logits (a CPU's kernels first copy each
+    bf16 operand to float32). The result is a new tensor (copy=True leaves the doubled logits as
+    they were) holding no view of them, so they are freed once the caller drops them. Every copy
+    counts: at ARPG-L's size a step's doubled logits take up to 0.34 GB in float32 (64 images,
+    40 targets)."""
+    cond, uncond = logits.chunk(2)                                        # (B, K, V) each
+    return cond.to(torch.float32, copy=True).sub_(uncond).mul_(scale).add_(uncond)
+
+
+def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering,
+    overwriting float32 logits with their probabilities.
+
+    Sampling is in float32, as in the official loop: other logits are widened into a new float32
+    tensor first, and are left as they were. Working in place, sampling holds only
+    torch.multinomial's scratch beside the logits (top-p also sorts a copy)."""
+    logits = logits.float()                                               # (no copy if float32)
+    if temperature != 1.0:
+        logits.div_(max(temperature, 1e-5))
+    if top_k > 0:  # keep the k most likely
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always the top token)
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p    # mass before each (..., V), sorted
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
+        logits.masked_fill_(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1, out=logits)                     # in place, the same numbers
+    flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)  # (B*K, 1), as the official loop
+    return flat.view(probs.shape[:-1])                                    # (B, K)
 
 
 # -----------------------------------------------------------------------------
@@ -453,8 +499,8 @@ class ARPG(nn.Module):
             x, layer_cache = block(x, rope, mask, None if caches is None else caches[i])
             grown.append(layer_cache)
         x = self.layers.norm(x)
-        k = apply_rope(rearrange(self.layers.to_k(x), "b t (h d) -> b t h d", h=self.config.n_head), rope)
-        v = rearrange(self.layers.to_v(x), "b t (h d) -> b t h d", h=self.config.n_head)  # values are not rotated
+        k = apply_rope(rearrange(self.layers.to_k(x), "b t (h d) -> b t h d", h=self.config.n_head), rope)  # (B, T, H, D)
+        v = rearrange(self.layers.to_v(x), "b t (h d) -> b t h d", h=self.config.n_head)  # (B, T, H, D); values are not rotated
         k, v = k.transpose(1, 2), v.transpose(1, 2)                       # (B, H, T, D)
         if caches is not None:
             k = torch.cat([caches[-1][0], k], dim=2)                      # (B, H, N+T, D)
@@ -535,12 +581,13 @@ class ARPG(nn.Module):
 
     @torch.inference_mode()
     @in_eval_mode
-    def generate(self, labels, steps=32, cfg_scale=4.0, cfg_schedule="linear", schedule="arccos",
-                 temperature=1.0, top_k=0, top_p=1.0, order=None, generator=None,
+    def generate(self, labels, steps=None, cfg_scale=SAMPLING_DEFAULTS["cfg_scale"],
+                 cfg_schedule=SAMPLING_DEFAULTS["cfg_schedule"], schedule=SAMPLING_DEFAULTS["schedule"],
+                 temperature=1.0, top_k=0, top_p=SAMPLING_DEFAULTS["top_p"], order=None, generator=None,
                  known_tokens=None, known_mask=None, grid=None, fast=False, compile=False):
         """Sample image tokens (B, rows*cols) in raster order for class labels (B,).
 
-        steps: decoding steps S; cfg_scale: guidance g (1 = no guidance, and no doubled batch);
+        steps: decoding steps S (default 32, or one per token when fewer are to be decoded); cfg_scale: guidance g (1 = no guidance, and no doubled batch);
         cfg_schedule "linear" ramps guidance from 1 to g as the canvas fills, "constant" keeps g;
         schedule "arccos" or "cosine" says how many tokens each step reveals; temperature, top_k,
         top_p shape the sampling distribution; order: the 0-based generation order (a permutation
@@ -578,8 +625,12 @@ class ARPG(nn.Module):
             order = noise.argsort()                                       # (L,)
         self._check_order(order, (L,))
         order = order.to(device)
-        unknown_order = order[~known_mask[0][order]] if known_mask is not None else order  # (U,)
+        unknown_order = order                                             # (U,) in generation order
+        if known_mask is not None:
+            is_known = known_mask[0][order]                               # (L,) in generation order
+            unknown_order = order[~is_known]
         U = unknown_order.numel()
+        steps = default_steps(U) if steps is None else steps
         if not 1 <= steps <= U:
             raise ValueError(f"steps must be between 1 and the {U} tokens to decode, got {steps}")
 
@@ -590,7 +641,7 @@ class ARPG(nn.Module):
         feed_ids, feed_slots = class_ids, torch.zeros(1, dtype=torch.long, device=device)
         prefill_mask = None
         if known_mask is not None:
-            known_pos = order[known_mask[0][order]]                       # (L - U,) in generation order
+            known_pos = order[is_known]                                   # (L - U,) in generation order
             tokens[:, known_pos] = known_tokens.to(device)[:, known_pos]  # (B, L - U) written
             feed_ids = torch.cat([class_ids, tokens[:, known_pos]], dim=1)  # (B, 1 + L - U)
             feed_slots = torch.cat([feed_slots, known_pos + 1])          # (1 + L - U,)
@@ -662,7 +713,7 @@ class ARPG(nn.Module):
 
     @staticmethod
     def _check_integers(tensor, name):
-        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        if tensor.dtype != torch.long:  # they index embeddings and targets; a uint8 label + offset would wrap
             raise ValueError(f"{name} must be integers (torch.long), got {tensor.dtype}")
 
     def _check_tokens(self, tokens, length, name):
@@ -712,52 +763,9 @@ class ARPG(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sampling a token from logits (SPEC 6). The decoding schedules, MASK_SCHEDULES, reveal_counts
-# and CFG_SCHEDULES, are in schedules.py: torch-free, so onnx_sampler.py uses the same ones.
-
-
-def guide(logits, scale):
-    """Classifier-free guidance: doubled logits (2B, K, V), the conditional half first, ->
-    uncond + (cond - uncond) * scale (B, K, V) in float32, the official formula to the last bit.
-
-    The halves may be bf16 (the fast path's head output): a GPU's kernels widen them exactly as
-    they read them, with no float32 copy of the doubled logits (a CPU's kernels first copy each
-    bf16 operand to float32). The result is a new tensor (copy=True leaves the doubled logits as
-    they were) holding no view of them, so they are freed once the caller drops them. Every copy
-    counts: at ARPG-L's size a step's doubled logits take up to 0.34 GB in float32 (64 images,
-    40 targets)."""
-    cond, uncond = logits.chunk(2)                                        # (B, K, V) each
-    return cond.to(torch.float32, copy=True).sub_(uncond).mul_(scale).add_(uncond)
-
-
-def sample_tokens(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Draw one token per row of logits (..., V) after temperature, top-k and top-p filtering,
-    overwriting float32 logits with their probabilities.
-
-    Sampling is in float32, as in the official loop: other logits are widened into a new float32
-    tensor first, and are left as they were. Working in place, sampling holds only
-    torch.multinomial's scratch beside the logits (top-p also sorts a copy)."""
-    logits = logits.float()                                               # (no copy if float32)
-    if temperature != 1.0:
-        logits.div_(max(temperature, 1e-5))
-    if top_k > 0:  # keep the k most likely
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits.masked_fill_(logits < kth, float("-inf"))
-    if top_p < 1.0:  # keep the smallest set whose probability reaches top_p (always the top token)
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p    # mass before each (..., V), sorted
-        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)  # back to vocab order
-        logits.masked_fill_(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1, out=logits)                     # in place, the same numbers
-    flat = torch.multinomial(probs.flatten(0, -2), 1, generator=generator)  # (B*K, 1), as the official loop
-    return flat.view(probs.shape[:-1])                                    # (B, K)
-
-
-# -----------------------------------------------------------------------------
 # The fast decoding path: the same tokens, less overhead (used by `generate(fast=True)`)
 #
-# The readable loop above stays the reference. This class gives it a drop-in replacement for
+# The readable loop above stays the reference. `StaticCachePasses` gives it a drop-in replacement for
 # `context` and `guided` that computes the same numbers, up to float rounding (in float32 the
 # logits agree to ~1e-6 and the sampled tokens are the same (tests/test_arpg.py) except where a
 # draw falls that close to the edge between two codes, a rare event over millions of draws), with
@@ -799,9 +807,42 @@ def project(x, weight):
     return F.linear(x, weight)
 
 
+def compile_for_any_size(step):
+    """torch.compile(step) with every size of its inputs symbolic, each with a symbol of its own.
+    By default dynamo gives sizes that happen to be equal one symbol ("duck shaping") and traces
+    again when they part: a first batch of as many rows as the model is wide (64 images with
+    guidance for `tiny`) held the batch to the width, and sizes equal at one step and not at the
+    next got graphs of their own, up to dynamo's limit of 8 per function, past which it runs
+    eagerly. With duck shaping off, a process traces each step's few graphs once (sizes 0 and 1 are
+    still traced apart from the rest), whatever the batches and step counts that follow."""
+    compiled = torch.compile(step, dynamic=True)
+
+    def run(*args):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*args)
+    return run
+
+
+# RoPE for the fast path: the rotation as two multiply-adds against tables built once per call.
+
+def rotation_tables(rope):
+    """RoPE rows (..., D/2, 2) as two (..., D) tables for `rotate`: cos per channel, and sin with
+    the sign of each channel's partner: -sin on even channels, +sin on odd ones."""
+    cos, sin = rope.unbind(-1)                                            # (..., D/2) each
+    return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def rotate(x, cos, sin):
+    """apply_rope with fewer operations, same numbers: (even, odd) -> (even*cos - odd*sin,
+    odd*cos + even*sin) as x * cos + (x with each pair swapped) * signed sin. x (..., D)."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)             # (odd, even) per pair
+    return (x32 * cos + swapped * sin).type_as(x)
+
+
 class StaticCachePasses:
     """The fast path's `context` and `guided` for one decoding call: preallocated caches, joined
-    weights and plain-function (optionally compiled) steps, as the comment above describes."""
+    weights and plain-function (optionally compiled) steps, as this section's opening comment describes."""
 
     def __init__(self, model: "ARPG", batch: int, capacity: int, compile: bool = False):
         config, layers = model.config, model.layers
@@ -860,8 +901,9 @@ class StaticCachePasses:
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
     def _feed_forward(self, x, norm_weight, w13, w2):
-        gate, up = project(self._norm(x, norm_weight), w13).chunk(2, dim=-1)  # (.., hidden) each
-        return x + F.linear(F.silu(gate) * up, w2)
+        """SwiGLU of the normed x, (B, *, C) -> (B, *, C); the caller adds the residual."""
+        gate, up = project(self._norm(x, norm_weight), w13).chunk(2, dim=-1)  # (B, *, hidden) each
+        return F.linear(F.silu(gate) * up, w2)
 
     def _context_step(self, ids, rope, start, mask=None):
         """Pass 1 for T new tokens, written into the caches at [start, start + T): ARPG.context in place.
@@ -877,7 +919,8 @@ class StaticCachePasses:
             cache[0, :, :, start:end] = k                                # (B, H, T, D) into (B, H, N, D)
             cache[1, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
             out = attend(q, cache[0, :, :, :end], cache[1, :, :, :end], mask, 0.0)  # (B, T, C)
-            x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
+            x = x + F.linear(out, proj)
+            x = x + self._feed_forward(x, ffn_norm, w13, w2)
         k, v = project(self._norm(x, self.shared_kv[0]), self.shared_kv[1]).view(B, T, 2, self.n_head, -1).unbind(2)
         # k, v (B, T, H, D) each, written as (B, H, T, D) into the shared cache
         self.buffers[-1][0, :, :, start:end] = rotate(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)
@@ -896,43 +939,11 @@ class StaticCachePasses:
             q = F.linear(self._norm(x, attn_norm), q_weight).view(B, K, self.n_head, -1)  # (B, K, H, D)
             q = rotate(q, cos, sin)
             out = attend(q.transpose(1, 2), k, v, None, 0.0)             # (B, K, C)
-            x = self._feed_forward(x + F.linear(out, proj), ffn_norm, w13, w2)
+            x = x + F.linear(out, proj)
+            x = x + self._feed_forward(x, ffn_norm, w13, w2)
         # Not widened here: guide widens bf16 logits as it reads them (on a GPU), with no float32
         # copy of both halves.
         return F.linear(self._norm(x, self.head[0]), self.head[1])        # (B, K, V) in the head's dtype
-
-
-def compile_for_any_size(step):
-    """torch.compile(step) with every size of its inputs symbolic, each with a symbol of its own.
-    By default dynamo gives sizes that happen to be equal one symbol ("duck shaping") and traces
-    again when they part: a first batch of as many rows as the model is wide (64 images with
-    guidance for `tiny`) held the batch to the width, and sizes equal at one step and not at the
-    next got graphs of their own, up to dynamo's limit of 8 per function, past which it runs
-    eagerly. With duck shaping off, a process traces each step's few graphs once (sizes 0 and 1 are
-    still traced apart from the rest), whatever the batches and step counts that follow."""
-    compiled = torch.compile(step, dynamic=True)
-
-    def run(*args):
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return compiled(*args)
-    return run
-
-
-# RoPE for the fast path: the rotation as two multiply-adds against tables built once per call.
-
-def rotation_tables(rope):
-    """RoPE rows (..., D/2, 2) as two (..., D) tables for `rotate`: cos per channel, and sin with
-    the sign of each channel's partner: -sin on even channels, +sin on odd ones."""
-    cos, sin = rope.unbind(-1)                                            # (..., D/2) each
-    return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
-
-
-def rotate(x, cos, sin):
-    """apply_rope with fewer operations, same numbers: (even, odd) -> (even*cos - odd*sin,
-    odd*cos + even*sin) as x * cos + (x with each pair swapped) * signed sin. x (..., D)."""
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)             # (odd, even) per pair
-    return (x32 * cos + swapped * sin).type_as(x)
 
 
 # -----------------------------------------------------------------------------

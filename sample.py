@@ -419,6 +419,8 @@ def plan_edit(args, model, vq, names):
     elif args.edit == "class-edit":
         if model.config.num_classes > 16:
             raise ValueError("--edit class-edit needs --classes: the classes to redraw the region as")
+        if model.config.num_classes == 1:
+            raise ValueError("--edit class-edit redraws the region under the other classes, and this model has one")
         labels = [c for c in range(model.config.num_classes) if c != image_class]
     else:
         labels = [image_class]

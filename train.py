@@ -5,7 +5,8 @@ Paper: Sec. 3.1, training (every image gets its own random generation order; Pas
 class token and the tokens revealed so far, Pass 2 asks one [MASK] query per target position;
 the loss itself is `ARPG.forward` in arpg.py) and the recipe of Sec. 4.1 / SPEC 5: AdamW
 (0.9, 0.95), weight decay 0.05 on matrices only, lr 1e-4 per 256 images of global batch, linear
-warm-up then cosine decay to 1e-5, gradient clipping at 1.0, bf16 autocast, label dropout 0.1
+warm-up then cosine decay to 1e-5 at the paper's batch of 1024 (scaled with the batch, as the lr
+is), gradient clipping at 1.0, bf16 autocast, label dropout 0.1
 (so classifier-free guidance works at sampling time), EMA weights. The `tiny` CPU recipe departs
 from it where a few minutes of training need it (RECIPES below): Muon for the weight matrices,
 a higher learning rate held at its peak before a linear decay, no dropout (label dropout stays,
@@ -26,8 +27,9 @@ tokenizer's reconstructions), so a run with another --out keeps its own.
     python train.py --resume                          # continue out/arpg.pt exactly where it stopped
     python train.py --size L --data /data/imagenet_codes --tokenizer vq_ds16_c2i.pt     # one GPU
     torchrun --nproc_per_node 8 train.py --size L --data /data/imagenet_codes --tokenizer vq_ds16_c2i.pt
-    python tokenizer.py --train my_images --out out/my_tokenizer.pt   # an image folder, one subfolder per class:
-    python train.py --data my_images --tokenizer out/my_tokenizer.pt --out out/my_arpg.pt   # its tokenizer first
+    # your own image folder (one subfolder per class): its tokenizer first, then the ARPG
+    python tokenizer.py --train my_images --out out/my_tokenizer.pt
+    python train.py --data my_images --tokenizer out/my_tokenizer.pt --out out/my_arpg.pt
 
 Data (--data): a folder with one subfolder per class. Either pre-tokenized codes,
 {class}/{index}.npy holding (n_aug, L) or LlamaGen's (1, n_aug, L) integer arrays, one
@@ -38,7 +40,8 @@ numerically when they are all numbers, so ImageNet's 0..999 keep their ids; imag
 as text, as torchvision's ImageFolder and LlamaGen do).
 
 Checkpoints (--out, written to a temporary file, then renamed): model, EMA, optimizer, config
-(a plain dict), step and seed; loadable with torch.load(weights_only=True). The data order and
+(a plain dict), step, the run's flags (the seed among them), the class names, the tokenizer's path
+and sample.py's sampling defaults; loadable with torch.load(weights_only=True). The data order and
 every random number of a step are a pure function of (seed, step), so that is all the state a
 resume needs: Ctrl-C saves and exits, and --resume ends with the same weights, bit for bit, as
 a run of the same step count that was never stopped (on a CPU, tested; on a GPU only up to its
@@ -177,8 +180,8 @@ def parse_args(argv=None):
                            f"in a run timed by --total-minutes, at most {TOKENIZER_MINUTES} minutes of them, less in a "
                            f"smaller budget)")
     what.add_argument("--layers", type=int, default=None,
-                      help="ARPG blocks, Pass 1's and Pass 2's together (default: the preset's, 7 for tiny, but "
-                           f"{FP32_CPU_TINY_LAYERS} in a timed fp32 run on a CPU: FP32_CPU_TINY_LAYERS; 24 for L)")
+                      help="ARPG blocks, Pass 1's and Pass 2's together (default: the preset's, 7 for tiny and 24 "
+                           f"for L; a timed tiny run in fp32 on a CPU: {FP32_CPU_TINY_LAYERS}, FP32_CPU_TINY_LAYERS)")
     what.add_argument("--out", default="out/arpg.pt", help="checkpoint path; sample grids go beside it")
     what.add_argument("--resume", action="store_true",
                       help="continue from --out: same weights, optimizer, data order and random numbers")
@@ -206,12 +209,14 @@ def parse_args(argv=None):
     recipe.add_argument("--total-minutes", type=float, default=None,
                         help="without --max-steps: as many steps as let the whole run, tokenizer and data included, "
                              "end within about this many minutes, timed on a few steps first (tiny: 9.5; 0: off)")
-    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on >= 2-dim tensors")
+    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on the >= 2-dim tensors AdamW "
+                        "trains (never on norms; Muon's matrices get none, with --muon-lr > 0 as in the tiny recipe)")
     recipe.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     recipe.add_argument("--ema", type=float, default=None, help="EMA decay of a weight copy saved as 'ema' (0: off)")
     recipe.add_argument("--dropout", type=float, default=None,
                         help="dropout on input embeddings, attention outputs and FFN outputs (paper: 0.1)")
-    recipe.add_argument("--seed", type=int, default=0, help="seeds the model init, data order, orders and dropout")
+    recipe.add_argument("--seed", type=int, default=0, help="seeds everything random: the built-in images, the small tokenizer, "
+                        "the model init, the data order, generation orders, label dropout and dropout, the grids' noise")
 
     run = parser.add_argument_group("how to run")
     run.add_argument("--minutes", type=float, default=None,
@@ -336,7 +341,10 @@ def read_class_names(root, folders):
     if not os.path.isfile(path):
         return folders
     with open(path) as file:
-        names = json.load(file)
+        try:
+            names = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); fix or remove it") from None
     if not (isinstance(names, list) and len(names) == len(folders) and all(isinstance(n, str) for n in names)):
         raise ValueError(f"{path} should list the names of the {len(folders)} class folders beside it; fix or "
                          f"remove it")
@@ -883,11 +891,9 @@ def fill_in_defaults(args, world_size):
     and the model, and --layers, which needs the device: main), then check them: before any
     process group or file exists."""
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
-    for key in ("batch_size", "muon_lr", "warmup", "decay", "total_minutes", "ema", "dropout", "compile",
-                "sample_cfg", "sample_cfg_schedule", "sample_schedule", "sample_top_p", "log_every", "sample_every",
-                "save_every"):
-        if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
+    for key, value in recipe.items():
+        if key not in ("lr", "min_lr") and getattr(args, key) is None:  # those two scale with the batch: below
+            setattr(args, key, value)
     if args.lr is None:
         args.lr = recipe["lr"] or PAPER_LR_PER_256 * args.batch_size / 256
     if args.min_lr is None:
@@ -954,6 +960,9 @@ def fill_in_defaults(args, world_size):
             small = VQ_PRESETS["small"]
             check_vocab_size(args, small.codebook_size, f"the small tokenizer to be trained at {args.tokenizer}")
             check_sample_steps(args, (64 // small.downsample) ** 2)
+    if args.tokenizer and os.path.realpath(args.tokenizer) == os.path.realpath(args.out):
+        raise ValueError(f"--out {args.out} is the tokenizer's file, which the ARPG checkpoint would overwrite: "
+                         f"give --out another name")
 
 
 def check_vocab_size(args, codebook_size, tokenizer):
@@ -1144,7 +1153,8 @@ def main(argv=None):
     # 4. Train, save, and show samples.
     started = time.perf_counter()
     step, loss, interrupted = train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank,
-                                    world_size, device, deadline, resumed_warmup_steps, resumed_decay_steps)
+                                    world_size, device, deadline=deadline, warmup_steps=resumed_warmup_steps,
+                                    decay_steps=resumed_decay_steps)
     if world_size > 1:
         log(f"weights identical on all {world_size} processes")
         dist.destroy_process_group()

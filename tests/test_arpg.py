@@ -544,6 +544,10 @@ def test_same_generator_seed_gives_same_tokens():
      "order must be a torch.long"),
     (lambda m: m.generate(torch.tensor([1.0]), steps=4), r"labels must be integers \(torch.long\), got torch.float32"),
     (lambda m: m(torch.zeros(1, 16), torch.tensor([0])), "tokens must be integers"),
+    # Other integer types: a uint8 label plus the class offset would wrap round to an image code.
+    (lambda m: m.generate(torch.tensor([1], dtype=torch.uint8), steps=4),
+     r"labels must be integers \(torch.long\), got torch.uint8"),
+    (lambda m: m(torch.zeros(1, 16, dtype=torch.int32), torch.tensor([0])), "tokens must be integers"),
     (lambda m: m.generate(torch.tensor([1]), steps=4, known_tokens=torch.full((1, 16), 2.7),
                           known_mask=torch.ones(1, 16, dtype=torch.bool)), "known_tokens must be integers"),
     (lambda m: ARPG.from_checkpoint(m.state_dict()),  # no config given or saved, and width 64 is no preset's
@@ -555,6 +559,19 @@ def test_bad_input_raises_a_clear_error(call, message):
     preset has (with no config) raise ValueError saying so."""
     with pytest.raises(ValueError, match=message):
         call(small_model())
+
+
+def test_generate_s_default_steps_fit_a_canvas_of_fewer_than_32_tokens():
+    """With no steps given, generate takes 32, or one per token when fewer are to be decoded (as
+    the samplers' default_steps): the same tokens as steps=16 on a 16-token canvas, and as steps=4
+    when 12 of its tokens are known."""
+    model, labels = small_model(), torch.tensor([1, 2])
+    for steps, known in ((16, 0), (4, 12)):
+        known_mask = (torch.arange(16) < known).repeat(2, 1)
+        edit = dict(known_tokens=torch.zeros(2, 16, dtype=torch.long), known_mask=known_mask) if known else {}
+        default = model.generate(labels, generator=torch.Generator().manual_seed(0), **edit)
+        explicit = model.generate(labels, steps=steps, generator=torch.Generator().manual_seed(0), **edit)
+        assert torch.equal(default, explicit), f"{known} known tokens: the default is not {steps} steps"
 
 
 def test_known_tokens_are_checked_only_where_the_mask_gives_them():

@@ -42,12 +42,16 @@ def random_arpg(config, seed=0):
 def ckpts(tmp_path_factory):
     """Paths of a tiny ARPG trained "on the built-in shapes" (train.py's layout), its tokenizer and misfits."""
     folder = tmp_path_factory.mktemp("ckpts")
-    paths = {name: str(folder / f"{name}.pt") for name in ("arpg", "vq", "vq_other", "official", "ema", "few_names")}
+    paths = {name: str(folder / f"{name}.pt") for name in ("arpg", "vq", "vq_other", "official", "ema", "few_names",
+                                                                   "one_class")}
     model = random_arpg(ARPG_CONFIG)
     save_atomic({"model": model.state_dict(), "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES,
                  "step": 0}, paths["arpg"])
     save_atomic({"model": model.state_dict(), "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES[:3]},
                 paths["few_names"])                                       # 3 names for 10 classes
+    one_class = replace(ARPG_CONFIG, num_classes=1)
+    save_atomic({"model": random_arpg(one_class).state_dict(), "config": asdict(one_class),
+                 "class_names": CLASS_NAMES[:1]}, paths["one_class"])
     save_atomic({"model": model.state_dict(), "ema": random_arpg(ARPG_CONFIG, seed=1).state_dict(),
                  "config": asdict(ARPG_CONFIG), "class_names": CLASS_NAMES}, paths["ema"])
     torch.manual_seed(0)
@@ -544,6 +548,8 @@ def test_decoding_settings_are_refused_before_the_evaluation_scores_anything(ckp
     (["--fid", "10", "--classes", "1", "1", "2"], "--fid balances the classes given: list each once"),
     (["--edit", "expand", "--grid", "4", "4", "--steps", "17"], "between 1 and 16 (the tokens of the 4x4 canvas)"),
     (["--edit", "class-edit", "--image", "IMAGE_64x64"], "--edit class-edit on your own image needs --classes"),
+    (["--ckpt", "ONE_CLASS", "--edit", "class-edit", "--image", "IMAGE_64x64", "--image-class", "0"],
+     "--edit class-edit redraws the region under the other classes, and this model has one"),
     (["--vq-ckpt", "MISSING"], "tokenizer checkpoint not found: "),
     (["--ckpt", "FEW_NAMES"], "lists 3 class names for 10 classes"),
     (["--ckpt", "OFFICIAL", "--edit", "inpaint"], "--edit inpaint needs --image for a model not trained on the"),
@@ -577,7 +583,8 @@ def test_bad_input_is_refused_with_a_clear_message(ckpts, tmp_path, case, messag
              "FID_PNG": str(tmp_path / "fid.png"), "FID_NPZ": str(tmp_path / "fid.npz"),
              "EVAL_MD": str(tmp_path / "eval.md"), "MASK_64x64": write_png(tmp_path / "white.png", 64, 64),
              "BLACK_64x64": write_png(tmp_path / "black.png", 64, 64, value=0),
-             "FEW_NAMES": ckpts["few_names"], "OFFICIAL": ckpts["official"]}
+             "FEW_NAMES": ckpts["few_names"], "OFFICIAL": ckpts["official"],
+             "ONE_CLASS": ckpts["one_class"]}
     (tmp_path / "notes.png").write_text("not a picture")
     argv = [files.get(arg, arg) for arg in case]
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):

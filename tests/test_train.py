@@ -613,6 +613,9 @@ def test_image_folders_are_tokenized_with_their_mirror_images(tmp_path):
     (tmp_path.parent / "codes" / "class_names.json").write_text('["a_dog"]')
     with pytest.raises(ValueError, match="class_names.json should list the names of the 2 class folders beside it"):
         build_dataset(parse_args(["--data", str(tmp_path.parent / "codes")]), None, ARPG_PRESETS["tiny"], "cpu")
+    (tmp_path.parent / "codes" / "class_names.json").write_text('["a_dog", ')
+    with pytest.raises(ValueError, match="class_names.json is not valid JSON .*; fix or remove it"):
+        build_dataset(parse_args(["--data", str(tmp_path.parent / "codes")]), None, ARPG_PRESETS["tiny"], "cpu")
 
 
 def test_data_order_is_a_pure_function_of_the_step():
@@ -919,6 +922,9 @@ BAD_INPUTS = {
         ["--data", str(write_codes(tmp / "codes")), "--tokenizer-steps", "500"],
         "--tokenizer-steps trains the built-in shapes' tokenizer; for --data .* tokenizer.py --train"),
     "--out is a folder": lambda tmp: (["--out", str(tmp)], "is a folder; give a file name"),
+    "--out is the tokenizer": lambda tmp: (["--tokenizer", str(tmp / "arpg.pt")],
+                                           "--out .*arpg.pt is the tokenizer's file, which the ARPG checkpoint would "
+                                           "overwrite"),
     "--data is a file": lambda tmp: (["--data", str(write_codes(tmp / "codes") / "0" / "0.npy")],
                                      "is a file; give the folder that holds one subfolder per class"),
     "an unknown device": lambda tmp: (["--device", "gpu0"], "--device gpu0: not a device name"),
