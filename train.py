@@ -72,7 +72,7 @@ from arpg import (ARPG, ARPG_PRESETS, ARPGConfig, check_device, config_from_dict
 from data import (CLASS_NAMES, beside, check_output_path, default_classes, make_builtin_dataset, run_script,
                   save_image_grid)
 from muon import Muon
-from schedules import CFG_SCHEDULES, MASK_SCHEDULES, check_decoding
+from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding
 from tokenizer import (CLASS_NAMES_FILE, IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolderCrops, VQModel,
                        class_folder_names, list_image_folder, tensor_to_images, train_tokenizer)
 
@@ -116,8 +116,9 @@ RECIPES = {
                  ema=0.0, dropout=0.0, compile=True, sample_cfg=2.5, sample_cfg_schedule="constant",
                  sample_schedule="cosine", sample_top_p=0.8, log_every=25, sample_every=400, save_every=200),
     "paper": dict(batch_size=1024, lr=None, min_lr=None, muon_lr=0.0, warmup=0.25, decay=0.0, total_minutes=0.0,
-                  ema=0.9999, dropout=0.1, compile=False, sample_cfg=4.0, sample_cfg_schedule="linear",
-                  sample_schedule="arccos", sample_top_p=1.0, log_every=100, sample_every=5000, save_every=5000),
+                  ema=0.9999, dropout=0.1, compile=False, sample_cfg=SAMPLING_DEFAULTS["cfg_scale"],
+                  sample_cfg_schedule=SAMPLING_DEFAULTS["cfg_schedule"], sample_schedule=SAMPLING_DEFAULTS["schedule"],
+                  sample_top_p=SAMPLING_DEFAULTS["top_p"], log_every=100, sample_every=5000, save_every=5000),
 }
 PAPER_LR_PER_256 = 1e-4     # SPEC 5: lr scales with the global batch (ARPG-L: batch 1024 -> 4e-4)
 # SPEC 5's cosine ends at 1e-5, given for the paper's global batch of 1024. We scale that floor
@@ -238,18 +239,20 @@ def parse_args(argv=None):
                      help="write a sample grid every N steps (0: only at the end); needs the tokenizer")
     run.add_argument("--sample-steps", type=int, default=16, help="decoding steps of the sample grids")
     run.add_argument("--sample-columns", type=int, default=8, help="samples per class in a grid")
+    tiny, paper = RECIPES["tiny"], RECIPES["paper"]                       # the grids' defaults, for the help
     run.add_argument("--sample-cfg", type=float, default=None,
                      help="classifier-free guidance scale of the grids, saved in the checkpoint as sample.py's "
-                          "default (tiny: 2.5; else 4)")
+                          f"default (tiny: {tiny['sample_cfg']:g}; else {paper['sample_cfg']:g})")
     run.add_argument("--sample-cfg-schedule", default=None, choices=list(CFG_SCHEDULES),
                      help="how the grids' guidance changes as the canvas fills, saved in the checkpoint as sample.py's "
-                          "default (tiny: constant; else linear, the paper's)")
+                          f"default (tiny: {tiny['sample_cfg_schedule']}; else {paper['sample_cfg_schedule']}, the "
+                          f"paper's)")
     run.add_argument("--sample-schedule", default=None, choices=list(MASK_SCHEDULES),
                      help="how many tokens each step of the grids reveals, saved in the checkpoint as sample.py's "
-                          "default (tiny: cosine; else arccos, the paper's)")
+                          f"default (tiny: {tiny['sample_schedule']}; else {paper['sample_schedule']}, the paper's)")
     run.add_argument("--sample-top-p", type=float, default=None,
                      help="nucleus sampling threshold of the grids, saved in the checkpoint as sample.py's default "
-                          "(tiny: 0.8; 1: off, the paper's)")
+                          f"(tiny: {tiny['sample_top_p']:g}; 1: off, the paper's)")
     return parser.parse_args(argv)
 
 
@@ -259,6 +262,14 @@ def parse_args(argv=None):
 class DataError(ValueError):
     """A code file that cannot be trained on (unreadable, misshapen, codes outside the vocabulary):
     a class of its own, so that compile_or_not tells it from a failure of the compiler."""
+
+
+def read_codes(path):
+    """One .npy code file, or a one-line DataError naming it (empty, truncated, not an .npy)."""
+    try:
+        return np.load(path)                                              # allow_pickle=False: data only
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"cannot read {path} as an .npy array of codes ({error})") from None
 
 
 class TokenGrids(Dataset):
@@ -292,14 +303,6 @@ class TokenGrids(Dataset):
                              f"(min {codes.min()}, max {codes.max()}); pass the tokenizer that made "
                              f"them (--tokenizer) or its codebook size (--vocab-size)")
         return torch.from_numpy(codes.astype(np.int64)), self.labels[index]
-
-
-def read_codes(path):
-    """One .npy code file, or a one-line DataError naming it (empty, truncated, not an .npy)."""
-    try:
-        return np.load(path)                                              # allow_pickle=False: data only
-    except (OSError, ValueError, EOFError) as error:
-        raise DataError(f"cannot read {path} as an .npy array of codes ({error})") from None
 
 
 def scan_class_folders(root):
@@ -394,6 +397,16 @@ def build_dataset(args, vq, preset, device):
     return dataset
 
 
+def derived_seed(*numbers):
+    """A well-mixed seed from a tuple of integers: (seed, epoch) for the data order, (seed, step,
+    rank) for one process's step (its generation orders, label dropout and dropout masks).
+    numpy's SeedSequence pads short entropy with zeros, so epoch e's order and rank 0's step e
+    start from one seed; they draw different things from it (a permutation of the whole data set;
+    a batch's orders and dropout masks), so nothing repeats, and resumed runs of older checkpoints
+    stay exact."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
 class StepSampler(Sampler):
     """The data order as a pure function of (seed, step): nothing to save, nothing to drift.
 
@@ -435,16 +448,6 @@ class StepSampler(Sampler):
             for i in range(self.accum):
                 yield mine[i * micro:(i + 1) * micro]
             step += 1
-
-
-def derived_seed(*numbers):
-    """A well-mixed seed from a tuple of integers: (seed, epoch) for the data order, (seed, step,
-    rank) for one process's step (its generation orders, label dropout and dropout masks).
-    numpy's SeedSequence pads short entropy with zeros, so epoch e's order and rank 0's step e
-    start from one seed; they draw different things from it (a permutation of the whole data set;
-    a batch's orders and dropout masks), so nothing repeats, and resumed runs of older checkpoints
-    stay exact."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
 def worker_in_own_session(_worker_id):
@@ -637,6 +640,12 @@ def optimizer_step(train_model, model, optimizers, loader, args, device, distrib
     return loss_sum
 
 
+def wait_for_device(device):
+    """Wait until a GPU has finished the work queued on it (CPU work is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def throwaway_steps(train_model, model, dataset, args, rank, world_size, device, timed_steps):
     """Seconds per optimizer step of train_model, timed over `timed_steps` steps after one untimed
     step (which also compiles), with optimizers of their own; the weights are then put back, so
@@ -653,12 +662,6 @@ def throwaway_steps(train_model, model, dataset, args, rank, world_size, device,
     seconds_per_step = (time.perf_counter() - started) / max(1, timed_steps)
     model.load_state_dict(weights)
     return seconds_per_step
-
-
-def wait_for_device(device):
-    """Wait until a GPU has finished the work queued on it (CPU work is done when the call returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def compile_or_not(train_model, model, dataset, args, rank, world_size, device, log):
@@ -706,6 +709,16 @@ def compile_or_not(train_model, model, dataset, args, rank, world_size, device, 
     return compiled
 
 
+def steps_that_fit(deadline, seconds_per_step, device, distributed):
+    """How many more steps of `seconds_per_step` end by `deadline` (time.perf_counter's clock),
+    with 5% of the time kept back, 0 if none; the smallest count over the processes, so all
+    train the same."""
+    steps = torch.tensor(max(0, int(0.95 * (deadline - time.perf_counter()) / seconds_per_step)), device=device)
+    if distributed:
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+    return steps.item()
+
+
 def steps_within(minutes, run_started, train_model, model, dataset, args, rank, world_size, device, log,
                  probe_steps=8):
     """The step count that ends the whole run within `minutes` of `run_started` (--total-minutes).
@@ -728,21 +741,6 @@ def steps_within(minutes, run_started, train_model, model, dataset, args, rank, 
     log(f"--total-minutes {minutes:g}: {1000 * seconds_per_step:.0f} ms per step and "
         f"{(deadline - time.perf_counter()) / 60:.1f} min left: {steps} steps")
     return steps, deadline
-
-
-def tokenizer_minutes(total_minutes):
-    """The tokenizer's share of a timed run: TOKENIZER_MINUTES of the tiny recipe's 9.5 minutes."""
-    return TOKENIZER_MINUTES * min(1.0, total_minutes / RECIPES["tiny"]["total_minutes"])
-
-
-def steps_that_fit(deadline, seconds_per_step, device, distributed):
-    """How many more steps of `seconds_per_step` end by `deadline` (time.perf_counter's clock),
-    with 5% of the time kept back, 0 if none; the smallest count over the processes, so all
-    train the same."""
-    steps = torch.tensor(max(0, int(0.95 * (deadline - time.perf_counter()) / seconds_per_step)), device=device)
-    if distributed:
-        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
-    return steps.item()
 
 
 def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, rank, world_size, device,
@@ -844,6 +842,12 @@ def train(args, train_model, model, ema, optimizers, dataset, start_step, vq, ra
 # -----------------------------------------------------------------------------
 # Putting it together
 
+def cpu_has(feature):
+    """Whether this CPU has an instruction set torch checks for ("avx512_bf16", "amx_tile"); False
+    where this torch build has no such check."""
+    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
+
+
 def default_precision(device):
     """bf16 autocast on CUDA (the paper's) and on a CPU with bf16 matrix instructions (AVX-512 BF16
     or AMX tiles); fp32 elsewhere. There bf16 matrix multiplies are much faster than fp32 ones:
@@ -856,12 +860,6 @@ def default_precision(device):
     return "bf16" if cpu_has("avx512_bf16") or cpu_has("amx_tile") else "fp32"
 
 
-def cpu_has(feature):
-    """Whether this CPU has an instruction set torch checks for ("avx512_bf16", "amx_tile"); False
-    where this torch build has no such check."""
-    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
-
-
 def tokenizer_precision(args, device):
     """The ARPG's precision for the small tokenizer too, except on CPUs with AMX. Its convolutions
     in bf16 (quantizer in fp32, `train_tokenizer`) made its step 10-15% faster on a 2-core AMD EPYC
@@ -869,6 +867,11 @@ def tokenizer_precision(args, device):
     (27.92 / 28.07 dB against 27.77 / 28.01, seeds 0 / 1), but slower than fp32 on an earlier
     session's 2-core Xeon with AMX (EXPERIMENTS.md, *Tried and not kept*)."""
     return "fp32" if device.type == "cpu" and cpu_has("amx_tile") else args.precision
+
+
+def tokenizer_minutes(total_minutes):
+    """The tokenizer's share of a timed run: TOKENIZER_MINUTES of the tiny recipe's 9.5 minutes."""
+    return TOKENIZER_MINUTES * min(1.0, total_minutes / RECIPES["tiny"]["total_minutes"])
 
 
 def is_timed(args):
@@ -884,6 +887,29 @@ def model_layers(args, preset, device):
     if args.size == "tiny" and args.precision == "fp32" and device.type == "cpu" and is_timed(args):
         return FP32_CPU_TINY_LAYERS
     return preset.n_layer
+
+
+def check_vocab_size(args, codebook_size, tokenizer):
+    if args.vocab_size is not None and args.vocab_size != codebook_size:
+        raise ValueError(f"--vocab-size {args.vocab_size} does not match {tokenizer} ({codebook_size} codes)")
+
+
+def check_sample_steps(args, tokens_per_image):
+    if args.sample_steps > tokens_per_image:  # refused before training, not at the first grid
+        raise ValueError(f"--sample-steps {args.sample_steps} is more than the {tokens_per_image} tokens of an image")
+
+
+def check_layers(layers, size):
+    """Refuse a --layers that the preset cannot split into its two passes: Pass 1 keeps the preset's
+    share (tiny: 2 blocks; L, XL, XXL: half of them), and Pass 2 needs at least one block."""
+    pass1 = ARPG_PRESETS[size].pass1_layers
+    if pass1 is None and layers % 2:
+        raise ValueError(f"--layers {layers}: {size} splits its blocks half and half between the two passes, "
+                         f"so give an even number")
+    least = (pass1 or 1) + 1
+    if layers < least:
+        raise ValueError(f"--layers must be at least {least} for {size} ({pass1 or 1} for Pass 1, at least one "
+                         f"for Pass 2), got {layers}")
 
 
 def fill_in_defaults(args, world_size):
@@ -963,29 +989,6 @@ def fill_in_defaults(args, world_size):
     if args.tokenizer and os.path.realpath(args.tokenizer) == os.path.realpath(args.out):
         raise ValueError(f"--out {args.out} is the tokenizer's file, which the ARPG checkpoint would overwrite: "
                          f"give --out another name")
-
-
-def check_vocab_size(args, codebook_size, tokenizer):
-    if args.vocab_size is not None and args.vocab_size != codebook_size:
-        raise ValueError(f"--vocab-size {args.vocab_size} does not match {tokenizer} ({codebook_size} codes)")
-
-
-def check_sample_steps(args, tokens_per_image):
-    if args.sample_steps > tokens_per_image:  # refused before training, not at the first grid
-        raise ValueError(f"--sample-steps {args.sample_steps} is more than the {tokens_per_image} tokens of an image")
-
-
-def check_layers(layers, size):
-    """Refuse a --layers that the preset cannot split into its two passes: Pass 1 keeps the preset's
-    share (tiny: 2 blocks; L, XL, XXL: half of them), and Pass 2 needs at least one block."""
-    pass1 = ARPG_PRESETS[size].pass1_layers
-    if pass1 is None and layers % 2:
-        raise ValueError(f"--layers {layers}: {size} splits its blocks half and half between the two passes, "
-                         f"so give an even number")
-    least = (pass1 or 1) + 1
-    if layers < least:
-        raise ValueError(f"--layers must be at least {least} for {size} ({pass1 or 1} for Pass 1, at least one "
-                         f"for Pass 2), got {layers}")
 
 
 def read_run_checkpoint(path):
