@@ -276,7 +276,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, rope, mask=None, cache=None):
         # x (B, T, C); rope (B or 1, T, D/2, 2): each token is rotated by its own grid position
-        q, k, v = (rearrange(f(x), "b t (h d) -> b t h d", h=self.n_head) for f in (self.to_q, self.to_k, self.to_v))  # (B, T, H, D) each
+        # (B, T, H, D) each
+        q, k, v = (rearrange(f(x), "b t (h d) -> b t h d", h=self.n_head) for f in (self.to_q, self.to_k, self.to_v))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, T, D)
         if cache is not None:
@@ -289,8 +290,8 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Pass-2 attention: [MASK] queries attend to the shared keys/values of Pass 1.
 
-    Only the query and output projections live here; keys and values come from the one shared projection
-    after Pass 1 (SPEC 3), already rotated by the position of the token they came from.
+    Only the query and output projections live here; keys and values come from the one shared
+    projection after Pass 1 (SPEC 3), already rotated by the position of the token they came from.
     "Target-aware": the query is rotated by the position it must predict (see `ARPG.forward`).
     """
 
@@ -499,8 +500,9 @@ class ARPG(nn.Module):
             x, layer_cache = block(x, rope, mask, None if caches is None else caches[i])
             grown.append(layer_cache)
         x = self.layers.norm(x)
-        k = apply_rope(rearrange(self.layers.to_k(x), "b t (h d) -> b t h d", h=self.config.n_head), rope)  # (B, T, H, D)
-        v = rearrange(self.layers.to_v(x), "b t (h d) -> b t h d", h=self.config.n_head)  # (B, T, H, D); values are not rotated
+        k = rearrange(self.layers.to_k(x), "b t (h d) -> b t h d", h=self.config.n_head)  # (B, T, H, D)
+        k = apply_rope(k, rope)
+        v = rearrange(self.layers.to_v(x), "b t (h d) -> b t h d", h=self.config.n_head)  # (B, T, H, D), not rotated
         k, v = k.transpose(1, 2), v.transpose(1, 2)                       # (B, H, T, D)
         if caches is not None:
             k = torch.cat([caches[-1][0], k], dim=2)                      # (B, H, N+T, D)
@@ -587,13 +589,14 @@ class ARPG(nn.Module):
                  known_tokens=None, known_mask=None, grid=None, fast=False, compile=False):
         """Sample image tokens (B, rows*cols) in raster order for class labels (B,).
 
-        steps: decoding steps S (default 32, or one per token when fewer are to be decoded); cfg_scale: guidance g (1 = no guidance, and no doubled batch);
-        cfg_schedule "linear" ramps guidance from 1 to g as the canvas fills, "constant" keeps g;
-        schedule "arccos" or "cosine" says how many tokens each step reveals; temperature, top_k,
-        top_p shape the sampling distribution; order: the 0-based generation order (a permutation
-        of all positions, shared by the batch; random when None); generator: a torch.Generator
-        for reproducible orders and samples; grid: (rows, cols) to decode, default the training
-        grid, larger for outpainting or resolution expansion (the RoPE table is rebuilt for it).
+        steps: decoding steps S (default 32, or one per token when fewer are to be decoded);
+        cfg_scale: guidance g (1 = no guidance, and no doubled batch); cfg_schedule "linear" ramps
+        guidance from 1 to g as the canvas fills, "constant" keeps g; schedule "arccos" or "cosine"
+        says how many tokens each step reveals; temperature, top_k, top_p shape the sampling
+        distribution; order: the 0-based generation order (a permutation of all positions, shared
+        by the batch; random when None); generator: a torch.Generator for reproducible orders and
+        samples; grid: (rows, cols) to decode, default the training grid, larger for outpainting
+        or resolution expansion (the RoPE table is rebuilt for it).
 
         Zero-shot editing (SPEC 7): known_tokens (B, rows*cols) with known_mask (B, rows*cols)
         True where a token is given. Pass 1 is prefilled with the class token and every known
@@ -765,8 +768,8 @@ class ARPG(nn.Module):
 # -----------------------------------------------------------------------------
 # The fast decoding path: the same tokens, less overhead (used by `generate(fast=True)`)
 #
-# The readable loop above stays the reference. `StaticCachePasses` gives it a drop-in replacement for
-# `context` and `guided` that computes the same numbers, up to float rounding (in float32 the
+# The readable loop above stays the reference. `StaticCachePasses` gives it a drop-in replacement
+# for `context` and `guided` that computes the same numbers, up to float rounding (in float32 the
 # logits agree to ~1e-6 and the sampled tokens are the same (tests/test_arpg.py) except where a
 # draw falls that close to the edge between two codes, a rare event over millions of draws), with
 # changes that only save time:

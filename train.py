@@ -210,14 +210,16 @@ def parse_args(argv=None):
     recipe.add_argument("--total-minutes", type=float, default=None,
                         help="without --max-steps: as many steps as let the whole run, tokenizer and data included, "
                              "end within about this many minutes, timed on a few steps first (tiny: 9.5; 0: off)")
-    recipe.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on the >= 2-dim tensors AdamW "
-                        "trains (never on norms; Muon's matrices get none, with --muon-lr > 0 as in the tiny recipe)")
+    recipe.add_argument("--weight-decay", type=float, default=0.05,
+                        help="AdamW weight decay on the >= 2-dim tensors AdamW trains (never on norms; Muon's matrices "
+                             "get none, with --muon-lr > 0 as in the tiny recipe)")
     recipe.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     recipe.add_argument("--ema", type=float, default=None, help="EMA decay of a weight copy saved as 'ema' (0: off)")
     recipe.add_argument("--dropout", type=float, default=None,
                         help="dropout on input embeddings, attention outputs and FFN outputs (paper: 0.1)")
-    recipe.add_argument("--seed", type=int, default=0, help="seeds everything random: the built-in images, the small tokenizer, "
-                        "the model init, the data order, generation orders, label dropout and dropout, the grids' noise")
+    recipe.add_argument("--seed", type=int, default=0,
+                        help="seeds everything random: the built-in images, the small tokenizer, the model init, the "
+                             "data order, generation orders, label dropout and dropout, the grids' noise")
 
     run = parser.add_argument_group("how to run")
     run.add_argument("--minutes", type=float, default=None,
