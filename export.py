@@ -19,9 +19,9 @@ does the rest: order, schedule, guidance, sampling.
 B, T, N, K, h and w are dynamic: the first step (N = 0, an empty cache), any batch, any number
 of new tokens or queries. `slots` are rows of ARPG's RoPE table (slot 0 = the class token's slot,
 zeros or the identity per `class_rope`; slot p + 1 = grid position p): the table is a constant
-inside the graphs, built for the training grid or for --grid (a larger grid: larger images, as
-sample.py --edit expand makes them; the graphs take no known tokens, so no other edit), and
-recorded in the JSON.
+inside the graphs, built for the training grid or for --grid (any grid of 12 tokens or more; a
+larger one gives larger images, as sample.py --edit expand makes them; the graphs take no known
+tokens, so no other edit), and recorded in the JSON.
 
 Each graph passes onnx.checker and is compared with PyTorch on fresh inputs (max |difference|
 is printed; fp32 must be <= 1e-4 or nothing is written). Files are written in a temporary
@@ -260,6 +260,7 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     config = model.config
     rows, cols = grid or (config.grid_size,) * 2
     check_grid(rows, cols)
+    check_export_folder(out_dir)                                          # before copying the models
     if vq is not None and vq.config.codebook_size != config.vocab_size:
         raise ValueError(f"the tokenizer has {vq.config.codebook_size} codes but ARPG was trained on "
                          f"{config.vocab_size}; pass the tokenizer ARPG was trained with")
@@ -276,13 +277,12 @@ def export_onnx(model, vq, out_dir, fp16=False, grid=None, class_names=None, dyn
     # Export copies in eval mode: tracing must not switch the caller's models to eval or fp16.
     reference = copy.deepcopy(model).eval().float()                       # fp32 PyTorch, for the parity check
     exported = reference if not fp16 else copy.deepcopy(reference).half()
-    vq = copy.deepcopy(vq).eval() if vq is not None else None
+    vq = copy.deepcopy(vq).eval().float() if vq is not None else None    # fp32, whatever the caller's dtype
     rope = reference.rope_table(rows, cols)                               # (1 + rows*cols, D/2, 2); slot 0: class
     export_id = uuid.uuid4().hex
     # Work in a temporary folder inside out_dir (the same file system, even where out_dir is a
     # link or a mount point, so os.replace is atomic): a failed export leaves nothing behind, not
     # even the folders it made on the way to out_dir.
-    check_export_folder(out_dir)
     first_made = first_missing_folder(out_dir)
     work, succeeded = None, False
     try:
@@ -391,8 +391,8 @@ def main():
                         help="fp16 weights and caches (for GPUs; logits stay fp32; their difference from PyTorch is "
                              "reported, not held to the fp32 graphs' 1e-4)")
     parser.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
-                        help="token grid the graphs cover (default: the training grid; a larger one generates "
-                             "larger images, as sample.py --edit expand does)")
+                        help="token grid the graphs cover, 12 tokens or more (default: the training grid; another "
+                             "grid gives images of that size, a larger one as sample.py --edit expand does)")
     parser.add_argument("--dynamo", action="store_true",
                         help="use the torch.export-based exporter (slower; the TorchScript one is deprecated)")
     # Models are loaded exactly as sample.py loads them, on the CPU in fp32 (--fp16 converts a copy).

@@ -295,34 +295,40 @@ class OnnxSampler:
 
     # --- the decoding loop: ARPG.generate, step for step ---
 
-    def generate(self, labels, steps=32, cfg_scale=4.0, cfg_schedule="linear", schedule="arccos",
-                 temperature=1.0, top_k=0, top_p=1.0, order=None, seed=None):
+    def generate(self, labels, steps=None, cfg_scale=SAMPLING_DEFAULTS["cfg_scale"],
+                 cfg_schedule=SAMPLING_DEFAULTS["cfg_schedule"], schedule=SAMPLING_DEFAULTS["schedule"],
+                 temperature=1.0, top_k=0, top_p=SAMPLING_DEFAULTS["top_p"], order=None, seed=None):
         """Sample image tokens (B, rows*cols) int64 in raster order for class labels (B,).
 
-        Arguments as `ARPG.generate`; order: a permutation of the grid positions (random when
-        None); seed: numpy's random generator (order and samples), or an int to start one.
+        Arguments as `ARPG.generate` (steps: 32, or one per token on a grid of fewer), less known
+        tokens, grid and fast: the grid is the export's; order: a permutation of the grid positions
+        (random when None); seed: numpy's random generator (order and samples), or an int to start one.
         """
-        labels = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels)
         L = self.rows * self.cols
-        if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"labels must be a non-empty 1-D array of class ids in [0, {self.num_classes}), "
+        if (labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer)
+                or labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must be a non-empty 1-D array of integer class ids in [0, {self.num_classes}), "
                              f"got {labels.tolist()}")
         check_decoding(schedule, cfg_schedule, temperature, top_k, top_p, cfg_scale)
+        steps = default_steps(L) if steps is None else steps
         if not 1 <= steps <= L:
             raise ValueError(f"steps must be between 1 and the {L} tokens to decode, got {steps}")
         rng = np.random.default_rng(seed)
         # 1. The generation order: one random permutation for the whole batch.
-        order = rng.permutation(L) if order is None else np.asarray(order, dtype=np.int64)
-        if order.shape != (L,) or not np.array_equal(np.sort(order), np.arange(L)):
-            raise ValueError(f"order must be a permutation of the {L} grid positions")
+        order = rng.permutation(L) if order is None else np.asarray(order)
+        if (order.shape != (L,) or not np.issubdtype(order.dtype, np.integer)
+                or not np.array_equal(np.sort(order), np.arange(L))):
+            raise ValueError(f"order must be a permutation of the {L} grid positions (integers)")
+        order = order.astype(np.int64)                                    # the graphs' slot inputs are int64
 
         # 2. The first Pass-1 input: the class token at RoPE slot 0 (zeros or the identity, per
         #    class_rope). With guidance the batch is doubled: conditional rows, then the same rows
         #    with the null class.
         B = labels.shape[0]
-        guided = cfg_scale != 1.0
-        feed_ids = (labels + self.metadata["first_class_id"])[:, None]  # (B, 1)
-        if guided:
+        use_cfg = cfg_scale != 1.0
+        feed_ids = (labels.astype(np.int64) + self.metadata["first_class_id"])[:, None]  # (B, 1)
+        if use_cfg:
             feed_ids = np.concatenate([feed_ids, np.full_like(feed_ids, self.metadata["null_class_id"])])  # (2B, 1)
         feed_slots = np.zeros(1, dtype=np.int64)
         tokens = np.zeros((B, L), dtype=np.int64)
@@ -336,14 +342,14 @@ class OnnxSampler:
             logits = self._guided(target_pos + 1, shared_kv)              # (B or 2B, K, V)
             decoded += n_reveal
             # 5. Classifier-free guidance, scaled by how much of the canvas is known after this step.
-            if guided:
+            if use_cfg:
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (cond - uncond) * np.float32(CFG_SCHEDULES[cfg_schedule](cfg_scale, decoded / L))
             # 6. Sample, and write the new tokens to their grid positions.
             new_tokens = sample_tokens(logits, rng, temperature, top_k, top_p)  # (B, K)
             tokens[:, target_pos] = new_tokens
             # 7. They are next step's Pass-1 input (both halves when guided).
-            feed_ids = np.concatenate([new_tokens, new_tokens]) if guided else new_tokens
+            feed_ids = np.concatenate([new_tokens, new_tokens]) if use_cfg else new_tokens
             feed_slots = target_pos + 1
         return tokens
 
@@ -351,7 +357,11 @@ class OnnxSampler:
         """Tokens (B, rows*cols) -> uint8 images (B, H, W, 3) through vq_decoder.onnx."""
         if "vq_decoder" not in self.sessions:
             raise ValueError(NO_DECODER)
-        codes = np.asarray(tokens, dtype=np.int64).reshape(-1, self.rows, self.cols)  # (B, rows, cols)
+        tokens, L = np.asarray(tokens), self.rows * self.cols
+        if tokens.ndim != 2 or tokens.shape[1] != L or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integer codes of shape (B, {L}), the {self.rows}x{self.cols} grid in "
+                             f"raster order, got {tokens.dtype} {tokens.shape}")
+        codes = tokens.astype(np.int64).reshape(-1, self.rows, self.cols)  # (B, rows, cols)
         vocab = self.metadata["arpg_config"]["vocab_size"]
         if codes.size and not 0 <= codes.min() <= codes.max() < vocab:  # a GPU gather would not check
             raise ValueError(f"tokens must be codes in [0, {vocab}), got {codes.min()}..{codes.max()}")

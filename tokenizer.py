@@ -140,7 +140,8 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x):
         k_h, k_w = self.kernel_size
-        if (not torch.jit.is_tracing() and x.shape[-2:] == (1, 1) and self.stride == (1, 1)
+        odd = k_h % 2 and k_w % 2                                         # an even kernel would grow the map
+        if (not torch.jit.is_tracing() and x.shape[-2:] == (1, 1) and self.stride == (1, 1) and odd
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding == (k_h // 2, k_w // 2)
                 and self.padding_mode == "zeros"):
             centre = self.weight[:, :, k_h // 2, k_w // 2]                  # (out, in)
@@ -185,7 +186,7 @@ class AttnBlock(nn.Module):
     def forward(self, x):  # (B, C, h, w)
         B, C, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (rearrange(proj(y), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        q, k, v = (rearrange(proj(y), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))  # (B, 1, h*w, C)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, 1, h*w, C), softmax(q k^T / sqrt(C)) v
         return x + self.proj_out(rearrange(y, "b 1 (h w) c -> b c h w", h=h, w=w))
 
@@ -333,9 +334,12 @@ class VectorQuantizer(nn.Module):
         return F.normalize(z, dim=1) if self.l2_norm else z
 
     def nearest(self, z):
-        """Latents (B, d, h, w) -> index of the nearest code (B, h, w) int64."""
-        flat = rearrange(self.normalize(z), "b d h w -> (b h w) d")
-        codebook = self.codebook()  # (V, d)
+        """Latents (B, d, h, w) -> index of the nearest code (B, h, w) int64. Footgun: search outside
+        bf16 autocast, as `forward` does, or the distances are rounded and other codes are picked
+        (no caller here encodes under autocast; the meta device, on which the tests build the model,
+        has no autocast to turn off, so the guard is the caller's)."""
+        flat = rearrange(self.normalize(z), "b d h w -> (b h w) d")       # (B*h*w, d)
+        codebook = self.codebook()                                        # (V, d)
         # Squared distance |z|^2 + |e|^2 - 2 z.e, all pairs at once: (B*h*w, V).
         dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
         B, _, h, w = z.shape
@@ -371,6 +375,8 @@ class VectorQuantizer(nn.Module):
         """Push the codes of one batch into the rolling `codebook_used` window."""
         recent = codes.flatten()[-USAGE_WINDOW:].float()
         n = recent.numel()
+        if n == 0:                                                        # ([-0:] would be the whole window)
+            return
         self.codebook_used[:-n] = self.codebook_used[n:].clone()
         self.codebook_used[-n:] = recent
 
@@ -394,7 +400,11 @@ class VectorQuantizer(nn.Module):
         no picture but are pure noise for ARPG to predict. So the new codes are placed as in
         k-means++ seeding: one at a time, on a latent drawn with probability proportional to its
         squared distance from the nearest code so far. Latents that are already well described
-        (flat patches) are rarely drawn; badly described ones (edges, corners) often."""
+        (flat patches) are rarely drawn; badly described ones (edges, corners) often. One departure:
+        with no code in use yet (`init_from_latents`), every latent starts at weight 1 rather than
+        at a distance, so the weights stay capped at 1 (unit latents are up to 4 apart): a latent
+        more than 60 degrees from every code so far weighs as much as any other such one. The
+        recipe's numbers were measured with it; exact k-means++ there is untried."""
         used = torch.zeros(self.embedding.num_embeddings, dtype=torch.bool, device=z.device)
         seen = self.codebook_used[self.codebook_used >= 0].long()
         used[seen] = True
@@ -455,9 +465,11 @@ class VQModel(nn.Module):
 
     def check_codes(self, codes):
         """Raise a clear ValueError unless codes is an integer tensor (B, h, w) within [0, V)."""
-        if not torch.is_tensor(codes) or codes.ndim != 3 or codes.is_floating_point():
-            shape = tuple(codes.shape) if hasattr(codes, "shape") else type(codes).__name__
-            raise ValueError(f"expected integer codes of shape (B, h, w), got {shape}")
+        if (not torch.is_tensor(codes) or codes.ndim != 3 or codes.is_floating_point() or codes.is_complex()
+                or codes.dtype == torch.bool):
+            got = f"{type(codes).__name__} {getattr(codes, 'dtype', '')} {tuple(getattr(codes, 'shape', ()))}"
+            raise ValueError(f"expected codes as an integer torch tensor (B, h, w), got {got}; "
+                             f"torch.from_numpy() converts a numpy array")
         V = self.config.codebook_size
         if codes.numel() and (codes.min() < 0 or codes.max() >= V):
             raise ValueError(f"codes must lie in [0, {V}), got values from {int(codes.min())} to {int(codes.max())}")
@@ -472,13 +484,14 @@ class VQModel(nn.Module):
         # to 1 x 1), then the latents back on the grid: see VQ_PRESETS["small"] for why.
         B, C, H, W = images.shape
         f = self.downsample
-        patches = rearrange(images, "b c (h p) (w q) -> (b h w) (c p q)", p=f, q=f)
+        patches = rearrange(images, "b c (h p) (w q) -> (b h w) (c p q)", p=f, q=f)  # (B*h*w, C*f*f)
         distinct, where = patches, slice(None)                            # every patch, in order
         if images.device.type == "cpu":
             # A CPU's time goes on the arithmetic, so each distinct patch goes through the encoder
             # once, and its latent is copied to every place it occurs: a patch's latent depends on
             # that patch alone, and flat backgrounds repeat. Exact, gradients included: a shared
-            # latent's gradient is the sum over its copies, as if each had been encoded on its own.
+            # latent's gradient is the sum over its copies, as if each had been encoded on its own
+            # (with dropout 0, as in both presets; else repeated patches would share one mask).
             # On the built-in shapes ~37% of a 16-image batch's patches are distinct, and the small
             # tokenizer's training step takes 104 instead of 121 ms (bf16, 2 cores; EXPERIMENTS.md).
             # A GPU encodes them all at once in about the time of a few, and torch.unique would
@@ -708,6 +721,9 @@ def train_tokenizer(images_uint8, config, out_path, max_steps=None, minutes=None
         max_steps = DEFAULT_STEPS
     if (max_steps is not None and max_steps < 1) or (minutes is not None and minutes <= 0):
         raise ValueError(f"max_steps must be at least 1 and minutes positive, got {max_steps} and {minutes}")
+    if precision not in ("fp32", "bf16") or batch_size < 1:
+        raise ValueError(f"precision must be 'fp32' or 'bf16' and batch_size at least 1, got {precision!r} "
+                         f"and {batch_size}")
     images_uint8 = np.asarray(images_uint8)
     if len(images_uint8) == 0:
         raise ValueError("no images to train the tokenizer on")
@@ -889,6 +905,15 @@ def check_code_folder(out_dir, batch_size):
 
 
 @torch.no_grad()
+def encode_with_mirror(vq, crops):
+    """Crops (B, 3, S, S) in [-1, 1] -> codes (B, 2, h*w) on the CPU: row 0 the crop as it is, row 1
+    its mirror image (SPEC 8: two augmentations an image). tokenize_folder writes these, and
+    train.py encodes an image folder with them too, so its codes equal tokenize_folder's."""
+    codes = vq.encode(torch.cat([crops, crops.flip(-1)]))                 # (2B, h, w): crops, then mirrors
+    return rearrange(codes, "(n b) h w -> b n (h w)", n=2).cpu()          # (B, 2, h*w)
+
+
+@torch.no_grad()
 def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_workers=0):
     """Encode every image of `image_dir/<class>/` into `out_dir/<class_id>/<index>.npy`, int64
     (2, h*w): row 0 the centre crop, row 1 its horizontal flip; the class folders' names go into
@@ -913,13 +938,13 @@ def tokenize_folder(vq, image_dir, out_dir, image_size=256, batch_size=64, num_w
             json.dump(class_folder_names(image_dir), names)              # list_image_folder's class ids
         loader = torch.utils.data.DataLoader(ImageFolderCrops(items, image_size), batch_size=batch_size,
                                              num_workers=num_workers)
+        was_training = vq.training
         vq.eval()
         for crops, class_ids, indices in tqdm(loader, desc="tokenizing", unit="batch", dynamic_ncols=True):
-            crops = crops.to(vq.device)
-            codes = vq.encode(torch.cat([crops, crops.flip(-1)]))          # (2B, h, w): crops, then flips
-            codes = rearrange(codes, "(n b) h w -> b n (h w)", n=2).cpu().numpy()  # (B, 2, h*w)
+            codes = encode_with_mirror(vq, crops.to(vq.device)).numpy()  # (B, 2, h*w)
             for views, class_id, index in zip(codes, class_ids.tolist(), indices.tolist()):
                 np.save(os.path.join(work_dir, str(class_id), f"{index}.npy"), views.astype(np.int64))
+        vq.train(was_training)
         os.chmod(work_dir, 0o755)  # mkdtemp makes an owner-only folder; a data set is shared
         os.rename(work_dir, out_dir)
     except BaseException:
@@ -980,7 +1005,8 @@ def main(argv=None):
                            f"{TRAINING_IMAGES}, picked at random); reconstructions go beside the checkpoint, in "
                            f"<out without its extension>_recon.png")
     parser.add_argument("--out", required=True,
-                        help="--tokenize: the folder to write the .npy code files to; --train: the checkpoint file")
+                        help="--tokenize: a new folder for the .npy code files (refused if it exists); --train: the "
+                             "checkpoint file")
     parser.add_argument("--vq-ckpt", default=None,
                         help="--tokenize: the tokenizer checkpoint, LlamaGen's vq_ds16_c2i.pt or one from --train "
                              "or train.py")
@@ -997,7 +1023,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device to run on (default: cuda if available)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="DataLoader processes decoding and cropping images")
+                        help="DataLoader processes decoding and cropping images (default: min(8, CPU count))")
     args = parser.parse_args(argv)
     check_device(args.device)
     if args.train is not None:

@@ -63,7 +63,6 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 import torch.distributed as dist
-from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -74,7 +73,7 @@ from data import (CLASS_NAMES, beside, check_output_path, default_classes, make_
 from muon import Muon
 from schedules import CFG_SCHEDULES, MASK_SCHEDULES, SAMPLING_DEFAULTS, check_decoding
 from tokenizer import (CLASS_NAMES_FILE, IMAGE_EXTENSIONS, TRAINING_IMAGES, VQ_PRESETS, ImageFolderCrops, VQModel,
-                       class_folder_names, list_image_folder, tensor_to_images, train_tokenizer)
+                       class_folder_names, encode_with_mirror, list_image_folder, tensor_to_images, train_tokenizer)
 
 # -----------------------------------------------------------------------------
 # Recipes: the defaults that depend on the model size. Each flag named by a key here takes its
@@ -381,9 +380,7 @@ def build_dataset(args, vq, preset, device):
         items = list_image_folder(args.data)                              # [(path, class_id, index)]
         codes = []
         for crops, _, _ in DataLoader(ImageFolderCrops(items, size), batch_size=64, num_workers=args.workers):
-            crops = crops.to(device)                                      # (b, 3, S, S) in [-1, 1]
-            views = vq.encode(torch.cat([crops, crops.flip(-1)]))         # (2b, h, w): as is, then mirrored
-            codes.append(rearrange(views, "(n b) h w -> b n (h w)", n=2).cpu())  # (b, 2, L)
+            codes.append(encode_with_mirror(vq, crops.to(device)))       # (b, 2, L)
         codes = torch.cat(codes).numpy()                                  # (n, 2, L): two augmentations
         labels = np.array([class_id for _, class_id, _ in items])
         return TokenGrids(codes, labels, names, vq.config.codebook_size, codes.shape[-1])

@@ -146,6 +146,29 @@ def test_vq_decoder_graph_equals_vq_decode(exported):
     assert np.abs(pixels.astype(int) - tensor_to_images(expected).astype(int)).max() <= 1, "uint8 pixels differ"
 
 
+@pytest.mark.parametrize("tokens", [np.zeros((1, 128), dtype=np.int64), np.zeros((2, 63), dtype=np.int64),
+                                    np.zeros((1, 64)), np.zeros(64, dtype=np.int64)])
+def test_decode_refuses_tokens_that_are_not_one_grid_of_integer_codes_per_image(exported, tokens):
+    """OnnxSampler.decode takes (B, 64) integer codes: two images' worth in one row, a short row,
+    float codes and a 1-D array are refused in one line, not decoded as other images or truncated."""
+    folder, _, _ = exported
+    with pytest.raises(ValueError, match=re.escape("tokens must be integer codes of shape (B, 64), the 8x8 grid")):
+        OnnxSampler(str(folder), device="cpu").decode(tokens)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # GroupNorm's; torch hides its own outside pytest
+def test_a_tokenizer_in_bf16_exports_an_fp32_decoder(exported, tmp_path):
+    """export_onnx converts its copy of the tokenizer to fp32, as it does the ARPG's: a bf16 tokenizer
+    exports the same fp32 decoder graph (ONNX's convolutions have no bf16), and the caller's is left bf16."""
+    _, model, vq = exported
+    vq_bf16 = copy.deepcopy(vq).to(torch.bfloat16)
+    export_onnx(model, vq_bf16, str(tmp_path / "onnx"))
+    graph = onnx.load(str(tmp_path / "onnx" / "vq_decoder.onnx"))
+    types = {t.data_type for t in graph.graph.initializer if t.data_type != onnx.TensorProto.INT64}
+    assert types == {onnx.TensorProto.FLOAT}, f"decoder weight types {types}"
+    assert next(vq_bf16.parameters()).dtype == torch.bfloat16, "the caller's tokenizer was converted"
+
+
 # --- the numpy loop equals ARPG.generate ---
 
 @pytest.mark.parametrize("steps, cfg_scale, cfg_schedule, schedule", [
@@ -254,6 +277,9 @@ def test_the_sampler_s_default_steps_fit_a_grid_of_fewer_than_32_tokens(exported
     code, output = run("onnx_sampler.py", "--onnx-dir", str(tmp_path / "small"), "--device", "cpu", "--per-class", "1",
                        "--out", str(tmp_path / "grid.png"))
     assert code == 0 and "15 steps" in output and (tmp_path / "grid.png").is_file(), output
+    sampler = OnnxSampler(str(tmp_path / "small"), device="cpu")          # and the API's default alike
+    tokens = sampler.generate(np.array([1]), seed=0)
+    assert np.array_equal(tokens, sampler.generate(np.array([1]), steps=15, seed=0)), "the default is not 15 steps"
 
 
 def test_the_command_line_samples_in_batches_of_batch_size(exported, tmp_path, monkeypatch):
@@ -486,17 +512,20 @@ def test_onnx_sampler_command_line_refuses_bad_input_in_one_line(exported, tmp_p
 
 
 @pytest.mark.parametrize("labels, settings, message", [
-    ([], {}, "labels must be a non-empty 1-D array of class ids in [0, 10), got []"),
-    ([1], {"order": np.zeros(64, dtype=np.int64)}, "order must be a permutation of the 64 grid positions"),
-    ([1], {"order": np.arange(63)}, "order must be a permutation of the 64 grid positions"),
+    (np.array([], dtype=np.int64), {}, "labels must be a non-empty 1-D array of integer class ids in [0, 10), got []"),
+    (np.array([1.9]), {}, "labels must be a non-empty 1-D array of integer class ids in [0, 10), got [1.9]"),
+    (np.array([1]), {"order": np.zeros(64, dtype=np.int64)}, "order must be a permutation of the 64 grid positions"),
+    (np.array([1]), {"order": np.arange(63)}, "order must be a permutation of the 64 grid positions"),
+    (np.array([1]), {"order": np.arange(64) + 0.5}, "order must be a permutation of the 64 grid positions"),
 ])
 def test_onnx_sampler_api_refuses_empty_labels_and_orders_that_are_no_permutation(exported, labels, settings,
                                                                                    message):
-    """OnnxSampler.generate refuses an empty batch of labels and an order that is not a permutation
-    of the grid's 64 positions (one repeated, or one short), with a ValueError."""
+    """OnnxSampler.generate refuses an empty batch of labels, labels that are not integers (1.9 would
+    sample class 1) and an order that is not a permutation of the grid's 64 positions (one repeated,
+    one short, or not integers), with a ValueError."""
     folder, _, _ = exported
     with pytest.raises(ValueError, match=re.escape(message)):
-        OnnxSampler(str(folder), device="cpu").generate(np.array(labels, dtype=np.int64), **settings)
+        OnnxSampler(str(folder), device="cpu").generate(labels, **settings)
 
 
 def list_providers(monkeypatch, providers):

@@ -233,6 +233,10 @@ def test_bad_inputs_give_clear_errors():
         vq.decode(torch.full((1, 2, 2), -1))
     with pytest.raises(ValueError, match=r"\(B, h, w\)"):
         vq.decode(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"got ndarray int64 \(1, 2, 2\); torch.from_numpy\(\) converts"):
+        vq.decode(np.zeros((1, 2, 2), dtype=np.int64))                    # named as what it is, not its shape
+    with pytest.raises(ValueError, match=r"integer torch tensor \(B, h, w\), got Tensor torch.bool"):
+        vq.decode(torch.ones(1, 2, 2, dtype=torch.bool))                  # not codes 0 and 1
     with pytest.raises(ValueError, match="uint8"):
         images_to_tensor(np.zeros((1, 8, 8, 3), dtype=np.float32))
     local = VQModel(replace(TINY, local_codes=True))                      # its patch path reshapes first
@@ -243,6 +247,10 @@ def test_bad_inputs_give_clear_errors():
             local.encode_images(images)
     with pytest.raises(ValueError, match="max_steps must be at least 1"):  # it used to train forever
         train_tokenizer(random_images(2, 16, 16), TINY, "unused.pt", max_steps=0)
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16' and batch_size at least 1, got 'fp16'"):
+        train_tokenizer(random_images(2, 16, 16), TINY, "unused.pt", max_steps=1, precision="fp16")  # not fp32
+    with pytest.raises(ValueError, match="batch_size at least 1, got 'fp32' and 0"):
+        train_tokenizer(random_images(2, 16, 16), TINY, "unused.pt", max_steps=1, batch_size=0)
 
 
 @pytest.mark.parametrize("local_codes", [False, True])
@@ -287,9 +295,10 @@ def test_codebook_loss_trains_the_codes_and_commitment_loss_the_encoder():
     assert codes.grad is None and first_conv.grad.abs().sum() > 0, "the commitment loss must move the encoder alone"
 
 
-@pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 0)])
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 0), (2, 1)])
 def test_conv_shortcut_on_1x1_maps_equals_the_convolution(kernel, padding):
-    """tokenizer.Conv2d's linear shortcut on 1x1 maps gives the convolution's output and gradients."""
+    """tokenizer.Conv2d's linear shortcut on 1x1 maps gives the convolution's output and gradients
+    (an even kernel, which grows the map, takes the convolution itself)."""
     torch.manual_seed(0)
     conv = Conv2d(16, 24, kernel, padding=padding)
     x = torch.randn(5, 16, 1, 1, requires_grad=True)
@@ -425,6 +434,9 @@ def test_quantizer_searches_in_fp32_under_bf16_autocast():
     assert torch.equal(codes_autocast, codes), "the search ran in bf16 under autocast"
     assert z_q_autocast.dtype == torch.float32 and torch.equal(z_q_autocast, z_q), "lookup not in fp32"
     assert codebook_loss_autocast.item() == codebook_loss.item(), "VQ losses not in fp32"
+    usage = quantizer.codebook_used.clone()
+    quantizer.record_usage(torch.zeros(0, dtype=torch.long))              # an empty batch records nothing
+    assert torch.equal(quantizer.codebook_used, usage), "an empty batch changed the usage window"
 
 
 def test_train_tokenizer_in_bf16_follows_fp32(tmp_path):
