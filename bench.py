@@ -5,7 +5,7 @@ Paper protocol (Table 1 / SPEC 9): one GPU, batch 64 images (128 rows with guida
 token generation only (no VQ decoding), random weights are fine since speed does not depend on
 them. We time, on whatever device this runs on, with warm-up and several repeats:
   - the readable `generate`, the fast path (`generate(fast=True)`, compiled on GPU), and the
-    ONNX Runtime sampler (export.py) at 16 / 32 / 64 steps;
+    ONNX Runtime sampler (onnx_sampler.py, on graphs written by export.py) at 16 / 32 / 64 steps;
   - one token per step in raster order (L steps), the classic autoregressive baseline;
   - training throughput (images/s of forward + backward + optimizer step, with train.py's
     optimizers: AdamW, plus Muon for the tiny recipe).
@@ -31,7 +31,8 @@ import torch
 
 from arpg import ARPG, ARPG_PRESETS, check_device
 from data import atomic_output, check_output_path, run_script
-from train import RECIPES, make_optimizers, optimizer_step, parse_args as parse_train_args, wait_for_device
+from train import (RECIPES, default_precision, make_optimizers, optimizer_step, parse_args as parse_train_args,
+                   wait_for_device)
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -235,7 +236,7 @@ def training_row(config, batch, args, device):
     """Training throughput at `batch`: train.py's optimizer step (forward, backward, gradient
     clipping, optimizers), eager, with the optimizers and dropout of train.py's recipe for this size.
     Returns (batch, img/s, peak GB, how)."""
-    precision = "bf16" if device.type == "cuda" else "fp32"              # train.py's: bf16 autocast on a GPU
+    precision = default_precision(str(device))  # train.py's: bf16 on CUDA and on CPUs with bf16 instructions
     recipe = RECIPES["tiny" if args.size == "tiny" else "paper"]
     dropout = dict.fromkeys(("token_dropout_p", "resid_dropout_p", "ffn_dropout_p"), recipe["dropout"])  # train.py's
     train_model = ARPG(replace(config, **dropout)).to(device).train()

@@ -44,8 +44,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 # rotation (a rotated square is still a square, not a cross), and the differences are coarse:
 # the tokenizer sees the image as an 8 x 8 grid of patches, so a class must be recognisable
 # from its silhouette at that scale. An earlier set had a hexagon and a heart: the tokenizer's
-# reconstructions confused them with the circle and the square, and a classifier trained on
-# real images recognised only 89.4% of them (97.8% for this set, same tokenizer recipe; EXPERIMENTS.md).
+# reconstructions confused them with the circle and the square: the evaluation classifier (trained
+# on real images) recognised only 89.4% of the reconstructions (97.8% with this set, the same
+# tokenizer recipe; EXPERIMENTS.md).
 CLASS_NAMES = [
     "circle", "square", "triangle", "star", "cross",
     "ring", "bar", "pair", "crescent", "arrow",
@@ -178,8 +179,8 @@ def make_builtin_dataset(n, seed=0, image_size=64):
 def atomic_output(path, suffix=""):
     """A temporary file name in `path`'s folder (made if missing) to write to; it becomes `path`
     (os.replace) when the block ends and is removed if the block fails, so a reader never sees
-    half a file and a failed or interrupted write leaves nothing behind. The file is made
-    readable by everyone, as an ordinary file would be (mkstemp makes owner-only ones), and its
+    half a file and a failed or interrupted write leaves nothing behind. The file gets the
+    permissions an ordinary new file would get, under the umask (mkstemp makes owner-only ones), and its
     bytes are flushed to the disk before the rename: otherwise a power cut soon after could leave
     the new name on an empty file, the old one already gone."""
     check_output_path(path)
@@ -187,7 +188,9 @@ def atomic_output(path, suffix=""):
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        umask = os.umask(0)                                               # os.umask sets and returns the old
+        os.umask(umask)                                                   # one: read it, then put it back
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
@@ -357,7 +360,8 @@ def run_script(main):
 
 def preview():
     parser = argparse.ArgumentParser(description="Save a preview grid of the built-in dataset.")
-    parser.add_argument("--out", default="out/builtin_dataset.png", help="PNG file to write")
+    parser.add_argument("--out", default="out/builtin_dataset.png",
+                        help="picture to write; its extension names the format (.png, .jpg, ...)")
     parser.add_argument("--per-class", type=int, default=8, help="images shown per class (columns)")
     parser.add_argument("--image-size", type=int, default=64, help="side of each image in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the dataset")

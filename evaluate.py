@@ -138,8 +138,7 @@ def load_classifier(path=DEFAULT_CLASSIFIER, image_size=64, n_train=3000, train_
             load_strict(classifier, unwrap_state_dict(checkpoint), f"classifier {path} (delete it to retrain)")
             return classifier.eval(), checkpoint["heldout_accuracy"]
         log(f"{path} was trained on {checkpoint.get('image_size')} px images, not {image_size}: retraining")
-    else:
-        check_output_path(path, "--classifier")                          # before the training, not after it
+    check_output_path(path, "--classifier")                              # before the training, not after it
     log(f"training the evaluation classifier on {n_train} real built-in images (once; cached in {path})")
     start = time.time()
     images, labels = make_builtin_dataset(n_train, seed=CLASSIFIER_TRAIN_SEED, image_size=image_size)
@@ -195,7 +194,8 @@ def frechet_distance(features_a, features_b):
     cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)  # (D, D) each
     root_a = symmetric_sqrt(cov_a)
     middle = symmetric_sqrt(root_a @ cov_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(middle))
+    distance = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(middle)
+    return max(0.0, float(distance))  # rounding can leave a tiny negative for (nearly) identical sets
 
 
 def score_images(classifier, images, labels, reference_features):
@@ -240,7 +240,7 @@ def likelihood_classification(model, codes, labels, n_orders=4, seed=0, batch_si
                 rows = slice(start, start + batch_size)
                 logits, _ = model(codes[rows], torch.full_like(labels[rows], label), order=order[rows])  # (b, L, V)
                 targets = codes[rows].gather(1, order[rows])             # (b, L), in generation order
-                nll[rows, label] += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1)
+                nll[rows, label] += F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)
     return (nll.argmin(dim=1) == labels).float().mean().item()
 
 
@@ -262,7 +262,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
-                        help="cached classifier (trained on real built-in images if missing)")
+                        help="cached classifier (trained on real built-in images if missing; retrained in its place "
+                             "if it was trained at another image size than the samples')")
     parser.add_argument("--npz", default=None,
                         help="samples to score: a .npz with arr_0 uint8 (N, H, W, 3) and labels (N,), "
                              "as written by `sample.py --fid N`")
@@ -281,11 +282,14 @@ def main(argv=None):
             raise ValueError(f"{args.npz} is not an .npz archive: write one with `sample.py --fid N`")
         try:
             with np.load(args.npz) as npz:
-                if "arr_0" not in npz or "labels" not in npz:
-                    raise ValueError(f"{args.npz} needs arr_0 (images) and labels: write it with `sample.py --fid N`")
-                samples, labels = npz["arr_0"], npz["labels"]
+                arrays = {name: npz[name] for name in ("arr_0", "labels") if name in npz}
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:       # a bad checksum, a cut-off member
             raise ValueError(f"{args.npz} is damaged ({error}): write it again with `sample.py --fid N`") from None
+        except ValueError as error:                                       # object arrays: pickled, never loaded
+            raise ValueError(f"{args.npz} cannot be read ({error}): write it again with `sample.py --fid N`") from None
+        if len(arrays) < 2:
+            raise ValueError(f"{args.npz} needs arr_0 (images) and labels: write it with `sample.py --fid N`")
+        samples, labels = arrays["arr_0"], arrays["labels"]
         # The classifier halves an image four times (16 pixels at least), and a covariance needs 2 images.
         # The real sets it is compared with are square.
         if (samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] != 3 or len(samples) < 2

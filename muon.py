@@ -54,6 +54,9 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum=0.95, dtype=torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum))
+        if any(p.ndim < 2 for group in self.param_groups for p in group["params"]):
+            raise ValueError("Muon trains matrices and convolution kernels (2 or more dims); give vectors and "
+                             "scalars to AdamW")
         self.dtype = dtype
 
     @torch.no_grad()

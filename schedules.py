@@ -1,6 +1,6 @@
 """
 Decoding schedules (SPEC 6), the default sampling settings and their check, in plain Python:
-shared by arpg.py, train.py, sample.py and onnx_sampler.py.
+shared by arpg.py, train.py, sample.py, export.py and onnx_sampler.py.
 
 They live in a file of their own, free of torch and numpy, so that the ONNX Runtime sampler,
 which must run without PyTorch, uses the very same rules as `ARPG.generate`.

@@ -205,6 +205,13 @@ def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_p
     assert path.read_text() == "new", "the write did not replace the file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"], "the temporary file stayed"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644, f"mode {oct(path.stat().st_mode)}"
+    umask = os.umask(0o077)                                               # a user who keeps files private
+    try:
+        with atomic_output(str(path), ".md") as tmp:
+            open(tmp, "w").close()
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"the umask was ignored: mode {oct(path.stat().st_mode)}"
 
 
 def test_atomic_output_flushes_the_file_to_disk_before_renaming_it(tmp_path, monkeypatch):

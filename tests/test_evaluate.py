@@ -46,7 +46,9 @@ def test_frechet_distance_matches_the_textbook_formula():
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     """d(x, x) = 0 and a mean shift of s in every one of F dimensions adds F s^2."""
     a = correlated_features(3, 300)
-    assert abs(evaluate.frechet_distance(a, a)) < 1e-7, "distance of a set to itself is not 0"
+    assert 0 <= evaluate.frechet_distance(a, a) < 1e-7, "distance of a set to itself is not 0 (or below it)"
+    few = correlated_features(4, 3)                                       # fewer samples than features
+    assert evaluate.frechet_distance(few, few) >= 0, "rounding made a distance negative"
     shifted = evaluate.frechet_distance(a, a + 0.5)
     assert abs(shifted - 6 * 0.25) < 1e-6, f"shift by 0.5 in 6 dims gave {shifted}, expected 1.5"
 
@@ -190,6 +192,9 @@ def test_cli_refuses_a_damaged_sample_file_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{path} is damaged (")):
         evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])
     assert not (tmp_path / "never.pt").exists()
+    np.savez(path, arr_0=np.array([object()], dtype=object), labels=labels)  # pickled: never loaded
+    with pytest.raises(ValueError, match=re.escape(f"{path} cannot be read (") + ".*sample.py --fid N"):
+        evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])
 
 
 @pytest.mark.parametrize("case", ["labels (N, 1)", "float labels", "a bare .npy", "8-pixel images", "one image",

@@ -51,6 +51,14 @@ def test_muon_steps_each_matrix_by_its_own_orthogonalized_nesterov_momentum(dtyp
         torch.testing.assert_close(p.detach(), w, atol=tolerance, rtol=1e-5)
 
 
+def test_muon_refuses_vectors_and_scalars():
+    """A bias or a scalar given to Muon is refused at once, not orthogonalized as an (n, 1) matrix
+    (or failing inside step())."""
+    for shape in ((6,), ()):
+        with pytest.raises(ValueError, match="Muon trains matrices and convolution kernels"):
+            Muon([torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(shape))], lr=0.1)
+
+
 def test_muon_step_takes_a_closure_as_torch_optimizers_do():
     """step(closure) evaluates the closure with gradients on (step itself runs without), returns
     its loss, and makes the update that step() makes from the same gradients."""
