@@ -334,10 +334,9 @@ class VectorQuantizer(nn.Module):
         return F.normalize(z, dim=1) if self.l2_norm else z
 
     def nearest(self, z):
-        """Latents (B, d, h, w) -> index of the nearest code (B, h, w) int64. Footgun: search outside
-        bf16 autocast, as `forward` does, or the distances are rounded and other codes are picked
-        (no caller here encodes under autocast; the meta device, on which the tests build the model,
-        has no autocast to turn off, so the guard is the caller's)."""
+        """Latents (B, d, h, w) -> index of the nearest code (B, h, w) int64. Footgun: call it outside
+        bf16 autocast, as `forward` does, or rounded distances pick other codes. (It cannot turn
+        autocast off itself: the meta device, on which the tests build the model, has none.)"""
         flat = rearrange(self.normalize(z), "b d h w -> (b h w) d")       # (B*h*w, d)
         codebook = self.codebook()                                        # (V, d)
         # Squared distance |z|^2 + |e|^2 - 2 z.e, all pairs at once: (B*h*w, V).
