@@ -66,6 +66,12 @@ FP32_TOLERANCE = 1e-4   # max |ONNX - PyTorch| allowed for an fp32 graph
 # -----------------------------------------------------------------------------
 # The three graphs, as modules that call the model's own methods (nothing re-implemented)
 
+def pack_caches(caches):
+    """ARPG.context's list of (k, v) -> the graphs' two cache tensors: (layers, 2, B, H, N, D) for the
+    Pass-1 layers and (2, B, H, N, D) for the shared K/V that Pass 2 reads."""
+    return torch.stack([torch.stack(layer) for layer in caches[:-1]]), torch.stack(caches[-1])
+
+
 class ContextGraph(nn.Module):
     """Pass 1 for one decoding step: `ARPG.context` with its caches packed into two tensors."""
 
@@ -78,8 +84,7 @@ class ContextGraph(nn.Module):
         # ids (B, T); slots (T,); past_kv (layers, 2, B, H, N, D); past_shared_kv (2, B, H, N, D)
         caches = [tuple(layer.unbind(0)) for layer in past_kv.unbind(0)] + [tuple(past_shared_kv.unbind(0))]
         grown = self.model.context(ids, self.rope[slots][None], mask=None, caches=caches)  # rope (1, T, D/2, 2)
-        kv = torch.stack([torch.stack(layer) for layer in grown[:-1]])   # (layers, 2, B, H, N+T, D)
-        return kv, torch.stack(grown[-1])                                 # and (2, B, H, N+T, D)
+        return pack_caches(grown)                                         # N + T positions now
 
 
 class GuidedGraph(nn.Module):
@@ -182,12 +187,12 @@ def measure_parity(graphs, model, vq, rope, grid, dtype):
         caches = model.context(ids.to(device), rope[slots.to(device)][None], mask=None, caches=caches)
         kv, shared_kv = sessions["context"].run(None, {"ids": ids.numpy(), "slots": slots.numpy(),
                                                         "past_kv": past_kv, "past_shared_kv": past_shared_kv})
-        torch_kv = torch.stack([torch.stack(layer) for layer in caches[:-1]])  # (layers, 2, B, H, N+T, D)
-        step_diffs = [diffs.get("context", 0.0), max_diff(kv, torch_kv), max_diff(shared_kv, torch.stack(caches[-1]))]
+        torch_kv, torch_shared_kv = pack_caches(caches)
+        step_diffs = [diffs.get("context", 0.0), max_diff(kv, torch_kv), max_diff(shared_kv, torch_shared_kv)]
         diffs["context"] = float(np.max(step_diffs))                     # NaN, if any, stays NaN (Python's max drops it)
         # The next step starts from PyTorch's caches, so each step is measured on its own.
         past_kv = torch_kv.cpu().numpy().astype(dtype)
-        past_shared_kv = torch.stack(caches[-1]).cpu().numpy().astype(dtype)
+        past_shared_kv = torch_shared_kv.cpu().numpy().astype(dtype)
 
     target_slots = positions[6:] + 1                                      # (K,) = (6,)
     logits = sessions["guided"].run(None, {"target_slots": target_slots.numpy(), "shared_kv": past_shared_kv})[0]
