@@ -632,6 +632,29 @@ def test_an_export_that_is_not_finite_is_refused_and_writes_nothing(exported, tm
                     "made/on_the_way/not_finite", "made/on_the_way/not_finite/guided.onnx"], left
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # GroupNorm's; torch hides its own outside pytest
+def test_the_parity_check_measures_graphs_that_differ_from_pytorch(exported, tmp_path, monkeypatch):
+    """measure_parity really compares: the exported graphs against the model they came from are
+    within 1e-4, against the same model with one weight of each pass moved by 1e-2 they are not;
+    and an export whose graphs are measured against that other model is refused, writing nothing."""
+    folder, model, vq = exported
+    graphs = {name: str(folder / f"{name}.onnx") for name in ("context", "guided", "vq_decoder")}
+    rope, real_parity = model.rope_table(8, 8), export.measure_parity
+    same = real_parity(graphs, model, vq, rope, (8, 8), np.float32)
+    assert max(same.values()) <= 1e-4, f"the graphs differ from their own model: {same}"
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.layers.self_dec[0].attn.to_q.weight[0] += 1e-2               # Pass 1
+        moved.layers.cross_dec[0].ffn.w2.weight[0] += 1e-2                 # Pass 2
+    other = real_parity(graphs, moved, vq, rope, (8, 8), np.float32)
+    assert other["context"] > 1e-3 and other["guided"] > 1e-3, f"moved weights went unmeasured: {other}"
+    assert other["vq_decoder"] <= 1e-4, f"the decoder was not moved: {other}"
+    monkeypatch.setattr(export, "measure_parity", lambda graphs, model, *rest: real_parity(graphs, moved, *rest))
+    with pytest.raises(ValueError, match="ONNX graphs differ from PyTorch by more than"):
+        export_onnx(model, vq, str(tmp_path / "onnx"))
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
 def test_export_installs_each_graph_before_its_weights_and_the_json_last(exported, tmp_path, monkeypatch):
     """A reader that opens a folder caught half-way finds no old graph beside new weights: each
     .onnx is moved in before its .onnx.data, and arpg_onnx.json after all of them."""

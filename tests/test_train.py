@@ -171,6 +171,9 @@ def test_a_resumed_run_keeps_a_decay_that_a_late_re_plan_shortened(tmp_path, mon
     main([*common, "--total-minutes", "1", "--save-every", "2"])
     straight = load(out)
     assert straight["step"] == straight["args"]["max_steps"] == 4 and step_2, "the run was not re-planned to 4 steps"
+    assert straight["decay_steps"] == 3, f"the decay spans {straight['decay_steps']} steps, not 3"
+    last_lr = straight["optimizer"][0]["param_groups"][0]["lr"]          # step 3: 1 of the 3 decay steps left
+    assert abs(last_lr - 1e-3 / 3) < 1e-12, f"the last step's learning rate is {last_lr}, not 1e-3 / 3"
     torch.save(step_2, out)                                               # as if stopped after step 2
     main([*common, "--resume"])
     resumed = load(out)
@@ -428,16 +431,21 @@ def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
 
 def test_a_checkpoint_from_before_muon_resumes_with_adamw_alone(tmp_path):
     """Checkpoints written before Muon hold one AdamW state dict, not a list: --resume --muon-lr 0
-    continues them."""
+    continues them, with their AdamW state: the same weights and optimizer state as a run never stopped."""
     data = write_codes(tmp_path / "codes")
-    common = ["--data", str(data), *FAST, "--muon-lr", "0", "--save-every", "0", "--out", str(tmp_path / "arpg.pt")]
-    assert run_train(*common, "--max-steps", "2").returncode == 0, "the first 2-step run failed"
+    common = ["--data", str(data), *FAST, "--muon-lr", "0", "--save-every", "0"]
+    out = ["--out", str(tmp_path / "arpg.pt")]
+    assert run_train(*common, *out, "--max-steps", "2").returncode == 0, "the first 2-step run failed"
     checkpoint = load(tmp_path / "arpg.pt")
     (checkpoint["optimizer"],) = checkpoint["optimizer"]                  # the old layout: one dict
     torch.save(checkpoint, tmp_path / "arpg.pt")
-    resumed = run_train(*common, "--max-steps", "4", "--resume")
+    resumed = run_train(*common, *out, "--max-steps", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert load(tmp_path / "arpg.pt")["step"] == 4, "the resumed run should end at step 4"
+    straight = run_train(*common, "--out", str(tmp_path / "straight.pt"), "--max-steps", "4")
+    assert straight.returncode == 0, straight.stderr
+    for key in ("model", "optimizer"):
+        assert_same_tensors(load(tmp_path / "straight.pt")[key], load(tmp_path / "arpg.pt")[key], key)
 
 
 def torchrun(script, *args, env, timeout=180):
