@@ -291,16 +291,19 @@ def test_the_command_line_samples_in_batches_of_batch_size(exported, tmp_path, m
 
     def generate(self, labels, **kwargs):
         tokens = real_generate(self, labels, **kwargs)
-        batches.append((labels.tolist(), tokens))
+        batches.append((labels.tolist(), tokens, {key: value for key, value in kwargs.items() if key != "seed"}))
         return tokens
     monkeypatch.setattr(OnnxSampler, "generate", generate)
     monkeypatch.setattr(sys, "argv", ["onnx_sampler.py", "--onnx-dir", str(folder), "--device", "cpu", "--classes",
                                       "1", "1", "--per-class", "3", "--batch-size", "4", "--steps", "4",
-                                      "--out", str(tmp_path / "grid.png")])
+                                      "--seed", "7", "--out", str(tmp_path / "grid.png")])
     onnx_sampler.main()
-    assert [labels for labels, _ in batches] == [[1, 1, 1, 1], [1, 1]], batches
-    assert not np.array_equal(batches[0][1][:2], batches[1][1]), "the second batch repeated the first one's draw"
-    assert (tmp_path / "grid.png").is_file()
+    assert [labels for labels, _, _ in batches] == [[1, 1, 1, 1], [1, 1]], batches
+    sampler, rng = OnnxSampler(str(folder), device="cpu"), np.random.default_rng(7)  # one stream, drawn on
+    for labels, tokens, settings in batches:
+        expected = real_generate(sampler, np.array(labels), seed=rng, **settings)
+        assert np.array_equal(tokens, expected), f"batch {labels} is not the next draw of one random stream"
+    assert (tmp_path / "grid.png").is_file(), "no grid written"
 
 
 def test_onnx_runtime_out_of_memory_is_one_line(exported, tmp_path, monkeypatch, capsys):

@@ -616,6 +616,7 @@ def test_a_checkpoint_that_names_no_tokenizer_needs_vq_ckpt(ckpts, tmp_path, mon
     with pytest.raises(ValueError, match="does not name the tokenizer its codes come from .* pass it with --vq-ckpt"):
         sample.main(["--ckpt", ckpts["arpg"], "--out", "never.png"])
     assert not os.path.exists("never.png"), "a refused run wrote its grid"
+    shutil.copy(ckpts["vq_other"], "out/tokenizer.pt")                    # 128 codes: refused if it were read
     named = {**torch.load(ckpts["arpg"], weights_only=True), "tokenizer": ckpts["vq"]}
     save_atomic(named, "named.pt")
     sample.main(["--ckpt", "named.pt", "--steps", "4", "--per-class", "1", "--classes", "0", "--out", "grid.png"])

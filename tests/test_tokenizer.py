@@ -429,9 +429,14 @@ def test_quantizer_searches_in_fp32_under_bf16_autocast():
     quantizer.embedding.weight.data = torch.randn(TINY.codebook_size, TINY.codebook_embed_dim)
     latents = torch.randn(8, TINY.codebook_embed_dim, 16, 16)            # 2048 latents
     z_q, codes, codebook_loss, _ = quantizer(latents)
+    flat = rearrange(quantizer.normalize(latents), "b d h w -> (b h w) d").double()
+    nearest = torch.cdist(flat, quantizer.codebook().double()).argmin(dim=1).view(codes.shape)  # float64 search
+    assert torch.equal(codes, nearest), "the search outside autocast is not the nearest code"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z_q_autocast, codes_autocast, codebook_loss_autocast, _ = quantizer(latents)
-    assert torch.equal(codes_autocast, codes), "the search ran in bf16 under autocast"
+        rounded = quantizer.nearest(latents)                              # searched under autocast itself
+    assert not torch.equal(rounded, nearest), "bf16 distances pick the same codes here: the test cannot tell"
+    assert torch.equal(codes_autocast, nearest), "the search ran in bf16 under autocast"
     assert z_q_autocast.dtype == torch.float32 and torch.equal(z_q_autocast, z_q), "lookup not in fp32"
     assert codebook_loss_autocast.item() == codebook_loss.item(), "VQ losses not in fp32"
     usage = quantizer.codebook_used.clone()

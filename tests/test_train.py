@@ -390,13 +390,23 @@ def test_a_bad_code_file_met_while_compiling_is_not_taken_for_a_compiler_failure
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_trained_with_a_warning(tmp_path, monkeypatch, capsys):
-    """--precision bf16 where the CPU has no bf16 matrix instructions runs (emulated), with one
-    warning line that says it is slow and that fp32 is the default there."""
+    """--precision bf16 where the CPU has no bf16 matrix instructions runs (emulated) in bf16 (the
+    head's output), with one warning line that says it is slow and that fp32 is the default there."""
     monkeypatch.setattr(train, "cpu_has", lambda feature: False)          # as on an AVX2-only CPU
+    dtypes, real_step = [], train.optimizer_step
+
+    def step_recording_the_head_s_dtype(train_model, model, *args, **kwargs):
+        hook = model.head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        try:
+            return real_step(train_model, model, *args, **kwargs)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(train, "optimizer_step", step_recording_the_head_s_dtype)
     data = write_codes(tmp_path / "codes")
     main(["--data", str(data), *FAST, "--precision", "bf16", "--max-steps", "1", "--out", str(tmp_path / "arpg.pt")])
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: --precision bf16")]
     assert len(warnings) == 1 and "fp32, the default here" in warnings[0], warnings
+    assert dtypes and set(dtypes) == {torch.bfloat16}, f"the step ran in {dtypes}, not bf16"
 
 
 def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
