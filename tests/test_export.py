@@ -84,10 +84,18 @@ def test_export_writes_three_checked_graphs_with_dynamic_shapes(exported):
         props = {p.key: p.value for p in graph.metadata_props}
         assert props[onnx_sampler.EXPORT_ID_KEY] == metadata["export_id"], f"{name}.onnx lacks the export id"
         assert metadata["parity_max_abs_diff"][name] <= 1e-4, f"{name}: {metadata['parity_max_abs_diff'][name]}"
-    session = ort.InferenceSession(str(folder / "context.onnx"), providers=["CPUExecutionProvider"])
-    shapes = {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
+    def signature(name):
+        session = ort.InferenceSession(str(folder / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        return {i.name: i.shape for i in session.get_inputs() + session.get_outputs()}
+    shapes = signature("context")
     assert shapes["past_kv"] == [PASS_LAYERS, 2, "batch", 4, "past", 32], f"context signature {shapes}"
     assert shapes["ids"] == ["batch", "new"] and shapes["slots"] == ["new"], f"context signature {shapes}"
+    shapes = signature("guided")
+    assert shapes["target_slots"] == ["queries"] and shapes["shared_kv"] == [2, "batch", 4, "past", 32] \
+        and shapes["logits"] == ["batch", "queries", 128], f"guided signature {shapes}"
+    shapes = signature("vq_decoder")
+    assert shapes["codes"] == ["batch", "rows", "cols"] and shapes["images"] == ["batch", 3, "height", "width"], \
+        f"vq_decoder signature {shapes}"
     V = ARPG_PRESETS["tiny"].vocab_size
     assert metadata["mask_id"] == V and metadata["null_class_id"] == V + 10 + 1, "token ids in the JSON"
     assert metadata["class_names"] == CLASS_NAMES, f"class names {metadata['class_names']}"

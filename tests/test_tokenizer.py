@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -378,6 +379,7 @@ def test_train_tokenizer_writes_loadable_checkpoint_and_grid(tmp_path, capsys):
     x = images_to_tensor(images[:2])
     assert torch.equal(loaded.encode(x), vq.encode(x)), "checkpoint does not hold the returned model"
     assert (tmp_path / "recon.png").is_file(), "no reconstruction grid written"
+    assert sorted(os.listdir(tmp_path)) == ["recon.png", "vq.pt"], f"a temporary file was left: {os.listdir(tmp_path)}"
     assert re.fullmatch(r"tokenizer: 3 steps in \d+\.\d min, stopped by its step count; PSNR -?\d+\.\d dB on its last "
                         r"batch", capsys.readouterr().out.strip().splitlines()[-1]), "no closing line"
     metrics = evaluate_tokenizer(vq, images)
