@@ -457,6 +457,12 @@ def decoding_frames(images, order, drawn_counts, factor):
 # -----------------------------------------------------------------------------
 # Evaluation on the built-in shapes (evaluate.py holds the classifier and the metrics)
 
+def write_text_atomic(path, text):
+    """`text` to `path`, all or nothing (the evaluation's markdown table)."""
+    with atomic_output(path, ".md") as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
 def run_evaluation(args, model, vq, settings, step_counts):
     """The results (markdown): a table of real images, tokenizer reconstructions and samples at each
     step count, then how many real images ARPG itself assigns to their class."""
@@ -501,11 +507,6 @@ def run_evaluation(args, model, vq, settings, step_counts):
 
 # -----------------------------------------------------------------------------
 # Checks and the command line
-
-def write_text_atomic(path, text):
-    with atomic_output(path, ".md") as tmp, open(tmp, "w") as f:
-        f.write(text)
-
 
 def check_flags(args):
     """Refuse flag values and combinations that cannot work, before loading anything; then fill in
@@ -558,6 +559,12 @@ def check_flags(args):
         raise ValueError(f"--image-index must be in 0..999, got {args.image_index}")
 
 
+def check_steps(steps, tokens, what):
+    """Refuse a step count outside 1..tokens: at least one step, at least one token a step."""
+    if not 1 <= steps <= tokens:
+        raise ValueError(f"steps must be between 1 and {tokens} (the tokens of {what}), got {steps}")
+
+
 def check_against_model(args, config):
     """Refuse step counts and class ids the loaded model cannot take, after filling in --steps'
     default (`default_steps` of the model's grid). An edit's --steps, and its default, go by its
@@ -568,12 +575,6 @@ def check_against_model(args, config):
         check_steps(steps, config.block_size, "an image")
     if args.classes is not None:
         check_classes(args.classes, config.num_classes)
-
-
-def check_steps(steps, tokens, what):
-    """Refuse a step count outside 1..tokens: at least one step, at least one token a step."""
-    if not 1 <= steps <= tokens:
-        raise ValueError(f"steps must be between 1 and {tokens} (the tokens of {what}), got {steps}")
 
 
 def decoding_settings(args, defaults=SAMPLING_DEFAULTS):

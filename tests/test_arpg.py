@@ -359,7 +359,8 @@ def test_cpu_autocast_attention_matches_fp32_attention():
             out.float().square().sum().backward()
             results.append([out.float()] + [t.grad for t in inputs])
         for mixed, reference in zip(*results):
-            torch.testing.assert_close(mixed, reference, atol=0.05, rtol=0.05)
+            torch.testing.assert_close(mixed, reference, atol=0.05, rtol=0.05,
+                                       msg=lambda m: f"bf16 autocast attention vs fp32, mask {mask is not None}: {m}")
 
 
 def test_every_position_is_decoded_exactly_once_in_the_given_order():
@@ -651,7 +652,8 @@ def test_a_checkpoint_loads_its_argparse_arguments_but_no_other_pickled_object(t
     path = tmp_path / "official_training.pt"
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4, gpt_model="ARPG-L")}, path)
     loaded = ARPG.from_checkpoint(str(path), config=model.config)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values())), \
+        "the weights loaded from the official training checkpoint differ from the saved model's"
 
     witness = tmp_path / "the_code_ran"
     torch.save({"model": model.state_dict(), "hook": RunsCodeWhenUnpickled(f"touch {witness}")}, path)
@@ -837,7 +839,8 @@ def test_the_fast_path_leaves_bf16_logits_for_guidance_to_widen():
     fast = passes.guided(rope[[2, 5]][None], caches[-1])
     readable = model.guided(model.rope_table(4, 4)[[2, 5]][None], caches[-1])
     assert fast.dtype == torch.bfloat16 and readable.dtype == torch.float32, (fast.dtype, readable.dtype)
-    torch.testing.assert_close(fast.float(), readable, atol=0.05, rtol=0)
+    torch.testing.assert_close(fast.float(), readable, atol=0.05, rtol=0,
+                               msg=lambda m: f"the fast path's bf16 logits differ from the readable fp32 ones: {m}")
 
 
 def test_guidance_is_the_official_formula_to_the_last_bit():
@@ -941,7 +944,8 @@ def test_a_model_built_on_the_meta_device_takes_storage_with_to_empty():
     model.eval()                                                          # as the reference: no label dropout
     assert torch.equal(model.rope, reference.rope), "the RoPE table was not rebuilt"
     tokens, labels, order = torch.randint(0, 64, (2, 16)), torch.tensor([0, 1]), torch.arange(16).expand(2, 16)
-    assert torch.equal(model(tokens, labels, order)[0], reference(tokens, labels, order)[0])
+    assert torch.equal(model(tokens, labels, order)[0], reference(tokens, labels, order)[0]), \
+        "the logits differ from the reference model's"
 
 
 def test_no_tensor_is_made_on_the_cpu_behind_the_model_s_back(meta_arpg):
@@ -952,7 +956,8 @@ def test_no_tensor_is_made_on_the_cpu_behind_the_model_s_back(meta_arpg):
     model, tokens, labels = meta_arpg
     logits, loss = model(tokens, labels)
     loss.backward()
-    assert logits.device.type == "meta" and model.head.weight.grad.device.type == "meta"
+    assert logits.device.type == "meta" and model.head.weight.grad.device.type == "meta", \
+        f"expected logits and gradient on meta, got {logits.device} and {model.head.weight.grad.device}"
     for fast in (False, True):
         sampled = model.generate(labels, steps=4, cfg_scale=3.0, top_k=10, top_p=0.8, grid=(4, 5), fast=fast)
         assert sampled.shape == (2, 20) and sampled.device.type == "meta", f"fast={fast}"

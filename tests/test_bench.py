@@ -54,7 +54,8 @@ def test_bench_profile_names_the_operations_and_the_peak_memory_of_a_call(tmp_pa
                                          r"tensors (\S+) MB at most", result.stdout).groups())
     config = ARPG_PRESETS["tiny"]
     caches = (config.pass1_layers + 1) * 2 * (2 * 2) * config.dim * (1 + 15) * 4        # k|v, rows, C, positions, fp32
-    assert abs(weights - sum(p.numel() for p in ARPG(replace(config, block_size=16)).parameters()) * 4 / 1e6) < 0.1
+    assert abs(weights - sum(p.numel() for p in ARPG(replace(config, block_size=16)).parameters()) * 4 / 1e6) < 0.1, \
+        f"weights of {weights} MB are not the tiny model's fp32 parameters"
     assert call >= caches / 1e6, result.stdout
 
 

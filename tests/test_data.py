@@ -126,15 +126,18 @@ def test_read_image_brings_16_bit_files_down_to_8_bits(tmp_path, monkeypatch):
     ramp16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # 0 .. 65520
     Image.fromarray(ramp16).save(tmp_path / "grey16.png")
     expected = (ramp16 >> 8).astype(np.uint8)                            # (64, 64)
-    assert np.array_equal(np.asarray(read_image(tmp_path / "grey16.png", "L")), expected)
-    assert np.array_equal(np.asarray(read_image(tmp_path / "grey16.png")), np.repeat(expected[..., None], 3, -1))
+    assert np.array_equal(np.asarray(read_image(tmp_path / "grey16.png", "L")), expected), \
+        "a 16-bit grey image read as L is not its top 8 bits"
+    assert np.array_equal(np.asarray(read_image(tmp_path / "grey16.png")), np.repeat(expected[..., None], 3, -1)), \
+        "a 16-bit grey image read as RGB is not its top 8 bits in all three channels"
     from tokenizer import ImageFolderCrops, images_to_tensor
     crop, _, _ = ImageFolderCrops([(tmp_path / "grey16.png", 0, 0)], 64)[0]
     assert torch.equal(crop, images_to_tensor(np.repeat(expected[None, ..., None], 3, -1))[0]), "crop is not the 8-bit image"
 
     rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    assert np.array_equal(np.asarray(read_image(tmp_path / "rgba.png")), rgba[..., :3])
+    assert np.array_equal(np.asarray(read_image(tmp_path / "rgba.png")), rgba[..., :3]), \
+        "an RGBA image read as RGB is not its first three channels"
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)               # PIL refuses over twice this
     with pytest.raises(ValueError, match="cannot read image .*grey16.png: Image size .* exceeds limit"):
@@ -184,7 +187,7 @@ def test_save_image_grid_rejects_bad_input(tmp_path):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / "x.png"), column_labels=["a"])
     with pytest.raises(ValueError, match=r"grid\.txt: \.txt is no image format PIL can write"):
         save_image_grid(images.reshape(2, 2, 16, 16, 3), None, str(tmp_path / "grid.txt"))
-    assert not (tmp_path / "grid.txt").exists()
+    assert not (tmp_path / "grid.txt").exists(), "a refused grid.txt was written anyway"
 
 
 def test_atomic_output_leaves_the_old_file_or_the_new_one_and_nothing_else(tmp_path):

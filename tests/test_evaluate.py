@@ -191,7 +191,7 @@ def test_cli_refuses_a_damaged_sample_file_in_one_line(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=re.escape(f"{path} is damaged (")):
         evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])
-    assert not (tmp_path / "never.pt").exists()
+    assert not (tmp_path / "never.pt").exists(), "the classifier was written though the npz is damaged"
     np.savez(path, arr_0=np.array([object()], dtype=object), labels=labels)  # pickled: never loaded
     with pytest.raises(ValueError, match=re.escape(f"{path} cannot be read (") + ".*sample.py --fid N"):
         evaluate.main(["--npz", str(path), "--classifier", str(tmp_path / "never.pt")])

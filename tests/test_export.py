@@ -332,7 +332,7 @@ def test_onnx_runtime_out_of_memory_is_one_line(exported, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert stopped.value.code == 1 and err.strip().splitlines() == [
         "error: out of memory: ask for less at once (a smaller batch, grid or image count)"], err
-    assert not (tmp_path / "grid.png").exists()
+    assert not (tmp_path / "grid.png").exists(), "grid.png was written after running out of memory"
     with pytest.raises(RuntimeException, match="shape mismatch"), onnx_sampler.memory_error_when_full():
         raise RuntimeException("shape mismatch")
     with pytest.raises(MemoryError), onnx_sampler.memory_error_when_full():   # ORT's CPU allocator
@@ -591,7 +591,8 @@ def test_a_cuda_provider_that_raises_is_not_taken_for_a_damaged_export(exported,
         onnx_sampler.start_sessions(str(folder), graphs, "cuda:3")
     sessions, used = onnx_sampler.start_sessions(str(folder), graphs, "auto")
     assert used == ("cpu", 0) and set(sessions) == set(graphs), used
-    assert "running ONNX Runtime on the CPU" in capsys.readouterr().err
+    assert "running ONNX Runtime on the CPU" in capsys.readouterr().err, \
+        "expected a note on stderr that ONNX Runtime runs on the CPU"
 
 
 def test_the_cpu_only_onnxruntime_package_runs_on_the_cpu_in_one_line(exported, monkeypatch, capfd):

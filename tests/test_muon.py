@@ -48,7 +48,8 @@ def test_muon_steps_each_matrix_by_its_own_orthogonalized_nesterov_momentum(dtyp
     tolerance = 1e-6 if dtype == torch.float32 else 2e-3  # bf16: 2e-4 off here; orthogonalizing in fp32, 6e-3
     for p, w in zip(params, weights):
         assert p.dtype == torch.float32, p.dtype
-        torch.testing.assert_close(p.detach(), w, atol=tolerance, rtol=1e-5)
+        torch.testing.assert_close(p.detach(), w, atol=tolerance, rtol=1e-5,
+                                   msg=lambda m: f"{tuple(w.shape)} weight vs its recomputation, {dtype}: {m}")
 
 
 def test_muon_refuses_vectors_and_scalars():
@@ -76,6 +77,6 @@ def test_muon_step_takes_a_closure_as_torch_optimizers_do():
     loss = optimizer.step(closure)
     twin_loss = ((twin - target) ** 2).sum()
     twin_loss.backward()
-    assert twin_optimizer.step() is None
+    assert twin_optimizer.step() is None, "a step without a closure should return None"
     assert loss is not None and loss.item() == twin_loss.item(), (loss, twin_loss)
     assert torch.equal(weight, twin) and not torch.equal(weight, start), "not the same update, or none"

@@ -146,10 +146,10 @@ def test_readable_and_fast_samplers_draw_the_same_images(ckpts, tmp_path, monkey
 
 def test_frame_steps_are_fractions_of_the_steps():
     """--show-decoding shows the canvas after about 1/32, 1/16, ..., 1/2, 3/4 and all of the steps."""
-    assert sample.frame_steps(32) == [1, 2, 4, 8, 16, 24, 32]
-    assert sample.frame_steps(64) == [2, 4, 8, 16, 32, 48, 64]
+    assert sample.frame_steps(32) == [1, 2, 4, 8, 16, 24, 32], f"got {sample.frame_steps(32)} for 32 steps"
+    assert sample.frame_steps(64) == [2, 4, 8, 16, 32, 48, 64], f"got {sample.frame_steps(64)} for 64 steps"
     assert sample.frame_steps(8) == [1, 2, 4, 6, 8], "steps under 1 become step 1, once"
-    assert sample.frame_steps(1) == [1]
+    assert sample.frame_steps(1) == [1], f"expected [1] for 1 step, got {sample.frame_steps(1)}"
 
 
 def test_show_decoding_reveals_the_final_tokens_in_generation_order(ckpts, tmp_path, monkeypatch):
@@ -196,7 +196,7 @@ def test_show_decoding_reveals_the_final_tokens_in_generation_order(ckpts, tmp_p
 def test_fid_says_how_many_images_each_class_got(ckpts, tmp_path, capsys, n, summary):
     """The --fid summary counts the classes that got an image: with fewer images than classes, only those."""
     run(ckpts, tmp_path, "--fid", str(n), "--steps", "2", out="samples.npz")
-    assert summary in capsys.readouterr().out
+    assert summary in capsys.readouterr().out, f"the --fid {n} output lacks {summary!r}"
 
 
 def test_fid_npz_has_the_adm_layout_and_balanced_classes(ckpts, tmp_path, monkeypatch):
@@ -337,14 +337,16 @@ def test_inpainting_your_own_image_redraws_the_white_of_its_mask(ckpts, tmp_path
     white = (mask_panel == 255).all(-1)                                   # (64, 64); its 1-pixel frame is grey
     assert np.array_equal(white[1:-1, 1:-1], np.kron(redrawn, np.ones((8, 8), dtype=bool))[1:-1, 1:-1]), \
         "the mask panel is not white exactly over the redrawn tokens"
-    assert os.path.isfile(run(ckpts, tmp_path, *flags, "--per-class", "2", "--steps", "4"))
+    assert os.path.isfile(run(ckpts, tmp_path, *flags, "--per-class", "2", "--steps", "4")), \
+        "the edit with --per-class 2 wrote no image"
 
 
 def test_an_edit_s_default_steps_fit_its_canvas(ckpts, tmp_path, capsys):
     """Without --steps, an edit decodes its canvas in 32 steps, or one per token on a canvas of
     fewer (a 4 x 4 expand: 16), as a grid does on the model's own canvas; not refused for 32."""
     run(ckpts, tmp_path, "--edit", "expand", "--grid", "4", "4", "--per-class", "1", "--classes", "0")
-    assert "expand: decoding 16 of 16 tokens in 16 steps" in capsys.readouterr().out
+    assert "expand: decoding 16 of 16 tokens in 16 steps" in capsys.readouterr().out, \
+        "expected a 4 x 4 expand to decode its 16 tokens in 16 steps"
 
 
 def test_edit_png_shows_input_mask_and_results(ckpts, tmp_path):
@@ -481,7 +483,8 @@ def test_an_edit_on_a_larger_canvas_takes_more_steps_than_the_model_s_grid_has_t
     has 64) decodes one token per step at --steps 100, not at most 64."""
     run(ckpts, tmp_path, "--edit", "expand", "--grid", "10", "10", "--steps", "100", "--classes", "1",
         "--per-class", "1")
-    assert "expand: decoding 100 of 100 tokens in 100 steps" in capsys.readouterr().out
+    assert "expand: decoding 100 of 100 tokens in 100 steps" in capsys.readouterr().out, \
+        "expected a 10 x 10 expand to decode its 100 tokens in 100 steps"
 
 
 def test_the_default_steps_fit_a_grid_of_fewer_tokens(ckpts, tmp_path, capsys):
@@ -493,7 +496,7 @@ def test_the_default_steps_fit_a_grid_of_fewer_tokens(ckpts, tmp_path, capsys):
                  "class_names": CLASS_NAMES}, str(path))
     sample.main(["--ckpt", str(path), "--vq-ckpt", ckpts["vq"], "--classes", "1", "--per-class", "1", "--out",
                  str(tmp_path / "grid.png")])
-    assert "16 steps" in capsys.readouterr().out
+    assert "16 steps" in capsys.readouterr().out, "expected 16 steps, one per token of the 4 x 4 grid"
 
 
 def test_decoding_settings_are_refused_before_the_evaluation_scores_anything(ckpts, tmp_path, monkeypatch):

@@ -90,10 +90,11 @@ def test_a_checkpoint_without_config_gets_the_architecture_its_weights_show():
     config and picks the official codes."""
     expected = json.loads((FIXTURES / "checkpoint_keys.json").read_text())["VQ-16"]
     released = {key: torch.empty(shape, device="meta") for key, shape in expected.items()}
-    assert infer_vq_config(released) == VQ_PRESETS["VQ-16"]
+    assert infer_vq_config(released) == VQ_PRESETS["VQ-16"], f"inferred {infer_vq_config(released)}"
     vq = VQModel.from_checkpoint(str(FIXTURES / "vq_tiny_official.pt")).eval()
     assert vq.config == REF_CONFIG, f"inferred {vq.config}"
-    assert torch.equal(vq.encode(torch.from_numpy(REF["images"])), torch.from_numpy(REF["codes"]))
+    assert torch.equal(vq.encode(torch.from_numpy(REF["images"])), torch.from_numpy(REF["codes"])), \
+        "the codes differ from the official tokenizer's"
 
 
 # -----------------------------------------------------------------------------
@@ -206,7 +207,8 @@ def test_local_latents_and_their_gradients_equal_every_patch_encoded_on_its_own(
     assert distinct < len(patches) and encoded == [distinct + -distinct % 8], \
         f"the encoder saw {encoded} patches; {distinct} of {len(patches)} are distinct"
     each = rearrange(vq.quant_conv(vq.encoder(patches)), "(b h w) d 1 1 -> b d h w", b=3, h=8)
-    torch.testing.assert_close(latents, each, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(latents, each, rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"the latents differ from encoding each patch separately: {m}")
     weights = torch.randn_like(each)                                      # any loss of the latents
     shared = torch.autograd.grad((latents * weights).sum(), list(vq.parameters()), allow_unused=True)
     separate = torch.autograd.grad((each * weights).sum(), list(vq.parameters()), allow_unused=True)
@@ -264,8 +266,10 @@ def test_encoding_and_decoding_make_no_tensor_on_the_cpu(local_codes, monkeypatc
         images = torch.zeros(2, 3, 16, 20)
     codes = vq.encode(images)
     decoded = vq.decode(codes)
-    assert codes.shape == (2, 4, 5) and codes.device.type == "meta"
-    assert decoded.shape == (2, 3, 16, 20) and decoded.device.type == "meta"
+    assert codes.shape == (2, 4, 5) and codes.device.type == "meta", \
+        f"expected (2, 4, 5) codes on meta, got {tuple(codes.shape)} on {codes.device}"
+    assert decoded.shape == (2, 3, 16, 20) and decoded.device.type == "meta", \
+        f"expected (2, 3, 16, 20) images on meta, got {tuple(decoded.shape)} on {decoded.device}"
 
 
 # -----------------------------------------------------------------------------
@@ -311,7 +315,7 @@ def test_conv_shortcut_on_1x1_maps_equals_the_convolution(kernel, padding):
     bias_ref = conv.bias.detach().clone().requires_grad_()
     out_ref = F.conv2d(x_ref, weight_ref, bias_ref, padding=padding)
     grads_ref = torch.autograd.grad(out_ref, (x_ref, weight_ref, bias_ref), grad_out)
-    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(out, out_ref, msg=lambda m: f"the output differs from F.conv2d's: {m}")
     for name, grad, grad_ref in zip(("input", "weight", "bias"), grads, grads_ref):
         torch.testing.assert_close(grad, grad_ref, msg=f"{name} gradient differs")
 
@@ -670,7 +674,8 @@ def test_tokenize_refuses_an_empty_out_before_loading_the_tokenizer(image_folder
                          "--num-workers", "0", "--device", "cpu")
         message = capsys.readouterr().err
         assert stop.value.code == 2 and message.startswith(expected) and message.count("\n") == 1, repr(message)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "vq.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "vq.pt"], \
+        f"files written by a refused run: {sorted(p.name for p in tmp_path.iterdir())}"
 
 
 def test_tokenize_refuses_an_existing_out_folder(image_folder, tmp_path, capsys):

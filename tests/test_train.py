@@ -386,7 +386,7 @@ def test_a_bad_code_file_met_while_compiling_is_not_taken_for_a_compiler_failure
     assert result.returncode == 2 and "torch.compile failed" not in result.stdout, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "outside the vocabulary" in result.stderr, \
         result.stderr
-    assert not (tmp_path / "arpg.pt").exists()
+    assert not (tmp_path / "arpg.pt").exists(), "a checkpoint was written by a refused run"
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_trained_with_a_warning(tmp_path, monkeypatch, capsys):
@@ -426,7 +426,7 @@ def test_a_resumed_run_must_keep_the_flags_that_define_it(tmp_path):
                          (["--data", str(data), "--tokenizer", "vq.pt"], "--tokenizer is vq.pt (was None)")):
         with pytest.raises(ValueError, match=re.escape(named)):
             main([*common, *flags, "--max-steps", "4", "--resume"])
-    assert common[:2] == ["--vocab-size", str(VOCAB)]
+    assert common[:2] == ["--vocab-size", str(VOCAB)], f"expected FAST to start with --vocab-size, got {common[:2]}"
     with pytest.raises(ValueError, match=re.escape(f"--vocab-size is None (was {VOCAB})")):
         main([*common[2:], "--data", str(data), "--max-steps", "4", "--resume"])
     # A finished run, resumed to its own step count (the one it saved, or an explicit one) or fewer:
@@ -539,7 +539,7 @@ def test_torchrun_processes_agree_to_train_eagerly_when_one_fails_to_compile(tmp
     assert "torch.compile failed on process 1 (RuntimeError: no C++ compiler" in result.stdout, result.stdout
     assert "torch.compile failed on another process" in result.stdout, result.stdout
     assert "weights identical on all 2 processes" in result.stdout, result.stdout
-    assert load(tmp_path / "arpg.pt")["step"] == 3
+    assert load(tmp_path / "arpg.pt")["step"] == 3, f"expected 3 steps, got {load(tmp_path / 'arpg.pt')['step']}"
 
 
 @pytest.mark.parametrize("other_rank_differs", [False, True])
@@ -627,7 +627,8 @@ def test_image_folders_are_tokenized_with_their_mirror_images(tmp_path):
     tokenize_folder(vq, tmp_path, tmp_path.parent / "codes", image_size=64)  # paths as pathlib.Path too
     codes = build_dataset(parse_args(["--data", str(tmp_path.parent / "codes")]), None, ARPG_PRESETS["tiny"], "cpu")
     assert codes.class_names == ["a_dog", "b_cat"] and list(codes.labels) == [0, 0, 1, 1], codes.class_names
-    assert all(torch.equal(codes[(i, d)][0], dataset[(i, d)][0]) for i in range(4) for d in range(2))
+    assert all(torch.equal(codes[(i, d)][0], dataset[(i, d)][0]) for i in range(4) for d in range(2)), \
+        "the saved codes differ from the in-memory dataset's"
     (tmp_path.parent / "codes" / "class_names.json").write_text('["a_dog"]')
     with pytest.raises(ValueError, match="class_names.json should list the names of the 2 class folders beside it"):
         build_dataset(parse_args(["--data", str(tmp_path.parent / "codes")]), None, ARPG_PRESETS["tiny"], "cpu")
@@ -773,8 +774,10 @@ def test_the_optimizers_and_the_ema_make_no_tensor_on_the_cpu(precision, meta_ar
     for optimizer in optimizers:
         optimizer.step()
     update_ema(ema, model, 0.99, step=0)
-    assert [type(optimizer).__name__ for optimizer in optimizers] == ["AdamW", "Muon"]
-    assert all(p.device.type == "meta" for p in [*model.parameters(), *ema.parameters()])
+    assert [type(optimizer).__name__ for optimizer in optimizers] == ["AdamW", "Muon"], \
+        f"expected AdamW and Muon, got {[type(optimizer).__name__ for optimizer in optimizers]}"
+    assert all(p.device.type == "meta" for p in [*model.parameters(), *ema.parameters()]), \
+        "a model or EMA parameter left the meta device"
 
 
 # --- bad input: one line, a non-zero exit, nothing written ---
@@ -996,7 +999,8 @@ def test_a_checkpoint_that_does_not_say_its_step_count_resumes_only_with_max_ste
     for --max-steps (not a KeyError after the data is read), and resumes once it is given."""
     data = write_codes(tmp_path / "codes")
     out = tmp_path / "arpg.pt"
-    assert run_train("--data", str(data), *FAST, "--max-steps", "2", "--out", str(out)).returncode == 0
+    assert run_train("--data", str(data), *FAST, "--max-steps", "2", "--out", str(out)).returncode == 0, \
+        "the first 2-step run failed"
     checkpoint = load(out)
     del checkpoint["args"]["max_steps"]
     torch.save(checkpoint, out)
@@ -1026,7 +1030,8 @@ def test_the_grids_sampling_flags_are_saved_as_sample_py_s_defaults(tmp_path):
     out = tmp_path / "arpg.pt"
     main(["--data", str(write_codes(tmp_path / "codes")), *FAST, "--max-steps", "1", "--out", str(out),
           "--sample-cfg", "3", "--sample-cfg-schedule", "linear", "--sample-schedule", "arccos", "--sample-top-p", "0.9"])
-    assert load(out)["sampling"] == {"cfg_scale": 3.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 0.9}
+    assert load(out)["sampling"] == {"cfg_scale": 3.0, "cfg_schedule": "linear", "schedule": "arccos", "top_p": 0.9}, \
+        f"saved sampling settings: {load(out)['sampling']}"
 
 
 def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
