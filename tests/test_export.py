@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -19,13 +20,13 @@ import pytest
 import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-import arpg
 import export
 import onnx_sampler
 from arpg import ARPG, ARPG_PRESETS, ARPGConfig
 from data import CLASS_NAMES
 from export import export_onnx
 from onnx_sampler import OnnxSampler
+from test_arpg import SAMPLING_CASES, SAMPLING_LOGITS  # the hand-worked sampling cases
 from tokenizer import VQ_PRESETS, VQModel, tensor_to_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,18 +262,20 @@ def test_fp16_and_larger_grid_exports_decode_like_pytorch(tmp_path, exported):
 
 # --- the numpy copy of arpg.py's sampler (the schedules are one shared file, schedules.py) ---
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.6), (1.0, 4, 0.8)])
-def test_numpy_sampler_draws_from_the_same_distribution_as_arpg(temperature, top_k, top_p):
-    """onnx_sampler.sample_tokens and arpg.sample_tokens keep the same tokens after top-k / top-p and
-    draw them with the same frequencies (20,000 draws each, within 0.02)."""
-    logits = np.array([2.0, 1.5, 1.2, 0.3, -0.5, -1.0, 0.9, 1.6], dtype=np.float32)
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", SAMPLING_CASES)
+def test_numpy_sampler_draws_the_kept_tokens_in_proportion_to_exp_logit_over_t(temperature, top_k, top_p, kept):
+    """onnx_sampler.sample_tokens draws exactly the tokens the rules keep (worked out by hand in
+    tests/test_arpg.py, where arpg.sample_tokens meets the same cases), each with probability
+    exp(logit / T) over the kept tokens' sum (20,000 draws, within 0.015)."""
     draws = 20000
-    ours = onnx_sampler.sample_tokens(np.tile(logits, (draws, 1)), np.random.default_rng(0), temperature, top_k, top_p)
-    theirs = arpg.sample_tokens(torch.from_numpy(logits).repeat(draws, 1), temperature, top_k, top_p,
-                                torch.Generator().manual_seed(0)).numpy()
-    ours_freq, theirs_freq = (np.bincount(t, minlength=len(logits)) / draws for t in (ours, theirs))
-    assert np.array_equal(ours_freq > 0, theirs_freq > 0), f"kept tokens differ: {ours_freq} vs {theirs_freq}"
-    assert np.abs(ours_freq - theirs_freq).max() < 0.02, f"frequencies differ: {ours_freq} vs {theirs_freq}"
+    logits = np.tile(np.array(SAMPLING_LOGITS, dtype=np.float32), (draws, 1))
+    frequency = np.bincount(onnx_sampler.sample_tokens(logits, np.random.default_rng(0), temperature, top_k, top_p),
+                            minlength=len(SAMPLING_LOGITS)) / draws
+    assert set(np.flatnonzero(frequency).tolist()) == kept, f"drew {np.flatnonzero(frequency).tolist()}"
+    weight = {i: math.exp(SAMPLING_LOGITS[i] / temperature) for i in kept}
+    for i in kept:
+        expected = weight[i] / sum(weight.values())
+        assert abs(frequency[i] - expected) < 0.015, f"token {i}: {frequency[i]:.3f} drawn, {expected:.3f} expected"
 
 
 def test_the_sampler_s_default_steps_fit_a_grid_of_fewer_than_32_tokens(exported, tmp_path):
