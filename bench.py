@@ -251,7 +251,8 @@ def training_row(config, batch, args, device):
         optimizer_step(train_model, train_model, optimizers, batches, step_args, device)
 
     seconds, peak = timed({"train": train_step}, args.repeats, device)["train"]
-    how = f"eager, {'bf16 autocast' if precision == 'bf16' else 'fp32'}, {'AdamW and Muon' if recipe['muon_lr'] > 0 else 'AdamW'}"
+    optimized = "AdamW and Muon" if recipe["muon_lr"] > 0 else "AdamW"
+    how = f"eager, {'bf16 autocast' if precision == 'bf16' else 'fp32'}, {optimized}"
     print(f"training  batch {batch}  {batch / seconds:.1f} img/s  peak {memory(peak)}")
     return batch, batch / seconds, peak, how
 

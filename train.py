@@ -247,7 +247,7 @@ def parse_args(argv=None):
     run.add_argument("--sample-cfg-schedule", default=None, choices=list(CFG_SCHEDULES),
                      help="how the grids' guidance changes as the canvas fills, saved in the checkpoint as sample.py's "
                           f"default (tiny: {tiny['sample_cfg_schedule']}; else {paper['sample_cfg_schedule']}, the "
-                          f"paper's)")
+                          "paper's)")
     run.add_argument("--sample-schedule", default=None, choices=list(MASK_SCHEDULES),
                      help="how many tokens each step of the grids reveals, saved in the checkpoint as sample.py's "
                           f"default (tiny: {tiny['sample_schedule']}; else {paper['sample_schedule']}, the paper's)")
